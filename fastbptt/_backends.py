@@ -1,0 +1,93 @@
+"""The backend registry: lazy loading, availability with reasons, and "auto".
+
+A backend is a module implementing the kernel contract of
+:mod:`fastbptt.reference` (``forward_recurrence`` and ``backward_accumulate``).
+Backends are imported on first use; one that fails records why, and
+importing :mod:`fastbptt` never fails because a backend is missing.
+"""
+
+import importlib
+import os
+import warnings
+
+# name -> (module, how to get it when missing); order is the order of preference
+_MODULES = {
+    "cython": ("fastbptt._cython_kernels",
+               "the Cython extension is built by 'pip install .' (needs a C compiler, "
+               "Cython, numpy and scipy at build time); reinstall and read the build log"),
+    "numba": ("fastbptt._numba_kernels", "install numba: pip install numba"),
+    "numpy": ("fastbptt.reference", "numpy is always available"),
+}
+ENV_VAR = "FASTBPTT_BACKEND"
+
+_loaded = {}    # name -> module
+_failed = {}    # name -> reason
+_warned_fallback = False
+
+
+def _load(name):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        return None
+    module_name, _ = _MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or a broken build raising anything else
+        _failed[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _loaded[name] = module
+    return module
+
+
+def available_backends():
+    """Names of the backends that load here, in order of preference.
+
+    Returns
+    -------
+    list of str
+        e.g. ``["cython", "numba", "numpy"]``; ``"numpy"`` is always last.
+    """
+    return [name for name in _MODULES if _load(name) is not None]
+
+
+def unavailable_backends():
+    """``{name: reason}`` for each backend that failed to load."""
+    available_backends()
+    return {name: f"{reason} ({_MODULES[name][1]})" for name, reason in _failed.items()}
+
+
+def _choose_auto(T, B, H, dtype):
+    """The backend "auto" takes for this shape; see :func:`get_backend`."""
+    names = available_backends()
+    return names[0]
+
+
+def resolve_backend(backend, *, T=1, B=1, H=1, dtype=None):
+    """The backend module for ``backend`` (a name or ``"auto"``) and this shape."""
+    global _warned_fallback
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, one of {['auto', *_MODULES]}, got {type(backend).__name__}")
+    if backend == "auto":
+        forced = os.environ.get(ENV_VAR, "").strip()
+        if forced and forced != "auto":
+            if forced not in _MODULES:
+                raise ValueError(f"{ENV_VAR}: expected one of {['auto', *_MODULES]}, got {forced!r}")
+            return resolve_backend(forced)
+        name = _choose_auto(T, B, H, dtype)
+        if name == "numpy" and not _warned_fallback:
+            _warned_fallback = True
+            reasons = "; ".join(f"{n}: {r}" for n, r in unavailable_backends().items())
+            warnings.warn(
+                "fastbptt: no compiled backend is available, backend='auto' falls back to the "
+                f"NumPy reference, which is 10-100x slower ({reasons})",
+                RuntimeWarning, stacklevel=3)
+        return _loaded[name]
+    if backend not in _MODULES:
+        raise ValueError(f"backend: expected one of {['auto', *_MODULES]}, got {backend!r}")
+    module = _load(backend)
+    if module is None:
+        raise ValueError(
+            f"backend: {backend!r} is not available here: {_failed[backend]}. "
+            f"To get it: {_MODULES[backend][1]}")
+    return module

@@ -1,0 +1,176 @@
+"""The public functional API: ``forward`` and ``loss_and_grad``.
+
+Everything that is not sequential lives here, shared by every backend, as one
+large BLAS call each: the input projection for all steps, the output layer,
+the loss, and the weight-gradient sums. The two sequential loops are the
+backend's (see the kernel contract in :mod:`fastbptt.reference`).
+"""
+
+import numpy as np
+
+from . import _validation as V
+from ._backends import resolve_backend
+from ._losses import LOSS_FUNCS, LOSSES
+from ._params import RNNParams
+from .reference import ACT_RELU, ACT_TANH
+
+_ACT_CODES = {"tanh": ACT_TANH, "relu": ACT_RELU}
+
+
+def windows(T, truncation):
+    """The backprop windows of a truncation mode, as the kernels take them.
+
+    Parameters
+    ----------
+    T : int
+        Sequence length.
+    truncation : None, int k or (k1, k2)
+        Already validated (see DESIGN.md, "Truncation").
+
+    Returns
+    -------
+    ends, bp_starts : int64 ndarrays of shape (n,)
+        Window i backpropagates the losses of 0-based steps
+        ``[ends[i-1], ends[i])`` through steps ``[bp_starts[i], ends[i])``.
+    """
+    if truncation is None:
+        return np.array([T], dtype=np.int64), np.array([0], dtype=np.int64)
+    if isinstance(truncation, int):
+        ends = np.append(np.arange(truncation, T, truncation, dtype=np.int64), T)
+        starts = np.concatenate(([0], ends[:-1])).astype(np.int64)
+        return ends, starts
+    k1, k2 = truncation
+    ends = np.append(np.arange(k1, T, k1, dtype=np.int64), T)
+    return ends, np.maximum(ends - k2, 0).astype(np.int64)
+
+
+def _prepare(params, X, h0):
+    V.check_params(params)
+    X3, single = V.check_X(X, params)
+    h0_ = V.check_h0(h0, params, X3.shape[1], single)
+    return X3, h0_, single
+
+
+def _run_forward(kernels, params, X3, h0, act):
+    """Shared forward: A = X·W_xhᵀ + b_h (one GEMM), the kernel's recurrence, logits (one GEMM)."""
+    T, B, D = X3.shape
+    H = params.hidden_size
+    A = (X3.reshape(T * B, D) @ params.W_xh.T).reshape(T, B, H)
+    A += params.b_h
+    Hs = np.empty((T + 1, B, H), dtype=params.dtype)
+    Hs[0] = h0
+    W_hhT = np.ascontiguousarray(params.W_hh.T)
+    kernels.forward_recurrence(A, W_hhT, Hs, act)
+    return Hs
+
+
+def _logits(params, Hs_rows):
+    return Hs_rows @ params.W_hy.T + params.b_y
+
+
+def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
+    """Run the RNN forward over a batch of sequences.
+
+    Parameters
+    ----------
+    params : RNNParams
+    X : array_like of shape (T, B, D), or (T, D) for one sequence
+    h0 : array_like of shape (B, H), or (H,) for one sequence; zeros if None
+    activation : {"tanh", "relu"}
+    backend : {"auto", "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    O_logits : ndarray of shape (T, B, O)  (or (T, O) for 2-D X)
+    Hs : ndarray of shape (T+1, B, H)  (or (T+1, H)); ``Hs[0] = h0``
+    """
+    V.check_choice("activation", activation, V.ACTIVATIONS)
+    X3, h0_, single = _prepare(params, X, h0)
+    T, B, _ = X3.shape
+    kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
+    Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
+    O_logits = _logits(params, Hs[1:])
+    if single:
+        return O_logits[:, 0, :], Hs[:, 0, :]
+    return O_logits, Hs
+
+
+def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activation="tanh",
+                  truncation=None, backend="auto"):
+    """Loss and gradient of all parameters by (truncated) backpropagation through time.
+
+    Parameters
+    ----------
+    params : RNNParams
+    X : array_like of shape (T, B, D), or (T, D) for one sequence
+    Y : array_like
+        Targets. ``output="sequence"``: (T, B, O) floats for mse/bce, (T, B)
+        int class ids for ce. ``output="last"``: (B, O), or (B,) for ce.
+        With 2-D X the B axis is dropped.
+    h0 : array_like of shape (B, H) (or (H,)), optional; zeros if None
+    loss : {"mse", "bce", "ce"}
+    output : {"sequence", "last"}
+    activation : {"tanh", "relu"}
+    truncation : None, int k >= 1, or (k1, k2) with 1 <= k1 <= k2
+        See DESIGN.md, "Truncation"; the gradient is summed over update points.
+    backend : {"auto", "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    loss : float
+        The whole-sequence loss, whatever the truncation.
+    grads : RNNParams
+        Gradients, field for field.
+    h_last : ndarray of shape (B, H) (or (H,))
+    """
+    V.check_choice("loss", loss, LOSSES)
+    V.check_choice("output", output, V.OUTPUTS)
+    V.check_choice("activation", activation, V.ACTIVATIONS)
+    truncation = V.check_truncation(truncation)
+    X3, h0_, single = _prepare(params, X, h0)
+    T, B, _ = X3.shape
+    Y_ = V.check_Y(Y, params, T, B, single, loss, output)
+    kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
+    value, grads, Hs = _loss_and_grad(kernels, params, X3, Y_, h0_, loss, output,
+                                      _ACT_CODES[activation], windows(T, truncation))
+    h_last = Hs[T, 0] if single else Hs[T].copy()
+    return value, grads, h_last
+
+
+def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_scale=None):
+    """Validated core shared by the functional API and the trainer.
+
+    ``X3`` (T, B, D) and ``Y`` are checked, C-contiguous and typed; ``wins`` is
+    ``(ends, bp_starts)``. Returns ``(loss, grads, Hs)``.
+    """
+    T, B, D = X3.shape
+    H, O = params.hidden_size, params.output_size
+    Hs = _run_forward(kernels, params, X3, h0, act)
+
+    # output layer and loss: one GEMM over all steps (or the last one)
+    H_out = Hs[1:].reshape(T * B, H) if output == "sequence" else Hs[T]
+    O_logits = _logits(params, H_out)
+    value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
+                                 O_logits.reshape(Y.shape), Y)
+    dO = dO.reshape(-1, O)
+    dW_hy = dO.T @ H_out
+    db_y = dO.sum(axis=0)
+
+    # G[t] = ∂L/∂h_t, the direct term from the output layer
+    if output == "sequence":
+        G = (dO @ params.W_hy).reshape(T, B, H)
+    else:
+        G = np.zeros((T, B, H), dtype=params.dtype)
+        G[T - 1] = dO @ params.W_hy
+
+    dZ = np.empty((T, B, H), dtype=params.dtype)
+    ends, bp_starts = wins
+    kernels.backward_accumulate(G, Hs, np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
+
+    # weight gradients: Σ_t dz_t x_tᵀ, Σ_t dz_t h_{t-1}ᵀ, Σ_t dz_t -- one GEMM each
+    dZ2 = dZ.reshape(T * B, H)
+    dW_xh = dZ2.T @ X3.reshape(T * B, D)
+    dW_hh = dZ2.T @ Hs[:-1].reshape(T * B, H)
+    db_h = dZ2.sum(axis=0)
+    grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
+    return value, grads, Hs

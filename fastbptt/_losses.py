@@ -1,0 +1,53 @@
+"""Losses on the logits, with torch's default ('mean') reductions.
+
+Each loss takes logits ``o`` of shape (..., O) and targets, and returns
+``(value, dO)`` with ``dO = ∂value/∂o``. ``predict`` maps logits to outputs
+(identity, sigmoid or softmax).
+"""
+
+import numpy as np
+from scipy.special import expit, log_softmax, softmax
+
+LOSSES = ("mse", "bce", "ce")
+
+
+def mse(o, y):
+    """mean((o - y)²) over all elements, as ``F.mse_loss``."""
+    diff = o - y
+    value = float(np.mean(diff * diff, dtype=np.float64))
+    return value, (2.0 / diff.size) * diff
+
+
+def bce(o, y):
+    """mean of -[y log σ(o) + (1-y) log(1-σ(o))], as ``F.binary_cross_entropy_with_logits``."""
+    # stable form: max(o, 0) - o·y + log(1 + exp(-|o|))
+    per_elem = np.maximum(o, 0) - o * y + np.log1p(np.exp(-np.abs(o)))
+    value = float(np.mean(per_elem, dtype=np.float64))
+    return value, (expit(o) - y) / o.size
+
+
+def ce(o, y):
+    """mean over positions of -log softmax(o)[y], as ``F.cross_entropy``.
+
+    ``o`` is (..., C), ``y`` holds integer class ids of shape ``o.shape[:-1]``.
+    """
+    logp = log_softmax(o, axis=-1)
+    picked = np.take_along_axis(logp, y[..., None], axis=-1)
+    n = y.size
+    value = float(-np.sum(picked, dtype=np.float64) / n)
+    d = np.exp(logp)
+    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], axis=-1) - 1, axis=-1)
+    d /= n
+    return value, d.astype(o.dtype, copy=False)
+
+
+LOSS_FUNCS = {"mse": mse, "bce": bce, "ce": ce}
+
+
+def predict_from_logits(o, loss):
+    """Outputs a user reads: logits for mse, probabilities for bce/ce."""
+    if loss == "mse":
+        return o
+    if loss == "bce":
+        return expit(o)
+    return softmax(o, axis=-1)

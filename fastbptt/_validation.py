@@ -1,0 +1,123 @@
+"""Input checks shared by every public function.
+
+Each check raises a ``ValueError`` or ``TypeError`` naming the argument, what
+was expected and what was given. Checks return new arrays (converted,
+C-contiguous) and never write to the caller's.
+"""
+
+import numbers
+
+import numpy as np
+
+from ._params import RNNParams
+
+ACTIVATIONS = ("tanh", "relu")
+OUTPUTS = ("sequence", "last")
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_params(params):
+    if not isinstance(params, RNNParams):
+        raise TypeError(f"params: expected an RNNParams, got {type(params).__name__}")
+    return params
+
+
+def _as_real_array(name, value):
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name}: expected an array of real numbers, got {type(value).__name__}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected real numbers (bool, int or float), got dtype {arr.dtype}")
+    return arr
+
+
+def check_finite(name, arr):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{name}: expected finite values, found {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+    return arr
+
+
+def check_X(X, params):
+    """Return ``(X3, single)``: X as a C-contiguous (T, B, D) array of the params' dtype."""
+    arr = _as_real_array("X", X)
+    D = params.input_size
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"X: expected shape (T, B, D) or (T, D) with D={D}, got shape {arr.shape}")
+    single = arr.ndim == 2
+    X3 = arr[:, None, :] if single else arr
+    if X3.shape[-1] != D:
+        raise ValueError(f"X: expected last axis of size D={D} (params.input_size), got shape {arr.shape}")
+    if X3.shape[0] < 1 or X3.shape[1] < 1:
+        raise ValueError(f"X: expected T >= 1 and B >= 1, got shape {arr.shape}")
+    X3 = np.array(X3, dtype=params.dtype, order="C", copy=True)
+    check_finite("X", X3)
+    return X3, single
+
+
+def check_h0(h0, params, B, single):
+    H = params.hidden_size
+    if h0 is None:
+        return np.zeros((B, H), dtype=params.dtype)
+    arr = _as_real_array("h0", h0)
+    expected = (H,) if single else (B, H)
+    if arr.shape != expected:
+        raise ValueError(f"h0: expected shape {expected}, got {arr.shape}")
+    arr = np.array(arr.reshape(B, H), dtype=params.dtype, order="C", copy=True)
+    return check_finite("h0", arr)
+
+
+def check_Y(Y, params, T, B, single, loss, output):
+    """Return targets as (T, B, O) / (B, O) floats, or (T, B) / (B,) int64 for ce."""
+    O = params.output_size
+    lead = (T, B) if output == "sequence" else (B,)
+    user_lead = ((T,) if single else (T, B)) if output == "sequence" else (() if single else (B,))
+    arr = _as_real_array("Y", Y)
+    if loss == "ce":
+        expected = user_lead
+        if arr.shape != expected:
+            raise ValueError(f"Y: expected integer class ids of shape {expected} for loss='ce', "
+                             f"output={output!r}, got shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise TypeError(f"Y: expected integer class ids for loss='ce', got dtype {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() >= O):
+            raise ValueError(f"Y: expected class ids in [0, {O}) (O={O}), got values in "
+                             f"[{arr.min()}, {arr.max()}]")
+        return np.array(arr.reshape(lead), dtype=np.int64, order="C", copy=True)
+    expected = user_lead + (O,)
+    if arr.shape != expected:
+        raise ValueError(f"Y: expected shape {expected} for loss={loss!r}, output={output!r}, got {arr.shape}")
+    arr = np.array(arr.reshape(lead + (O,)), dtype=params.dtype, order="C", copy=True)
+    check_finite("Y", arr)
+    if loss == "bce" and arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise ValueError(f"Y: expected targets in [0, 1] for loss='bce', got values in [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_truncation(truncation):
+    """None, k >= 1 or (k1, k2) with 1 <= k1 <= k2; returns None, int or (int, int)."""
+    if truncation is None:
+        return None
+    if _is_int(truncation):
+        if truncation < 1:
+            raise ValueError(f"truncation: expected k >= 1, got {truncation}")
+        return int(truncation)
+    if isinstance(truncation, (tuple, list)) and len(truncation) == 2 and all(_is_int(k) for k in truncation):
+        k1, k2 = (int(k) for k in truncation)
+        if not 1 <= k1 <= k2:
+            raise ValueError(f"truncation: expected (k1, k2) with 1 <= k1 <= k2, got {tuple(truncation)}")
+        return (k1, k2)
+    raise ValueError(f"truncation: expected None, an int k >= 1 or a pair (k1, k2), got {truncation!r}")
