@@ -137,18 +137,22 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
     return value, grads, h_last
 
 
-def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_scale=None):
+def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_from=0):
     """Validated core shared by the functional API and the trainer.
 
     ``X3`` (T, B, D) and ``Y`` are checked, C-contiguous and typed; ``wins`` is
-    ``(ends, bp_starts)``. Returns ``(loss, grads, Hs)``.
+    ``(ends, bp_starts)``. With ``output="sequence"``, ``loss_from`` > 0 puts
+    the loss on steps ``[loss_from, T)`` only (the trainer's (k1, k2) updates:
+    forward through k2 steps, loss on the last k1), and ``Y`` then covers only
+    those steps: (T - loss_from, B, ...). Returns ``(loss, grads, Hs)``.
     """
     T, B, D = X3.shape
     H, O = params.hidden_size, params.output_size
     Hs = _run_forward(kernels, params, X3, h0, act)
 
-    # output layer and loss: one GEMM over all steps (or the last one)
-    H_out = Hs[1:].reshape(T * B, H) if output == "sequence" else Hs[T]
+    # output layer and loss: one GEMM over all loss steps (or the last one)
+    Tl = T - loss_from
+    H_out = Hs[1 + loss_from:].reshape(Tl * B, H) if output == "sequence" else Hs[T]
     O_logits = _logits(params, H_out)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
@@ -157,8 +161,11 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_sca
     db_y = dO.sum(axis=0)
 
     # G[t] = ∂L/∂h_t, the direct term from the output layer
-    if output == "sequence":
+    if output == "sequence" and loss_from == 0:
         G = (dO @ params.W_hy).reshape(T, B, H)
+    elif output == "sequence":
+        G = np.zeros((T, B, H), dtype=params.dtype)
+        G[loss_from:] = (dO @ params.W_hy).reshape(Tl, B, H)
     else:
         G = np.zeros((T, B, H), dtype=params.dtype)
         G[T - 1] = dO @ params.W_hy
