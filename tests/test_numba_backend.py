@@ -1,0 +1,247 @@
+"""Kernel-level tests of the Numba backend against the NumPy reference kernels.
+
+The backend-parametrized functional suite lives elsewhere; this file checks
+what is specific to :mod:`fastbptt._numba_kernels`: both per-step product
+paths (hand-written loop and BLAS gemm) at shapes on both sides of the
+crossover, the vectorised tanh, the window loop, and the on-disk cache with
+its fallback where nothing is writable.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import _numba_kernels as NK
+from fastbptt import reference as REF
+from fastbptt._core import windows
+from helpers import make_problem, rel_err
+
+DTYPES = [np.float64, np.float32]
+RTOL = {np.float64: 1e-10, np.float32: 2e-5}     # relative to the largest entry
+ACTS = {"tanh": REF.ACT_TANH, "relu": REF.ACT_RELU}
+TRUNCATIONS = {"full": None, "k3": 3, "k1": 1, "k1k2_2_5": (2, 5), "k1k2_3_2": (3, 2), "k1k2_4_4": (4, 4)}
+# (T, B, H): degenerate sizes, odd H, and B·H² on both sides of the loop/gemm crossover
+SHAPES = {
+    "T1B1H1": (1, 1, 1),
+    "T1B3H5": (1, 3, 5),
+    "T9B1H1": (9, 1, 1),
+    "T12B1H13": (12, 1, 13),
+    "T11B4H13": (11, 4, 13),
+    "T10B1H32": (10, 1, 32),
+    "T10B1H33": (10, 1, 33),
+    "T8B5H40": (8, 5, 40),
+    "T7B2H64": (7, 2, 64),
+}
+PATHS = {"loop": False, "gemm": True}
+
+
+def test_shapes_cover_both_sides_of_the_crossover():
+    chosen = {NK._use_blas(B, H) for (_, B, H) in SHAPES.values()}
+    assert chosen == {False, True}
+
+
+def _problem(T, B, H, dtype, seed):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(scale=0.8, size=(T, B, H)).astype(dtype)
+    W_hh = rng.normal(scale=1.2 / np.sqrt(H), size=(H, H)).astype(dtype)
+    h0 = rng.normal(scale=0.5, size=(B, H)).astype(dtype)
+    G = rng.normal(size=(T, B, H)).astype(dtype)
+    return A, W_hh, h0, G
+
+
+def _reference(A, W_hh, h0, G, act, ends, bp_starts):
+    T, B, H = A.shape
+    Hs = np.empty((T + 1, B, H), dtype=A.dtype)
+    Hs[0] = h0
+    REF.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, act)
+    dZ = np.empty_like(G)
+    REF.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)
+    return Hs, dZ
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("act", list(ACTS.values()), ids=list(ACTS))
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("use_blas", list(PATHS.values()), ids=list(PATHS))
+def test_kernels_match_reference(dtype, act, truncation, shape, use_blas):
+    T, B, H = shape
+    A, W_hh, h0, G = _problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
+    ends, bp_starts = windows(T, truncation)
+    Hs_ref, dZ_ref = _reference(A, W_hh, h0, G, act, ends, bp_starts)
+
+    Hs = np.full((T + 1, B, H), np.nan, dtype=dtype)
+    Hs[0] = h0
+    NK._forward(A, np.ascontiguousarray(W_hh.T), Hs, act, use_blas)
+    assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
+
+    dZ = np.full_like(G, np.nan)            # every entry must be written, gaps included
+    NK._backward(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, use_blas)
+    assert np.all(np.isfinite(dZ))
+    assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_contract_entry_points_match_reference_and_leave_inputs_alone(dtype, shape):
+    T, B, H = shape
+    act = REF.ACT_TANH
+    A, W_hh, h0, G = _problem(T, B, H, dtype, seed=7)
+    ends, bp_starts = windows(T, (2, 3))
+    Hs_ref, dZ_ref = _reference(A, W_hh, h0, G, act, ends, bp_starts)
+    W_hhT = np.ascontiguousarray(W_hh.T)
+    inputs = [A, W_hh, W_hhT, G, ends, bp_starts]
+    before = [x.copy() for x in inputs]
+
+    Hs = np.empty((T + 1, B, H), dtype=dtype)
+    Hs[0] = h0
+    NK.forward_recurrence(A, W_hhT, Hs, act)
+    Hs_after_forward = Hs.copy()
+    dZ = np.full_like(G, np.nan)
+    NK.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)
+
+    assert NK.NAME == "numba"
+    assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
+    assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
+    for x, x0 in zip(inputs, before):
+        np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(Hs, Hs_after_forward)      # backward reads Hs only
+
+
+def test_backward_accumulates_overlapping_windows():
+    """(k1, k2) with k2 > k1: every step lies in several windows, and dZ is their sum."""
+    T, B, H = 12, 2, 6
+    A, W_hh, h0, G = _problem(T, B, H, np.float64, seed=3)
+    Hs_ref, _ = _reference(A, W_hh, h0, G, REF.ACT_TANH, *windows(T, None))
+    ends, bp_starts = windows(T, (2, 7))
+    total = np.zeros_like(G)
+    for i in range(len(ends)):              # one window at a time, each with the losses it owns
+        G_i = np.zeros_like(G)
+        lo = ends[i - 1] if i else 0
+        G_i[lo:ends[i]] = G[lo:ends[i]]
+        dZ_i = np.empty_like(G)
+        NK.backward_accumulate(G_i, Hs_ref, W_hh, ends[i:i + 1], bp_starts[i:i + 1],
+                               REF.ACT_TANH, dZ_i)
+        total += dZ_i
+    dZ = np.empty_like(G)
+    NK.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, REF.ACT_TANH, dZ)
+    assert rel_err(dZ, total) <= 1e-12
+    assert np.count_nonzero(dZ[: bp_starts[-1]]) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+def test_vectorised_tanh_is_within_a_few_ulp_of_numpy(dtype):
+    rng = np.random.default_rng(11)
+    z = np.concatenate([
+        rng.normal(scale=3.0, size=200_000), np.linspace(-12, 12, 100_001),
+        rng.uniform(-1e-3, 1e-3, 10_000), np.geomspace(1e-300, 1e-30, 50), -np.geomspace(1e-30, 1e3, 50),
+        [0.0, 0.17328679513998632, 0.3465735902799726, 8.9, 9.1, 10.0, 19.9, 20.1, 50.0, 1e30, -1e30],
+    ]).astype(dtype).reshape(1, -1)
+    h = np.zeros_like(z)
+    NK._activate_step(h, z, REF.ACT_TANH)
+    ref = np.tanh(z.astype(np.float64))
+    ulps = np.abs(h.astype(np.float64) - ref) / np.spacing(np.abs(ref).astype(dtype)).astype(np.float64)
+    assert ulps.max() <= 4
+    assert np.all(np.abs(h) <= 1)
+    np.testing.assert_array_equal(np.sign(h), np.sign(z))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("truncation", [None, 4, (3, 5)], ids=["full", "k4", "k1k2_3_5"])
+@pytest.mark.parametrize("loss,output", [("mse", "sequence"), ("bce", "sequence"), ("ce", "last")])
+@pytest.mark.parametrize("dims", [(15, 3, 4, 13, 5), (20, 1, 8, 32, 8), (9, 6, 5, 48, 3)],
+                         ids=["H13", "B1H32-loop", "B6H48-gemm"])
+def test_loss_and_grad_matches_numpy_backend(dtype, activation, truncation, loss, output, dims):
+    T, B, D, H, O = dims
+    params, X, Y = make_problem(T, B, D, H, O, loss=loss, output=output, dtype=dtype, seed=H)
+    kw = dict(loss=loss, output=output, activation=activation, truncation=truncation)
+    value, grads, h_last = fastbptt.loss_and_grad(params, X, Y, backend="numba", **kw)
+    value_ref, grads_ref, h_last_ref = fastbptt.loss_and_grad(params, X, Y, backend="numpy", **kw)
+    assert abs(value - value_ref) <= RTOL[dtype] * max(abs(value_ref), 1.0)
+    for name, g in grads.items():
+        assert g.dtype == dtype, name
+        assert rel_err(g, getattr(grads_ref, name)) <= RTOL[dtype], name
+    assert rel_err(h_last, h_last_ref) <= RTOL[dtype]
+
+
+def test_single_sequence_through_the_public_api():
+    params, X, Y = make_problem(30, 1, 3, 7, 2, single=True, seed=5)
+    value, grads, h_last = fastbptt.loss_and_grad(params, X, Y, truncation=6, backend="numba")
+    value_ref, grads_ref, h_last_ref = fastbptt.loss_and_grad(params, X, Y, truncation=6, backend="numpy")
+    assert h_last.shape == (7,)
+    assert abs(value - value_ref) <= 1e-12 * abs(value_ref)
+    for name, g in grads.items():
+        assert rel_err(g, getattr(grads_ref, name)) <= 1e-10, name
+    assert rel_err(h_last, h_last_ref) <= 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# the on-disk cache: used where writable, cleanly skipped where not
+# --------------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import warnings, numpy as np
+    warnings.simplefilter("error")            # any warning (e.g. from numba's cache) fails the child
+    import fastbptt._numba_kernels as K
+    from fastbptt import reference as R
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(5, 2, 3)); W = rng.normal(size=(3, 3)) / 3
+    Hs = np.zeros((6, 2, 3)); Hs_ref = Hs.copy()
+    K.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, 0)
+    R.forward_recurrence(A, np.ascontiguousarray(W.T), Hs_ref, 0)
+    assert np.allclose(Hs, Hs_ref, rtol=1e-12, atol=0)
+    print("CACHING", K.CACHING)
+    print("HITS", sum(K._forward.stats.cache_hits.values()))
+    print("FILE", K.__file__)
+""")
+
+
+def _run_child(pkg_parent, cache_env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(cache_env)
+    env["PYTHONPATH"] = str(pkg_parent)
+    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=str(pkg_parent),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr        # no warning spam
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert out["FILE"].startswith(str(pkg_parent))   # the copy, not the source tree
+    return out
+
+
+def _copy_package(tmp_path):
+    """A private copy of the package (so this test neither reads nor writes the tree's caches)."""
+    src = os.path.dirname(fastbptt.__file__)
+    shutil.copytree(src, tmp_path / "fastbptt",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c", "*.pyd"))
+    return tmp_path
+
+
+def test_kernels_fall_back_to_no_cache_where_nothing_is_writable(tmp_path):
+    """Every cache location Numba tries is unusable: the kernels compile and run, silently."""
+    parent = _copy_package(tmp_path)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a regular file: no directory can be created under it, even by root")
+    (parent / "fastbptt" / "__pycache__").write_text("blocks the in-tree cache")
+    env = {"NUMBA_CACHE_DIR": str(blocker / "numba"), "XDG_CACHE_HOME": str(blocker / "xdg"),
+           "HOME": str(blocker / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
+    out = _run_child(parent, env)
+    assert out["CACHING"] == "False"
+
+
+def test_kernels_are_cached_on_disk_where_writable(tmp_path):
+    parent = _copy_package(tmp_path)
+    cache = tmp_path / "numba_cache"
+    env = {"NUMBA_CACHE_DIR": str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    first = _run_child(parent, env)
+    assert first["CACHING"] == "True" and first["HITS"] == "0"
+    assert any(name.endswith(".nbi") for _, _, files in os.walk(cache) for name in files)
+    second = _run_child(parent, env)
+    assert int(second["HITS"]) >= 1
