@@ -26,7 +26,7 @@ extensions = [
         [str(pyx)],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
+        extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
     for pyx in sorted(Path("fastbptt").glob("*.pyx"))
 ]

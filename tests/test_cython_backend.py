@@ -1,0 +1,226 @@
+"""The Cython backend: its kernels against the NumPy reference kernels, and its BLAS wrapper.
+
+Kernel parity is checked directly (same inputs into ``fastbptt.reference`` and
+``fastbptt._cython_kernels``), on both sides of the small-shape crossover and
+with each per-step product path forced, then end to end through
+``loss_and_grad(..., backend="cython")``.
+"""
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import reference as R
+from fastbptt._core import windows
+
+import fastbptt._cython_kernels as K  # noqa: E402  (must load: a missing build fails here)
+from fastbptt import _cython_blas as CB  # noqa: E402
+
+RTOL = {np.float64: 1e-10, np.float32: 1e-5}
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
+PATHS = [pytest.param(-1, id="auto"), pytest.param(0, id="blas"), pytest.param(1, id="small")]
+SHAPES = {  # T, B, H
+    "T1": (1, 3, 5),
+    "B1": (9, 1, 7),
+    "H1": (6, 2, 1),
+    "H13": (11, 4, 13),
+    "small_B1H16": (17, 1, 16),     # B*H = 16: the small loop under "auto"
+    "small_B4H4": (12, 4, 4),
+    "blas_B1H24": (15, 1, 24),      # just above the crossover: BLAS under "auto"
+    "blas_B3H40": (8, 3, 40),
+    "odd_H70B17": (5, 17, 70),
+}
+TRUNCATIONS = [None, 1, 3, 4, (2, 2), (2, 5), (3, 7), (1, 40)]
+
+
+def rel_err(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _problem(T, B, H, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(scale=0.8, size=(T, B, H)).astype(dtype)
+    W_hh = rng.uniform(-1, 1, size=(H, H)).astype(dtype) / np.sqrt(H).astype(dtype)
+    h0 = rng.uniform(-0.5, 0.5, size=(B, H)).astype(dtype)
+    G = rng.normal(size=(T, B, H)).astype(dtype)
+    return A, W_hh, h0, G
+
+
+def _forward(mod, A, W_hh, h0, act, **kw):
+    T, B, H = A.shape
+    Hs = np.empty((T + 1, B, H), dtype=A.dtype)
+    Hs[0] = h0
+    mod.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, act, **kw)
+    return Hs
+
+
+def test_name_and_codes():
+    assert K.NAME == "cython"
+    assert (K.ACT_TANH, K.ACT_RELU) == (R.ACT_TANH, R.ACT_RELU)
+    assert "cython" in fastbptt.available_backends()
+
+
+def test_crossover_rule_sides():
+    for key in ("small_B1H16", "small_B4H4"):
+        _, B, H = SHAPES[key]
+        assert K.uses_small_loop(B, H), key
+    for key in ("blas_B1H24", "blas_B3H40", "odd_H70B17"):
+        _, B, H = SHAPES[key]
+        assert not K.uses_small_loop(B, H), key
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_forward_parity(shape, dtype, act, path):
+    A, W_hh, h0, _ = _problem(*shape, dtype)
+    A_before, W_before = A.copy(), W_hh.copy()
+    ref = _forward(R, A, W_hh, h0, act)
+    got = _forward(K, A, W_hh, h0, act, _path=path)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got[0], h0)
+    assert rel_err(got, ref) <= RTOL[dtype]
+    np.testing.assert_array_equal(A, A_before)
+    np.testing.assert_array_equal(W_hh, W_before)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("truncation", TRUNCATIONS, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_backward_parity(shape, dtype, act, truncation, path):
+    A, W_hh, h0, G = _problem(*shape, dtype, seed=1)
+    T, B, H = shape
+    Hs = _forward(R, A, W_hh, h0, act)          # the same forward for both
+    ends, bp_starts = windows(T, truncation)
+    before = [x.copy() for x in (G, Hs, W_hh, ends, bp_starts)]
+    ref = np.empty((T, B, H), dtype=dtype)
+    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, ref)
+    got = np.full((T, B, H), np.nan, dtype=dtype)  # the kernel must overwrite, not add to, dZ
+    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, got, _path=path)
+    assert np.all(np.isfinite(got))
+    assert rel_err(got, ref) <= RTOL[dtype]
+    for x, x0 in zip((G, Hs, W_hh, ends, bp_starts), before):
+        np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_custom_windows(dtype):
+    """Windows the public truncations never make: loss steps before a window's bp_start."""
+    A, W_hh, h0, G = _problem(12, 2, 6, dtype, seed=3)
+    Hs = _forward(R, A, W_hh, h0, R.ACT_TANH)
+    ends = np.array([5, 6, 12], dtype=np.int64)
+    bp_starts = np.array([3, 0, 9], dtype=np.int64)
+    ref = np.empty_like(G)
+    got = np.empty_like(G)
+    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
+    for path in (0, 1):
+        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got, _path=path)
+        assert rel_err(got, ref) <= RTOL[dtype]
+
+
+def test_read_only_inputs_accepted():
+    A, W_hh, h0, G = _problem(5, 2, 6, np.float64)
+    W_hhT = np.ascontiguousarray(W_hh.T)
+    for x in (A, W_hh, W_hhT, G):
+        x.flags.writeable = False
+    Hs = np.empty((6, 2, 6))
+    Hs[0] = h0
+    K.forward_recurrence(A, W_hhT, Hs, R.ACT_TANH)
+    Hs.flags.writeable = False
+    ends, bp_starts = windows(5, 2)
+    dZ = np.empty((5, 2, 6))
+    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ)
+    ref = np.empty_like(dZ)
+    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
+    assert rel_err(dZ, ref) <= 1e-10
+
+
+def test_kernel_bad_input():
+    A, W_hh, h0, G = _problem(4, 2, 3, np.float64)
+    Hs = _forward(R, A, W_hh, h0, R.ACT_TANH)
+    ends, bp_starts = windows(4, None)
+    dZ = np.empty_like(G)
+    with pytest.raises(ValueError, match="Hs"):
+        K.forward_recurrence(A, W_hh, np.empty((4, 2, 3)), R.ACT_TANH)
+    with pytest.raises(ValueError, match="W_hhT"):
+        K.forward_recurrence(A, np.empty((3, 4)), Hs.copy(), R.ACT_TANH)
+    with pytest.raises(ValueError, match="act"):
+        K.forward_recurrence(A, W_hh, Hs.copy(), 2)
+    with pytest.raises(ValueError, match="_path"):
+        K.forward_recurrence(A, W_hh, Hs.copy(), R.ACT_TANH, _path=5)
+    with pytest.raises((TypeError, ValueError)):          # mixed dtypes: no fused signature
+        K.forward_recurrence(A.astype(np.float32), W_hh, Hs.copy(), R.ACT_TANH)
+    with pytest.raises(ValueError):                       # not C-contiguous
+        K.forward_recurrence(np.asfortranarray(A), W_hh, Hs.copy(), R.ACT_TANH)
+    with pytest.raises(ValueError, match="dZ"):
+        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty((4, 2, 2)))
+    with pytest.raises(ValueError, match="ends"):
+        K.backward_accumulate(G, Hs, W_hh, np.array([5], np.int64), bp_starts, R.ACT_TANH, dZ)
+    with pytest.raises(ValueError, match="bp_starts"):
+        K.backward_accumulate(G, Hs, W_hh, ends, np.array([4], np.int64), R.ACT_TANH, dZ)
+    with pytest.raises(ValueError, match="ends"):
+        K.backward_accumulate(G, Hs, W_hh, np.array([3, 2, 4], np.int64),
+                              np.array([0, 0, 0], np.int64), R.ACT_TANH, dZ)
+    with pytest.raises(ValueError, match="bp_starts"):
+        K.backward_accumulate(G, Hs, W_hh, ends, np.array([0, 0], np.int64), R.ACT_TANH, dZ)
+
+
+LG_SHAPES = {  # T, B, D, H, O
+    "T1": (1, 3, 4, 5, 2),
+    "B1": (30, 1, 3, 8, 4),          # small loop
+    "H1": (6, 2, 3, 1, 2),
+    "H13": (11, 4, 5, 13, 3),        # BLAS
+    "H64B5": (9, 5, 6, 64, 3),
+}
+
+
+@pytest.mark.parametrize("truncation", [None, 4, (3, 5)], ids=str)
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(LG_SHAPES.values()), ids=list(LG_SHAPES))
+def test_loss_and_grad_vs_numpy(shape, dtype, activation, truncation):
+    T, B, D, H, O = shape
+    rng = np.random.default_rng(7)
+    params = fastbptt.RNNParams.init(D, H, O, dtype=dtype, seed=11)
+    X = rng.normal(size=(T, B, D))
+    Y = rng.normal(size=(T, B, O))
+    h0 = rng.uniform(-0.5, 0.5, size=(B, H))
+    kw = dict(h0=h0, activation=activation, truncation=truncation)
+    ref = fastbptt.loss_and_grad(params, X, Y, backend="numpy", **kw)
+    got = fastbptt.loss_and_grad(params, X, Y, backend="cython", **kw)
+    rtol = RTOL[dtype] * (10 if dtype == np.float32 else 1)   # float32 gradient sums over T·B rows
+    assert got[0] == pytest.approx(ref[0], rel=rtol)
+    for name, g_ref in ref[1].items():
+        assert rel_err(getattr(got[1], name), g_ref) <= rtol, name
+    assert rel_err(got[2], ref[2]) <= rtol
+
+
+# --- the BLAS wrapper -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a", [False, True], ids=["A", "At"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["B", "Bt"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (1.0, 1.0), (-0.5, 2.0)])
+def test_gemm_vs_numpy(dtype, trans_a, trans_b, alpha, beta):
+    rng = np.random.default_rng(5)
+    m, n, k = 3, 5, 7                                    # all distinct: a swapped m/n/k fails
+    A = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+    B = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+    C = rng.normal(size=(m, n)).astype(dtype)
+    expected = alpha * (A.T if trans_a else A) @ (B.T if trans_b else B) + beta * C
+    CB.gemm(trans_a, trans_b, alpha, A, B, beta, C)
+    assert C.dtype == dtype
+    assert rel_err(C, expected) <= RTOL[dtype]
+
+
+def test_gemm_bad_shapes():
+    A = np.ones((3, 4))
+    with pytest.raises(ValueError, match="gemm"):
+        CB.gemm(False, False, 1.0, A, np.ones((5, 2)), 0.0, np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="C of shape"):
+        CB.gemm(False, False, 1.0, A, np.ones((4, 2)), 0.0, np.zeros((2, 3)))
