@@ -1,6 +1,6 @@
 """Training diagnostics: how far back the gradient reaches, and the spectrum of W_hh.
 
-``hidden_grad_norms`` returns ‖∂L/∂h_t‖ for every step t under full BPTT:
+``hidden_grad_norms`` returns ‖∂L/∂h_t‖ for every step t = 0 … T under full BPTT:
 δ_t collects the direct term from o_t and the term carried back from t+1,
 exactly as in DESIGN.md::
 
@@ -29,7 +29,7 @@ __all__ = ["hidden_grad_norms", "spectral_radius", "max_singular_value", "recurr
 
 
 def _hidden_grad_norms(kernels, params, X3, Y, h0, loss, output, act):
-    """Validated core: X3 (T, B, D), Y time-major checked, h0 (B, H) or None -> (T,) float64."""
+    """Validated core: X3 (T, B, D), Y time-major checked, h0 (B, H) or None -> (T+1,) float64."""
     T, B, _ = X3.shape
     H = params.hidden_size
     if h0 is None:
@@ -45,14 +45,15 @@ def _hidden_grad_norms(kernels, params, X3, Y, h0, loss, output, act):
         _, dO = LOSS_FUNCS[loss](o, Y)
         G[T - 1] = dO @ params.W_hy
     W_hh = params.W_hh.astype(np.float64)
-    norms = np.empty(T, dtype=np.float64)
+    norms = np.empty(T + 1, dtype=np.float64)                # norms[t] = ‖∂L/∂h_t‖, h_0 included
     carried = np.zeros((B, H), dtype=np.float64)
-    for t in range(T - 1, -1, -1):
-        delta = G[t] + carried                                # δ_t = ∂L/∂h_t
-        norms[t] = np.linalg.norm(delta)
+    for t in range(T - 1, -1, -1):                            # 0-based step t computes h_{t+1}
+        delta = G[t] + carried                                # δ = ∂L/∂h_{t+1}
+        norms[t + 1] = np.linalg.norm(delta)
         h = Hs[t + 1].astype(np.float64)
-        dz = delta * (1 - h * h if act == ACT_TANH else (h > 0))  # dz_t = δ_t ⊙ f'(z_t)
-        carried = dz @ W_hh                                   # W_hhᵀ dz_t (row vectors)
+        dz = delta * (1 - h * h if act == ACT_TANH else (h > 0))  # dz = δ ⊙ f'(z)
+        carried = dz @ W_hh                                   # W_hhᵀ dz (row vectors)
+    norms[0] = np.linalg.norm(carried)                        # ∂L/∂h_0
     return norms
 
 
@@ -75,8 +76,9 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
 
     Returns
     -------
-    ndarray of shape (T,)
-        ``norms[t]`` is ‖∂L/∂h_{t+1}‖ (0-based t), where L is the mean loss.
+    ndarray of shape (T + 1,)
+        ``norms[t]`` is ‖∂L/∂h_t‖ for t = 0 … T (``norms[0]``: the initial
+        state), where L is the mean loss, as returned by ``loss_and_grad``.
     """
     if isinstance(model, RNNParams):
         V.check_choice("loss", loss, LOSSES)

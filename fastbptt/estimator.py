@@ -131,7 +131,7 @@ class RNN:
         Per epoch, over all ``fit`` calls: ``loss``, ``seq_per_s``, and
         ``val_loss`` once validation data was given (NaN for epochs without).
         With ``fit(..., diagnostics=True)`` also ``grad_norm_by_t`` (a list of
-        T norms ‖∂L/∂h_t‖ per epoch), ``spectral_radius`` and
+        T+1 norms ‖∂L/∂h_t‖, t = 0..T, per epoch), ``spectral_radius`` and
         ``max_singular_value`` of W_hh (NaN/None for epochs without).
     state_ : ndarray of shape (N, H) or None
         The hidden state carried between ``fit(..., stateful=True)`` calls.

@@ -1,0 +1,85 @@
+"""Generated datasets, the character corpus and the stream layout."""
+
+import numpy as np
+import pytest
+
+from fastbptt import datasets as ds
+
+
+def test_adding_problem():
+    X, Y = ds.adding_problem(50, 20, seed=3)
+    assert X.shape == (50, 20, 2) and Y.shape == (50, 1) and X.dtype == np.float32
+    marks = X[..., 1]
+    np.testing.assert_array_equal(marks.sum(axis=1), 2)
+    assert np.all(marks[:, :10].sum(axis=1) == 1) and np.all(marks[:, 10:].sum(axis=1) == 1)
+    np.testing.assert_allclose(Y[:, 0], (X[..., 0] * marks).sum(axis=1), rtol=1e-6)
+    X2, Y2 = ds.adding_problem(50, 20, seed=3)
+    np.testing.assert_array_equal(X, X2)
+    assert not np.array_equal(ds.adding_problem(50, 20, seed=4)[0], X)
+
+
+def test_copy_memory():
+    X, Y = ds.copy_memory(6, 15, n_symbols=5, length=4, seed=0)
+    T = 15 + 8
+    assert X.shape == (6, T, 7) and Y.shape == (6, T)
+    ids = X.argmax(-1)
+    np.testing.assert_array_equal(X.sum(-1), 1)
+    assert np.all((ids[:, :4] >= 1) & (ids[:, :4] <= 5))
+    assert np.all(ids[:, 4 + 15 - 1] == 6)                # the delimiter
+    np.testing.assert_array_equal(Y[:, -4:], ids[:, :4])
+    np.testing.assert_array_equal(Y[:, :-4], 0)
+    ids2, _ = ds.copy_memory(6, 15, n_symbols=5, length=4, seed=0, one_hot_input=False)
+    np.testing.assert_array_equal(ids2, ids)
+
+
+def test_delayed_echo_and_sine():
+    X, Y = ds.delayed_echo(4, 12, 3, seed=1)
+    assert X.shape == Y.shape == (4, 12, 1)
+    np.testing.assert_array_equal(Y[:, 3:], X[:, :-3])
+    np.testing.assert_array_equal(Y[:, :3], 0)
+    assert set(np.unique(X)) <= {0.0, 1.0}
+    X, Y = ds.sine_wave(3, 30, seed=2)
+    assert X.shape == Y.shape == (3, 30, 1)
+    np.testing.assert_allclose(Y[:, :-1], X[:, 1:], rtol=1e-6)
+    with pytest.raises(ValueError, match="noise"):
+        ds.sine_wave(3, 30, noise=-1)
+    with pytest.raises(TypeError, match="T"):
+        ds.delayed_echo(3, 2.5, 1)
+
+
+def test_char_corpus_and_vocab():
+    text = ds.char_corpus(None)
+    assert 50_000 < len(text) <= 400_000
+    assert text.isascii() and text == ds.char_corpus(None)
+    short = ds.char_corpus(1000)
+    assert short == text[:1000]
+    vocab = ds.CharVocab(text)
+    assert list(vocab.chars) == sorted(set(text))
+    ids = vocab.encode(short)
+    assert ids.dtype == np.int64 and vocab.decode(ids) == short
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ds.CharVocab("abc").encode("abd")
+    with pytest.raises(ValueError, match="ids"):
+        vocab.decode(np.array([len(vocab)]))
+
+
+def test_stream_windows_rows_continue():
+    tokens = np.arange(103)
+    wins = ds.stream_windows(tokens, 4, 6)
+    per_row = 102 // 4                                   # 25 -> 4 windows of 6
+    assert len(wins) == per_row // 6
+    full_X = np.concatenate([x for x, _ in wins], axis=1)
+    full_Y = np.concatenate([y for _, y in wins], axis=1)
+    for b in range(4):                                   # each row: one contiguous stretch
+        np.testing.assert_array_equal(full_X[b], np.arange(b * per_row, b * per_row + 24))
+    np.testing.assert_array_equal(full_Y, full_X + 1)
+    with pytest.raises(ValueError, match="too few"):
+        ds.stream_windows(np.arange(10), 4, 6)
+
+
+def test_one_hot():
+    out = ds.one_hot(np.array([[0, 2], [1, 1]]), 3)
+    assert out.shape == (2, 2, 3)
+    np.testing.assert_array_equal(out.argmax(-1), [[0, 2], [1, 1]])
+    with pytest.raises(ValueError):
+        ds.one_hot(np.array([3]), 3)

@@ -1,0 +1,302 @@
+"""Optimizers and clipping: against hand-written references of torch's rules, and torch itself."""
+
+import math
+
+import numpy as np
+import pytest
+
+from fastbptt._clip import clip_grad_norm, clip_grad_value
+from fastbptt._params import RNNParams
+from fastbptt.optim import SGD, Adagrad, Adam, RMSprop, from_state_dict, get_optimizer
+
+N_STEPS = 12
+FIELDS = RNNParams.field_names()
+
+
+def make(dtype=np.float64, seed=0):
+    params = RNNParams.init(3, 5, 2, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    grads = [RNNParams(*(rng.normal(size=a.shape).astype(dtype) for a in params.arrays()))
+             for _ in range(N_STEPS)]
+    return params, grads
+
+
+# ------------------------------------------- hand-written references (torch docs' pseudo-code)
+
+def ref_sgd(p, gs, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    p, buf = p.copy(), None
+    for g in gs:
+        g = g + weight_decay * p
+        if momentum:
+            buf = g.copy() if buf is None else momentum * buf + g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+    return p
+
+
+def ref_adam(p, gs, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    p = p.copy()
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(gs, start=1):
+        g = g + weight_decay * p
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat = m / (1 - betas[0] ** t)
+        v_hat = v / (1 - betas[1] ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def ref_rmsprop(p, gs, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0):
+    p = p.copy()
+    v, buf = np.zeros_like(p), np.zeros_like(p)
+    for g in gs:
+        v = alpha * v + (1 - alpha) * g * g
+        if momentum > 0:
+            buf = momentum * buf + g / (np.sqrt(v) + eps)
+            p = p - lr * buf
+        else:
+            p = p - lr * g / (np.sqrt(v) + eps)
+    return p
+
+
+def ref_adagrad(p, gs, lr=1e-2, eps=1e-10):
+    p = p.copy()
+    s = np.zeros_like(p)
+    for g in gs:
+        s = s + g * g
+        p = p - lr * g / (np.sqrt(s) + eps)
+    return p
+
+
+CASES = [
+    ("sgd-plain", lambda: SGD(0.1), lambda p, gs: ref_sgd(p, gs, 0.1)),
+    ("sgd-momentum", lambda: SGD(0.1, momentum=0.9), lambda p, gs: ref_sgd(p, gs, 0.1, 0.9)),
+    ("sgd-nesterov-wd", lambda: SGD(0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+     lambda p, gs: ref_sgd(p, gs, 0.05, 0.8, True, 0.01)),
+    ("adam", lambda: Adam(), lambda p, gs: ref_adam(p, gs)),
+    ("adam-custom", lambda: Adam(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+     lambda p, gs: ref_adam(p, gs, 0.01, (0.8, 0.99), 1e-6, 0.1)),
+    ("adam-beta1-small", lambda: Adam(lr=0.01, betas=(0.3, 0.9)),
+     lambda p, gs: ref_adam(p, gs, 0.01, (0.3, 0.9))),
+    ("rmsprop", lambda: RMSprop(), lambda p, gs: ref_rmsprop(p, gs)),
+    ("rmsprop-momentum", lambda: RMSprop(lr=0.005, alpha=0.9, eps=1e-6, momentum=0.7),
+     lambda p, gs: ref_rmsprop(p, gs, 0.005, 0.9, 1e-6, 0.7)),
+    ("adagrad", lambda: Adagrad(), lambda p, gs: ref_adagrad(p, gs)),
+    ("adagrad-custom", lambda: Adagrad(lr=0.1, eps=1e-6), lambda p, gs: ref_adagrad(p, gs, 0.1, 1e-6)),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
+def test_matches_hand_reference(name, make_opt, ref):
+    params, grads = make()
+    start = params.copy()
+    opt = make_opt()
+    arrays_before = [id(a) for a in params.arrays()]
+    for g in grads:
+        opt.step(params, g)
+    assert [id(a) for a in params.arrays()] == arrays_before     # updated in place
+    assert opt.step_count == N_STEPS
+    for n in FIELDS:
+        expected = ref(getattr(start, n), [getattr(g, n) for g in grads])
+        np.testing.assert_allclose(getattr(params, n), expected, rtol=1e-12, atol=1e-14)
+    assert not start.allclose(params)
+
+
+@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
+def test_state_round_trip_continues_exactly(name, make_opt, ref):
+    params, grads = make()
+    p_split = params.copy()
+    opt = make_opt()
+    for g in grads:
+        opt.step(params, g)
+    opt1 = make_opt()
+    for g in grads[:5]:
+        opt1.step(p_split, g)
+    state = opt1.state_dict()
+    for buf in state["buffers"].values():                 # copies, not views
+        for a in buf.values():
+            a += 1000.0
+    state = opt1.state_dict()
+    opt2 = make_opt()
+    opt2.load_state_dict(state)
+    assert opt2.step_count == 5
+    for g in grads[5:]:
+        opt2.step(p_split, g)
+    assert p_split == params
+    rebuilt = from_state_dict(state)
+    assert type(rebuilt) is type(opt1) and rebuilt.hyperparams == opt1.hyperparams
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
+def test_matches_torch(name, make_opt, ref, dtype):
+    torch = pytest.importorskip("torch")
+    params, grads = make(dtype)
+    ours = make_opt()
+    h = ours.hyperparams
+    tparams = [torch.tensor(a.copy(), requires_grad=True) for a in params.arrays()]
+    kind = type(ours).__name__
+    if kind == "SGD":
+        topt = torch.optim.SGD(tparams, lr=h["lr"], momentum=h["momentum"], nesterov=h["nesterov"],
+                               weight_decay=h["weight_decay"])
+    elif kind == "Adam":
+        topt = torch.optim.Adam(tparams, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                                weight_decay=h["weight_decay"])
+    elif kind == "RMSprop":
+        topt = torch.optim.RMSprop(tparams, lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                                   momentum=h["momentum"])
+    else:
+        topt = torch.optim.Adagrad(tparams, lr=h["lr"], eps=h["eps"])
+    for g in grads:
+        for t, a in zip(tparams, g.arrays()):
+            t.grad = torch.tensor(a.copy())
+        topt.step()
+        ours.step(params, g)
+    rtol, atol = (1e-11, 1e-13) if dtype == np.float64 else (2e-5, 2e-6)
+    for t, a in zip(tparams, params.arrays()):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=rtol, atol=atol)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="lr"):
+        SGD(-0.1)
+    with pytest.raises(TypeError, match="lr"):
+        Adam(lr="fast")
+    with pytest.raises(ValueError, match="nesterov"):
+        SGD(0.1, nesterov=True)
+    with pytest.raises(ValueError, match="betas"):
+        Adam(betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="betas"):
+        Adam(betas=0.9)
+    with pytest.raises(TypeError, match="lr"):
+        RMSprop(lr=float("nan"))
+    with pytest.raises(ValueError, match="optimizer"):
+        get_optimizer("adamw")
+    with pytest.raises(ValueError, match="lr"):
+        get_optimizer(Adam(), lr=0.1)
+    assert get_optimizer("adam").lr == 1e-3 and get_optimizer("sgd").lr == 1e-2
+    assert get_optimizer("RMSprop", lr=0.5).lr == 0.5
+
+
+def test_step_checks_shapes_and_dtypes():
+    params, grads = make()
+    opt = Adam()
+    with pytest.raises(TypeError, match="grads"):
+        opt.step(params, [g for g in grads[0].arrays()])
+    with pytest.raises(ValueError, match="grads.W_xh"):
+        opt.step(params, grads[0].astype(np.float32))
+    other = RNNParams.init(4, 5, 2, dtype=np.float64, seed=1)
+    with pytest.raises(ValueError, match="W_xh"):
+        opt.step(params, other)
+    assert opt.step_count == 0
+    opt.step(params, grads[0])
+    small = RNNParams.init(3, 4, 2, dtype=np.float64, seed=1)
+    with pytest.raises(ValueError, match="buffer"):
+        opt.step(small, small.zeros_like())
+
+
+def test_non_finite_update_changes_nothing():
+    params, grads = make()
+    opt = SGD(0.1, momentum=0.9)
+    opt.step(params, grads[0])
+    before, state = params.copy(), opt.state_dict()
+    bad = grads[1].copy()
+    bad.W_hh[0, 0] = np.inf
+    with pytest.raises(FloatingPointError, match="W_hh"):
+        opt.step(params, bad)
+    assert params == before and opt.step_count == 1
+    after = opt.state_dict()
+    for n in FIELDS:
+        np.testing.assert_array_equal(after["buffers"]["momentum_buffer"][n],
+                                      state["buffers"]["momentum_buffer"][n])
+
+
+def test_load_state_dict_validates_and_leaves_state():
+    params, grads = make()
+    opt = Adam(lr=0.01)
+    for g in grads[:3]:
+        opt.step(params, g)
+    good = opt.state_dict()
+    target = Adam(lr=0.02)
+    for bad, exc in [
+        ("nope", TypeError),
+        ({**good, "name": "sgd"}, ValueError),
+        ({k: v for k, v in good.items() if k != "step"}, ValueError),
+        ({**good, "step": -1}, ValueError),
+        ({**good, "hyperparams": {**good["hyperparams"], "lr": -1.0}}, ValueError),
+        ({**good, "buffers": {**good["buffers"], "exp_avg": {"W_xh": good["buffers"]["exp_avg"]["W_xh"]}}},
+         ValueError),
+        ({**good, "buffers": {**good["buffers"], "exp_avg": {**good["buffers"]["exp_avg"],
+                                                              "W_hh": np.full((5, 5), np.nan)}}}, ValueError),
+        ({**good, "buffers": {**good["buffers"], "exp_avg": {**good["buffers"]["exp_avg"],
+                                                              "W_hh": np.zeros((4, 4))}}}, ValueError),
+        ({**good, "buffers": {**good["buffers"], "exp_avg": {**good["buffers"]["exp_avg"],
+                                                              "W_hh": [[0.0]]}}}, TypeError),
+    ]:
+        with pytest.raises(exc):
+            target.load_state_dict(bad)
+        assert target.lr == 0.02 and target.step_count == 0
+        assert target.state_dict()["buffers"] == {"exp_avg": {}, "exp_avg_sq": {}}
+    target.load_state_dict(good)
+    assert target.lr == 0.01 and target.step_count == 3
+
+
+# ------------------------------------------------------------------------ clipping
+
+def test_clip_grad_norm_hand_formula():
+    _, grads = make()
+    g = grads[0]
+    total = math.sqrt(sum(float(np.sum(a * a)) for a in g.arrays()))
+    orig = g.copy()
+    norm = clip_grad_norm(g, total / 4)
+    assert norm == pytest.approx(total, rel=1e-12)
+    coef = (total / 4) / (total + 1e-6)
+    for a, b in zip(g.arrays(), orig.arrays()):
+        np.testing.assert_allclose(a, b * coef, rtol=1e-12)
+    new_total = math.sqrt(sum(float(np.sum(a * a)) for a in g.arrays()))
+    assert new_total == pytest.approx(total / 4, rel=1e-6)
+    g2 = orig.copy()
+    assert clip_grad_norm(g2, total * 2) == pytest.approx(total, rel=1e-12)
+    assert g2 == orig                                   # below the threshold: untouched
+    g3 = orig.copy()
+    inf_norm = clip_grad_norm(g3, 0.5, norm_type=float("inf"))
+    assert inf_norm == pytest.approx(max(np.abs(a).max() for a in orig.arrays()))
+    assert max(np.abs(a).max() for a in g3.arrays()) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_clip_bad_input():
+    _, grads = make()
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_grad_norm(grads[0], 0)
+    with pytest.raises(TypeError, match="grads"):
+        clip_grad_norm([1.0], 1.0)
+    with pytest.raises(ValueError, match="clip_value"):
+        clip_grad_value(grads[0], -1)
+
+
+def test_clip_grad_value():
+    _, grads = make()
+    g = grads[0]
+    orig = g.copy()
+    clip_grad_value(g, 0.3)
+    for a, b in zip(g.arrays(), orig.arrays()):
+        np.testing.assert_array_equal(a, np.clip(b, -0.3, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_matches_torch(dtype, max_norm):
+    torch = pytest.importorskip("torch")
+    _, grads = make(dtype)
+    g = grads[0]
+    ts = [torch.tensor(a.copy(), requires_grad=True) for a in g.arrays()]
+    for t, a in zip(ts, g.arrays()):
+        t.grad = torch.tensor(a.copy())
+    tnorm = float(torch.nn.utils.clip_grad_norm_(ts, max_norm))
+    norm = clip_grad_norm(g, max_norm)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    assert norm == pytest.approx(tnorm, rel=rtol)
+    for t, a in zip(ts, g.arrays()):
+        np.testing.assert_allclose(a, t.grad.numpy(), rtol=rtol, atol=1e-7)
