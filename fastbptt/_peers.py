@@ -54,11 +54,15 @@ def available_peers():
 
 
 def peer_version(name):
-    """The version string of an importable peer, or ``None``."""
-    if peer_unavailable_reason(name) is not None:
+    """The installed version of a peer (from its package metadata, without importing it), or ``None``."""
+    from importlib import metadata
+
+    if name not in PEERS:
+        raise ValueError(f"peer: expected one of {PEERS}, got {name!r}")
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
         return None
-    mod = sys.modules["torch" if name == "torch" else "jax"]
-    return getattr(mod, "__version__", "?")
 
 
 def set_threads(n):

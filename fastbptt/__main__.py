@@ -1,0 +1,7 @@
+"""``python -m fastbptt``: the same as the ``fastbptt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

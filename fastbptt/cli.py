@@ -1,0 +1,454 @@
+"""The ``fastbptt`` command: ``info``, ``bench``, ``compare``, ``tbptt`` and ``train``.
+
+Run ``fastbptt --help`` or ``python -m fastbptt --help``. A user error (bad
+option, missing file, unusable checkpoint) prints ``fastbptt: error: ...`` on
+stderr and exits with status 2, without a traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+PROG = "fastbptt"
+TRAIN_TASKS = ("char", "adding", "echo", "copy", "sine")
+
+
+class UserError(ValueError):
+    """A mistake in the command line or its files; reported without a traceback."""
+
+
+# ------------------------------------------------------------------ helpers
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _truncation(text):
+    from .tbptt_study import parse_variant
+    try:
+        return parse_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _writable_path(path, what):
+    """Fail before a long run if ``path`` cannot be written (its folder is missing)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{what}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what}: {path!r} is a folder, expected a file name")
+    return path
+
+
+def _say(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------- info
+def cmd_info(args):
+    from . import __version__
+    from ._backends import ENV_VAR, available_backends, unavailable_backends
+    from .bench import machine_info
+
+    info = machine_info()
+    available = available_backends()
+    missing = unavailable_backends()
+    if args.json:
+        info.update({"backends_available": available, "backends_missing": missing})
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"fastbptt {__version__}")
+    print(f"python {info['python']} on {info['platform']} ({info['cpu_count']} CPUs)")
+    print(f"backends available (order of preference): {', '.join(available)}")
+    for name, reason in missing.items():
+        print(f"backend {name} missing: {reason}")
+    print(f"numpy {info['numpy']}, scipy {info['scipy']}, numba {info['numba'] or 'not installed'}")
+    print(f"peers: torch {info['torch'] or 'not installed'}, jax {info['jax'] or 'not installed'}")
+    print("BLAS / OpenMP thread pools (threadpoolctl):")
+    pools = info["threadpools"]
+    if isinstance(pools, str):
+        print(f"  {pools}")
+    else:
+        for p in pools:
+            print(f"  {p['internal_api']} {p['version']} ({p['user_api']}), {p['num_threads']} threads"
+                  f"{', ' + p['architecture'] if p.get('architecture') else ''}: {p['prefix']}")
+    print("thread settings:")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+                "XLA_FLAGS", ENV_VAR):
+        print(f"  {var}={os.environ.get(var, '(unset)')}")
+    if "numba" in available:
+        try:
+            import numba
+            layer = numba.config.THREADING_LAYER
+            print(f"  numba: {numba.get_num_threads()} threads, threading layer {layer!r}")
+        except Exception:  # pragma: no cover - diagnostic only
+            pass
+    return 0
+
+
+# -------------------------------------------------------------------- bench
+def cmd_bench(args):
+    from . import bench
+
+    if args.plot:
+        bench.require_matplotlib()
+        _writable_path(args.plot, "--plot")
+    if args.json:
+        _writable_path(args.json, "--json")
+    shapes = args.shapes or list(bench.SHAPES)
+    for s in shapes:
+        bench.parse_shape(s)                      # fail before running anything
+    if args.quick:
+        _say(f"quick run: T divided by {bench.QUICK_T_DIVISOR} (at least {bench.QUICK_MIN_T}), "
+             "3 samples per cell: figures are indicative only")
+    t0 = time.perf_counter()
+    results = bench.run_benchmark(shapes, args.backends, dtype=np.dtype(args.dtype), threads=args.threads,
+                                  quick=args.quick, repeats=args.repeats, check=not args.no_check,
+                                  progress=None if args.silent else (lambda s: _say(f"  timing {s}")))
+    elapsed = time.perf_counter() - t0
+    results["meta"]["elapsed_s"] = elapsed
+    print(bench.format_table(results))
+    print(f"\nbenchmark took {elapsed:.1f} s")
+    if args.json:
+        bench.write_json(results, args.json)
+        print(f"results written to {args.json}")
+    if args.plot:
+        bench.plot_results(results, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_compare(args):
+    from . import bench
+
+    print(bench.compare_table(bench.read_json(args.old), bench.read_json(args.new)))
+    return 0
+
+
+# -------------------------------------------------------------------- tbptt
+def cmd_tbptt(args):
+    from . import tbptt_study as S
+    from .bench import require_matplotlib, write_json
+
+    if args.plot:
+        require_matplotlib()
+        _writable_path(args.plot + "_fidelity.png", "--plot")
+    if args.json:
+        _writable_path(args.json, "--json")
+    overrides = {"backend": args.backend}
+    if args.variants:
+        overrides["variants"] = tuple(dict.fromkeys(args.variants))
+    if args.tasks:
+        overrides["tasks"] = tuple(dict.fromkeys(args.tasks))
+    for name in ("epochs", "char_epochs", "hidden", "char_hidden", "n_train", "seed"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    cfg = S.StudyConfig.quick(**overrides) if args.quick else S.StudyConfig(**overrides)
+    if args.quick:
+        _say("quick run: small models and datasets, a short budget: figures are indicative only")
+    t0 = time.perf_counter()
+    res = S.run_study(cfg, progress=None if args.silent else (lambda s: _say(f"  {s}")))
+    res["elapsed_s"] = time.perf_counter() - t0
+    print(S.format_study(res))
+    print(f"\nstudy took {res['elapsed_s']:.1f} s")
+    if args.json:
+        write_json(res, args.json)
+        print(f"results written to {args.json}")
+    if args.plot:
+        for path in S.plot_study(res, args.plot):
+            print(f"plot written to {path}")
+    return 0
+
+
+# -------------------------------------------------------------------- train
+def _task_data(task):
+    """Training and validation data for a task description (a dict); returns (spec, train, val)."""
+    from . import datasets
+
+    name, T, n, seed = task["name"], task["T"], task["n"], task["seed"]
+    n_val = max(1, n // 10)
+    if name == "adding":
+        if T < 2:
+            raise UserError(f"--T: the adding problem needs T >= 2, got {T}")
+        spec = dict(D=2, O=1, loss="mse", output="last")
+        return spec, datasets.adding_problem(n, T, seed=seed), datasets.adding_problem(n_val, T, seed=seed + 1)
+    if name == "echo":
+        delay = min(5, T - 1)
+        spec = dict(D=1, O=1, loss="bce", output="sequence")
+        return (spec, datasets.delayed_echo(n, T, delay, seed=seed),
+                datasets.delayed_echo(n_val, T, delay, seed=seed + 1))
+    if name == "copy":
+        spec = dict(D=10, O=10, loss="ce", output="sequence")     # 8 symbols + blank + delimiter
+        return (spec, datasets.copy_memory(n, T, seed=seed, one_hot_input=False),
+                datasets.copy_memory(n_val, T, seed=seed + 1, one_hot_input=False))
+    if name == "sine":
+        spec = dict(D=1, O=1, loss="mse", output="sequence")
+        return spec, datasets.sine_wave(n, T, seed=seed), datasets.sine_wave(n_val, T, seed=seed + 1)
+    # char model: the text (a file, or the built-in corpus) cut into windows of T characters
+    if task.get("text"):
+        try:
+            with open(task["text"], encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--text: {task['text']!r} is not UTF-8 text ({exc.reason})") from None
+    else:
+        text = datasets.char_corpus(task["chars"])
+    vocab = datasets.CharVocab(task["vocab"])
+    ids = vocab.encode(text)                      # ValueError names an unknown character
+    windows = (len(ids) - 1) // T
+    if windows < 2:
+        raise UserError(f"--text: {len(ids)} characters make fewer than 2 windows of T={T} "
+                        f"(use a longer text or a smaller --T)")
+    X, Y = ids[:windows * T].reshape(windows, T), ids[1:windows * T + 1].reshape(windows, T)
+    n_val = max(1, windows // 10)
+    spec = dict(D=len(vocab), O=len(vocab), loss="ce", output="sequence")
+    return spec, (X[n_val:], Y[n_val:]), (X[:n_val], Y[:n_val])
+
+
+def _sample_text(params, vocab_chars, start, length, seed, temperature=0.8):
+    """Sample ``length`` characters from a character model, one step at a time."""
+    from ._core import forward
+    from ._losses import predict_from_logits
+
+    index = {c: i for i, c in enumerate(vocab_chars)}
+    rng = np.random.default_rng(seed)
+    V = len(vocab_chars)
+    x = np.zeros((1, V), dtype=params.dtype)
+    cur = index.get(start, 0)
+    h = np.zeros(params.hidden_size, dtype=params.dtype)
+    out = [vocab_chars[cur]]
+    for _ in range(length):
+        x[:] = 0
+        x[0, cur] = 1
+        logits, Hs = forward(params, x, h0=h)
+        h = Hs[-1]
+        p = predict_from_logits(logits[0].astype(np.float64) / temperature, "ce")
+        cur = int(rng.choice(V, p=p / p.sum()))
+        out.append(vocab_chars[cur])
+    return "".join(out)
+
+
+def _task_path(out):
+    return out + ".task.json"
+
+
+def cmd_train(args):
+    from .bench import write_json
+    from .tbptt_study import estimator_unavailable_reason
+
+    reason = estimator_unavailable_reason()
+    if reason:
+        raise UserError(f"train needs the trainer: {reason}")
+    from .estimator import RNN
+
+    if args.resume:
+        if args.task or args.text:
+            raise UserError("--resume continues the checkpoint's own task: leave out --task and --text")
+        if not os.path.isfile(args.resume):
+            raise UserError(f"--resume: no such file: {args.resume!r}")
+        task_file = _task_path(args.resume)
+        try:
+            with open(task_file) as fh:
+                task = json.load(fh)
+        except FileNotFoundError:
+            raise UserError(f"--resume: {task_file!r} is missing: {args.resume!r} was not written by "
+                            "'fastbptt train'") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--resume: {task_file!r} is not valid JSON ({exc})") from None
+        if not isinstance(task, dict) or task.get("format") != "fastbptt-train-task":
+            raise UserError(f"--resume: {task_file!r} is not a fastbptt train task file")
+        model = RNN.load(args.resume)
+        out = args.out or args.resume
+    else:
+        if args.text and args.task not in (None, "char"):
+            raise UserError(f"--text trains a character model: it cannot be combined with --task {args.task}")
+        name = args.task or "char"
+        default_T = {"char": 100, "adding": 50, "echo": 50, "copy": 20, "sine": 50}[name]
+        task = {"format": "fastbptt-train-task", "name": name, "T": args.T or default_T,
+                "n": args.n, "seed": args.seed, "text": os.path.abspath(args.text) if args.text else None,
+                "chars": args.chars, "vocab": None}
+        if name == "char":
+            from . import datasets
+            if args.text:
+                if not os.path.isfile(args.text):
+                    raise UserError(f"--text: no such file: {args.text!r}")
+                try:
+                    with open(args.text, encoding="utf-8") as fh:
+                        text = fh.read()
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"--text: {args.text!r} is not UTF-8 text ({exc.reason})") from None
+                if not text:
+                    raise UserError(f"--text: {args.text!r} is empty")
+            else:
+                text = datasets.char_corpus(args.chars)
+            task["vocab"] = datasets.CharVocab(text).chars
+        out = args.out or f"fastbptt-{name}.npz"
+        model = None
+    _writable_path(out, "--out")
+
+    spec, train, val = _task_data(task)
+    if model is None:
+        model = RNN(spec["D"], args.hidden, spec["O"], loss=spec["loss"], output=spec["output"],
+                    optimizer=args.optimizer, lr=args.lr, truncation=args.truncation,
+                    clip_norm=args.clip_norm, batch_size=args.batch_size, backend=args.backend,
+                    seed=args.seed)
+    elif (model.input_size, model.output_size, model.loss, model.output) != (
+            spec["D"], spec["O"], spec["loss"], spec["output"]):
+        raise UserError(f"--resume: the checkpoint's model (D={model.input_size}, O={model.output_size}, "
+                        f"loss={model.loss}) does not fit its task file ({task['name']})")
+    done = len(model.history_["loss"])
+    print(f"task {task['name']}: {train[0].shape[0]} training sequences of T={task['T']}, "
+          f"{val[0].shape[0]} validation; {model!r}")
+    if done:
+        print(f"resuming from {args.resume} after {done} epochs")
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    t0 = time.perf_counter()
+    model.fit(train[0], train[1], epochs=args.epochs, validation_data=val, progress=progress)
+    elapsed = time.perf_counter() - t0
+    h = model.history_
+    for e in range(done, len(h["loss"])):
+        print(f"epoch {e + 1}: loss {h['loss'][e]:.4f}, val_loss {h['val_loss'][e]:.4f}, "
+              f"{h['seq_per_s'][e]:.0f} seq/s")
+    print(f"trained {args.epochs} epochs in {elapsed:.1f} s")
+    model.save(out)
+    write_json(task, _task_path(out))
+    print(f"checkpoint written to {out} (task in {_task_path(out)})")
+    if task["name"] == "char" and args.sample > 0:
+        print(f"sample ({args.sample} characters, temperature 0.8):")
+        print(_sample_text(model.params, task["vocab"], task["vocab"][0] if "\n" not in task["vocab"]
+                           else "\n", args.sample, seed=args.seed))
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+def build_parser():
+    from . import __version__
+    from .bench import ALL_IMPLS, SHAPES
+    from .tbptt_study import TASKS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Fast, exact BPTT for Elman RNNs on the CPU: benchmarks, the "
+        "truncation study and a small trainer.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="versions, backends (and why one is missing), BLAS and threads")
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "bench", help="time one training step per backend and peer; table, JSON, plot",
+        description="Time one training step (float32 forward + full-BPTT gradient, mse, O=8) of every "
+        "fastbptt backend and, when installed, PyTorch and JAX, on the same data. Shapes (T,B,D,H): "
+        + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in SHAPES.items()) + ".")
+    p.add_argument("--quick", action="store_true",
+                   help="finish in under a minute: T divided by 4 (at least 25), 3 samples per cell")
+    p.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all five)")
+    p.add_argument("--backends", nargs="+", metavar="IMPL", choices=ALL_IMPLS,
+                   help=f"implementations among {', '.join(ALL_IMPLS)} (default: all that run here)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=_positive_int, default=2,
+                   help="threads for BLAS, Numba and torch (default 2); XLA uses all cores")
+    p.add_argument("--repeats", type=_positive_int, help="samples per cell (default 7, quick 3)")
+    p.add_argument("--no-check", action="store_true", help="skip the float64 reference check")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="compare two JSON results of 'fastbptt bench'")
+    p.add_argument("old", metavar="OLD.json")
+    p.add_argument("new", metavar="NEW.json")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tbptt", help="the truncation study: throughput, gradient fidelity, learning",
+                       description="Compare full BPTT with truncations k and (k1, k2) on the same data: "
+                       "gradient throughput, cosine similarity of the gradients to full BPTT (at "
+                       "initialisation and after training), and the validation loss each reaches on the "
+                       "adding problem (T=50, 100) and a character model within one time-step budget.")
+    p.add_argument("--quick", action="store_true", help="a small configuration (seconds, not minutes)")
+    p.add_argument("--variants", nargs="+", type=_truncation, metavar="V",
+                   help="truncations: full, k (e.g. 10) or k1,k2 (e.g. 10,20); default: full 5 10 25 50 "
+                   "5,10 10,20 10,50")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, help=f"default: {' '.join(TASKS)}")
+    p.add_argument("--epochs", type=_positive_int, help="adding-problem epochs (the budget)")
+    p.add_argument("--char-epochs", type=_positive_int, help="character-model epochs")
+    p.add_argument("--hidden", type=_positive_int, help="hidden size, adding problem")
+    p.add_argument("--char-hidden", type=_positive_int, help="hidden size, character model")
+    p.add_argument("--n-train", type=_positive_int, help="adding-problem training sequences")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", default="auto", choices=("auto", "cython", "numba", "numpy"))
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PREFIX",
+                   help="write PREFIX_fidelity.png and PREFIX_curves.png (needs matplotlib)")
+    p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_tbptt)
+
+    p = sub.add_parser("train", help="train on a built-in task or a text file; save a checkpoint",
+                       description="Train an RNN on a built-in task (adding, echo, copy, sine) or a "
+                       "character model on a text file (--text; the built-in corpus by default), save a "
+                       "checkpoint (PATH and PATH.task.json), and print a sample for character models. "
+                       "--resume PATH continues a checkpoint.")
+    p.add_argument("--task", choices=TRAIN_TASKS, help="default: char (character model)")
+    p.add_argument("--text", metavar="PATH", help="UTF-8 text file for a character model")
+    p.add_argument("--resume", metavar="PATH", help="continue training this checkpoint")
+    p.add_argument("--out", metavar="PATH",
+                   help="checkpoint to write (default: fastbptt-TASK.npz, or the --resume file)")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--T", type=_positive_int, help="sequence length (copy: the delay)")
+    p.add_argument("--n", type=_positive_int, default=2000, help="sequences of a generated task")
+    p.add_argument("--chars", type=_positive_int, default=200_000,
+                   help="characters of the built-in corpus to use")
+    p.add_argument("--hidden", type=_positive_int, default=128)
+    p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop", "adagrad"), default="adam")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
+    p.add_argument("--truncation", type=_truncation, default=None,
+                   help="full (default), k or k1,k2")
+    p.add_argument("--clip-norm", type=_positive_float, default=1.0)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--backend", default="auto", choices=("auto", "cython", "numba", "numpy"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample", type=int, default=200, help="characters to sample (char models)")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar (auto: when stderr is a terminal)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the ``fastbptt`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

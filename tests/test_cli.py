@@ -1,0 +1,203 @@
+"""The ``fastbptt`` command, run as ``python -m fastbptt`` in a subprocess.
+
+The subprocess inherits this process's environment (so it finds the same
+fastbptt: the installed package, or the source tree on PYTHONPATH in a
+development checkout); nothing is derived from the test file's location.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbptt
+
+
+def run(args, *, cwd, env=None, timeout=120):
+    proc = subprocess.run([sys.executable, "-m", "fastbptt", *args], cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def test_info_lists_versions_backends_and_threads(tmp_path):
+    proc = run(["info"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"fastbptt {fastbptt.__version__}" in out
+    assert f"numpy {np.__version__}" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("backends available"))
+    assert line.split(": ", 1)[1].split(", ") == fastbptt.available_backends()
+    from fastbptt._backends import unavailable_backends
+    for name in unavailable_backends():
+        assert f"backend {name} missing:" in out
+    assert "thread pools" in out and "OMP_NUM_THREADS=" in out
+
+    proc = run(["info", "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["fastbptt"] == fastbptt.__version__
+    assert info["backends_available"] == fastbptt.available_backends()
+    assert isinstance(info["threadpools"], list)
+
+
+def test_bench_quick_tiny_shapes_json_plot_compare(tmp_path):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    proc = run(["bench", "--quick", "--shapes", "20,2,3,4", "30,3,4,5", "--json", str(out_json),
+                "--plot", str(out_png), "--silent"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "QUICK RUN" in proc.stdout and "quick run" in proc.stderr
+    assert "benchmark took" in proc.stdout
+    res = json.loads(out_json.read_text())
+    impls = {c["impl"] for c in res["results"]}
+    assert set(fastbptt.available_backends()) <= impls
+    from fastbptt._peers import available_peers
+    assert set(available_peers()) <= impls          # every installed peer is compared
+    assert {(c["T"], c["B"], c["D"], c["H"]) for c in res["results"]} == {(20, 2, 3, 4), (30, 3, 4, 5)}
+    assert len(res["results"]) == 2 * len(impls)
+    for c in res["results"]:
+        assert c["dtype"] == "float32"
+        assert 0 < c["best_s"] <= c["median_s"]
+        assert len(c["times_s"]) >= 3
+        assert c["compile_s"] >= 0
+        assert c["max_rel_err"] < 1e-4, c             # float32 vs the float64 reference
+        assert c["steps_per_s"] == pytest.approx(1 / c["median_s"])
+    assert res["meta"]["quick"] is True and res["meta"]["threads"] == 2
+    for c in res["results"]:                          # each impl has a row in the table
+        assert any(line.startswith(c["impl"] + " ") for line in proc.stdout.splitlines())
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    proc = run(["compare", str(out_json), str(out_json)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = proc.stdout.splitlines()[1:]
+    assert len(rows) == len(res["results"])
+    assert all(row.rstrip().endswith("1.00x") for row in rows)
+
+
+def test_bench_selected_backend_float64(tmp_path):
+    proc = run(["bench", "--quick", "--shapes", "25,2,3,4", "--backends", "numpy", "--dtype", "float64",
+                "--repeats", "3", "--json", "r.json", "--silent"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert [c["impl"] for c in res["results"]] == ["numpy"]
+    assert res["results"][0]["dtype"] == "float64"
+    assert res["results"][0]["max_rel_err"] < 1e-12
+
+
+def test_tbptt_tiny(tmp_path):
+    proc = run(["tbptt", "--quick", "--tasks", "adding50", "--variants", "full", "5", "10,20",
+                "--epochs", "1", "--n-train", "64", "--hidden", "8", "--json", "s.json", "--silent"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["variants"] == ["full", "k=5", "(10,20)"]
+    for label in res["variants"]:
+        assert any(line.startswith(label + " ") for line in proc.stdout.splitlines())
+        assert res["throughput"]["adding50"]["variants"][label]["steps_per_s"] > 0
+    for state in res["fidelity"]["adding50"].values():
+        assert state["cos"]["full"]["all"] == pytest.approx(1.0)
+        for row in state["cos"].values():
+            assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in row.values())
+        assert state["cos"]["k=5"]["W_hy"] == pytest.approx(1.0)   # output layer: no time recursion
+    from fastbptt.tbptt_study import estimator_unavailable_reason
+    if estimator_unavailable_reason() is None:
+        learned = res["learning"]["adding50"]
+        assert set(learned) == set(res["variants"])
+        assert all(len(r["val_curve"]) == 1 and np.isfinite(r["val_loss"]) for r in learned.values())
+        assert len({r["time_steps"] for r in learned.values()}) == 1          # the same budget
+
+
+def test_train_then_resume(tmp_path):
+    from fastbptt.estimator import RNN
+    common = ["--task", "adding", "--n", "64", "--T", "12", "--hidden", "8", "--progress", "off"]
+    proc = run(["train", *common, "--epochs", "2", "--out", "m.npz"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 2:" in proc.stdout
+    assert RNN.load(tmp_path / "m.npz").hidden_size == 8
+    proc = run(["train", "--resume", "m.npz", "--epochs", "1", "--out", "m2.npz", "--progress", "off"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "after 2 epochs" in proc.stdout and "epoch 3:" in proc.stdout
+    resumed = RNN.load(tmp_path / "m2.npz")
+    assert len(resumed.history_["loss"]) == 3
+    # resuming continues exactly as the uninterrupted run would
+    proc = run(["train", *common, "--epochs", "3", "--out", "m3.npz"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    straight = RNN.load(tmp_path / "m3.npz")
+    assert resumed.params == straight.params
+
+
+def test_train_char_model_on_a_text_file_prints_a_sample(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "t.txt").write_text(text)
+    proc = run(["train", "--text", "t.txt", "--T", "20", "--hidden", "16", "--epochs", "1",
+                "--sample", "30", "--progress", "off"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "fastbptt-char.npz").exists()
+    lines = proc.stdout.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("sample (30 characters"))
+    sample = "\n".join(lines[i + 1:])
+    assert len(sample) == 31 and set(sample) <= set(text) | {"\n"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("errors")
+    (d / "notjson.json").write_text("{not json")
+    (d / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    (d / "fake.npz").write_text("not a checkpoint")
+    (d / "fake.npz.task.json").write_text(json.dumps(
+        {"format": "fastbptt-train-task", "name": "adding", "T": 10, "n": 10, "seed": 0,
+         "text": None, "chars": 100, "vocab": None}))
+    return d
+
+
+USER_ERRORS = {
+    "no-command": ([], "required"),
+    "unknown-command": (["fly"], "invalid choice"),
+    "bad-shape": (["bench", "--shapes", "1,2,3"], "shape"),
+    "zero-shape": (["bench", "--shapes", "0,1,1,1"], "shape"),
+    "bad-backend": (["bench", "--backends", "fortran"], "invalid choice"),
+    "bad-threads": (["bench", "--threads", "0"], "positive int"),
+    "json-folder-missing": (["bench", "--shapes", "5,1,1,1", "--json", "no/such/dir/r.json"], "--json"),
+    "compare-missing": (["compare", "nope.json", "nope2.json"], "nope.json"),
+    "compare-not-json": (["compare", "notjson.json", "notjson.json"], "not a JSON file"),
+    "bad-variant": (["tbptt", "--variants", "10,5"], "k1 <= k2"),
+    "bad-task": (["tbptt", "--tasks", "poetry"], "invalid choice"),
+    "train-bad-epochs": (["train", "--epochs", "-1"], "positive int"),
+    "train-bad-truncation": (["train", "--truncation", "0"], "variant"),
+    "train-missing-text": (["train", "--text", "missing.txt"], "no such file"),
+    "train-binary-text": (["train", "--text", "bin.txt"], "UTF-8"),
+    "train-text-and-task": (["train", "--text", "bin.txt", "--task", "sine"], "cannot be combined"),
+    "resume-missing": (["train", "--resume", "missing.npz"], "no such file"),
+    "resume-not-ours": (["train", "--resume", "notjson.json"], "not written by"),
+    "resume-corrupt": (["train", "--resume", "fake.npz"], "not a valid"),
+    "resume-with-task": (["train", "--resume", "fake.npz", "--task", "adding"], "leave out"),
+    "out-folder-missing": (["train", "--task", "sine", "--n", "8", "--out", "no/dir/m.npz"], "--out"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_exit_2_with_a_message_and_no_traceback(case, folder):
+    args, needle = USER_ERRORS[case]
+    proc = run(args, cwd=folder)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "error:" in proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(fake)] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = run(["bench", "--shapes", "5,1,1,1", "--plot", "r.png"], cwd=tmp_path, env=env)
+    assert proc.returncode == 2
+    assert "matplotlib" in proc.stderr and "pip install" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.png").exists()
