@@ -3,12 +3,12 @@
 Data is samples first: ``X`` of shape (N, T, D) (or integer token ids of
 shape (N, T), see below); targets by loss and output:
 
-=================  ====================  ===============
-``loss``           ``output="sequence"``  ``output="last"``
-=================  ====================  ===============
-``"mse"``/``"bce"``  (N, T, O) floats      (N, O) floats
-``"ce"``           (N, T) int class ids  (N,) int ids
-=================  ====================  ===============
+=====================  ======================  ===================
+``loss``               ``output="sequence"``   ``output="last"``
+=====================  ======================  ===================
+``"mse"``, ``"bce"``   (N, T, O) floats        (N, O) floats
+``"ce"``               (N, T) int class ids    (N,) int class ids
+=====================  ======================  ===================
 
 Index input: an *integer* ``X`` of shape (N, T) holds token ids in
 ``[0, input_size)``; each mini-batch is one-hot encoded on the fly (only
@@ -549,6 +549,9 @@ class RNN:
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual mode
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
