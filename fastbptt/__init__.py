@@ -1,9 +1,13 @@
 """fastbptt: fast, exact backpropagation through time for Elman RNNs on the CPU."""
 
+from . import datasets, diagnostics, optim
 from ._backends import available_backends
+from ._clip import clip_grad_norm, clip_grad_value
 from ._core import forward, loss_and_grad
 from ._params import RNNParams
+from .estimator import RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["RNNParams", "forward", "loss_and_grad", "available_backends", "__version__"]
+__all__ = ["RNNParams", "forward", "loss_and_grad", "available_backends", "RNN", "optim",
+           "clip_grad_norm", "clip_grad_value", "datasets", "diagnostics", "__version__"]
