@@ -5,9 +5,11 @@ from ._backends import available_backends
 from ._clip import clip_grad_norm, clip_grad_value
 from ._core import forward, loss_and_grad
 from ._params import RNNParams
+from ._threads import get_num_threads, set_num_threads
 from .estimator import RNN
 
 __version__ = "0.1.0"
 
 __all__ = ["RNNParams", "forward", "loss_and_grad", "available_backends", "RNN", "optim",
-           "clip_grad_norm", "clip_grad_value", "datasets", "diagnostics", "__version__"]
+           "clip_grad_norm", "clip_grad_value", "datasets", "diagnostics", "get_num_threads",
+           "set_num_threads", "__version__"]

@@ -9,6 +9,7 @@ backend's (see the kernel contract in :mod:`fastbptt.reference`).
 import numpy as np
 
 from . import _validation as V
+from ._threads import blas_threads
 from ._backends import resolve_backend
 from ._losses import LOSS_FUNCS, LOSSES
 from ._params import RNNParams
@@ -88,8 +89,9 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
     X3, h0_, single = _prepare(params, X, h0)
     T, B, _ = X3.shape
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
-    O_logits = _logits(params, Hs[1:])
+    with blas_threads(B, params.hidden_size):
+        Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
+        O_logits = _logits(params, Hs[1:])
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
@@ -131,8 +133,9 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output)
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    value, grads, Hs = _loss_and_grad(kernels, params, X3, Y_, h0_, loss, output,
-                                      _ACT_CODES[activation], windows(T, truncation))
+    with blas_threads(B, params.hidden_size):
+        value, grads, Hs = _loss_and_grad(kernels, params, X3, Y_, h0_, loss, output,
+                                          _ACT_CODES[activation], windows(T, truncation))
     h_last = Hs[T, 0] if single else Hs[T].copy()
     return value, grads, h_last
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import resolve_backend
+from ._threads import blas_threads
 from ._core import _ACT_CODES, _logits, _run_forward
 from ._losses import LOSS_FUNCS, LOSSES
 from ._params import RNNParams
@@ -89,7 +90,8 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
         h0_ = V.check_h0(h0, model, B, single)
         Y_ = V.check_Y(Y, model, T, B, single, loss, output)
         kernels = resolve_backend(backend, T=T, B=B, H=model.hidden_size, dtype=model.dtype)
-        return _hidden_grad_norms(kernels, model, X3, Y_, h0_, loss, output, _ACT_CODES[activation])
+        with blas_threads(B, model.hidden_size):
+            return _hidden_grad_norms(kernels, model, X3, Y_, h0_, loss, output, _ACT_CODES[activation])
     from .estimator import RNN
     if not isinstance(model, RNN):
         raise TypeError(f"model: expected a fastbptt.RNN or RNNParams, got {type(model).__name__}")
@@ -97,8 +99,9 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
     idx = np.arange(Xt.shape[1])
     Xb = model._batch_X(kind, Xt, idx)
     kernels = model._kernels(Xb.shape[0], Xb.shape[1])
-    return _hidden_grad_norms(kernels, model.params, Xb, Yt, None, model.loss, model.output,
-                              _ACT_CODES[model.activation])
+    with blas_threads(Xb.shape[1], model.hidden_size):
+        return _hidden_grad_norms(kernels, model.params, Xb, Yt, None, model.loss, model.output,
+                                  _ACT_CODES[model.activation])
 
 
 def _W(W_or_params):

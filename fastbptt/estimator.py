@@ -62,6 +62,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import _MODULES, resolve_backend
+from ._threads import blas_threads
 from ._clip import clip_grad_norm
 from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward
 from ._losses import LOSS_FUNCS, LOSSES, predict_from_logits
@@ -297,24 +298,26 @@ class RNN:
         kernels = self._kernels(T, min(N, _PREDICT_CHUNK))
         seq = self.output == "sequence"
         out = np.empty((N, T, self.output_size) if seq else (N, self.output_size), dtype=self.dtype)
-        for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
-            if seq:
-                out[idx] = np.swapaxes(_logits(self.params, Hs[1:]), 0, 1)
-            else:
-                out[idx] = _logits(self.params, Hs[T])
+        with blas_threads(min(N, _PREDICT_CHUNK), self.hidden_size):
+            for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
+                if seq:
+                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:]), 0, 1)
+                else:
+                    out[idx] = _logits(self.params, Hs[T])
         return predict_from_logits(out, self.loss)
 
     def _evaluate(self, kind, Xt, Yt, kernels):
         total, weight = 0.0, 0
         T = Xt.shape[0]
-        for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
-            if self.output == "sequence":
-                o, y = _logits(self.params, Hs[1:]), Yt[:, idx]
-            else:
-                o, y = _logits(self.params, Hs[T]), Yt[idx]
-            value, _ = LOSS_FUNCS[self.loss](o, y)
-            total += value * len(idx)
-            weight += len(idx)
+        with blas_threads(min(Xt.shape[1], _PREDICT_CHUNK), self.hidden_size):
+            for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
+                if self.output == "sequence":
+                    o, y = _logits(self.params, Hs[1:]), Yt[:, idx]
+                else:
+                    o, y = _logits(self.params, Hs[T]), Yt[idx]
+                value, _ = LOSS_FUNCS[self.loss](o, y)
+                total += value * len(idx)
+                weight += len(idx)
         return total / weight
 
     def evaluate(self, X, Y):
@@ -471,48 +474,49 @@ class RNN:
         if stateful and self.state_ is None:
             self.state_ = np.zeros((N, self.hidden_size), dtype=self.dtype)
         hist = self.history_
-        bar = make_progress(progress, epochs * N, "fit")
-        try:
-            for _ in range(epochs):
-                epoch = len(hist["loss"]) + 1
-                t0 = time.perf_counter()
-                order = self._rng.permutation(N) if shuffle else np.arange(N)
-                loss_sum, weight, counter = 0.0, 0, [0]
-                for s in range(0, N, B):
-                    idx = order[s:s + B]
-                    Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
-                    h0 = self.state_[idx] if stateful else np.zeros((len(idx), self.hidden_size), self.dtype)
-                    h_T, ls, w = self._train_batch(kernels, Xb, Yb, h0, act, epoch, counter)
-                    if stateful:
-                        self.state_[idx] = h_T
-                    loss_sum += ls
-                    weight += w
+        with blas_threads(B, self.hidden_size):
+            bar = make_progress(progress, epochs * N, "fit")
+            try:
+                for _ in range(epochs):
+                    epoch = len(hist["loss"]) + 1
+                    t0 = time.perf_counter()
+                    order = self._rng.permutation(N) if shuffle else np.arange(N)
+                    loss_sum, weight, counter = 0.0, 0, [0]
+                    for s in range(0, N, B):
+                        idx = order[s:s + B]
+                        Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
+                        h0 = self.state_[idx] if stateful else np.zeros((len(idx), self.hidden_size), self.dtype)
+                        h_T, ls, w = self._train_batch(kernels, Xb, Yb, h0, act, epoch, counter)
+                        if stateful:
+                            self.state_[idx] = h_T
+                        loss_sum += ls
+                        weight += w
+                        elapsed = time.perf_counter() - t0
+                        bar.update(len(idx), loss=loss_sum / max(weight, 1),
+                                   seq_per_s=(s + len(idx)) / max(elapsed, 1e-12))
                     elapsed = time.perf_counter() - t0
-                    bar.update(len(idx), loss=loss_sum / max(weight, 1),
-                               seq_per_s=(s + len(idx)) / max(elapsed, 1e-12))
-                elapsed = time.perf_counter() - t0
-                hist["loss"].append(loss_sum / weight if weight else float("nan"))
-                hist["seq_per_s"].append(N / max(elapsed, 1e-12))
-                n_before = len(hist["loss"]) - 1
-                if val is not None or "val_loss" in hist:
-                    vl = hist.setdefault("val_loss", [float("nan")] * n_before)
-                    vl.append(float("nan") if val is None else self._evaluate(*val, val_kernels))
-                if diagnostics or "spectral_radius" in hist:
-                    for key in ("grad_norm_by_t", "spectral_radius", "max_singular_value"):
-                        hist.setdefault(key, [None if key == "grad_norm_by_t" else float("nan")] * n_before)
-                    if diagnostics:
-                        norms = _hidden_grad_norms(kernels, self.params, d_X, d_Y, None, self.loss,
-                                                   self.output, act)
-                        spec = recurrent_spectrum(self.params)
-                        hist["grad_norm_by_t"].append([float(v) for v in norms])
-                        hist["spectral_radius"].append(spec["spectral_radius"])
-                        hist["max_singular_value"].append(spec["max_singular_value"])
-                    else:
-                        hist["grad_norm_by_t"].append(None)
-                        hist["spectral_radius"].append(float("nan"))
-                        hist["max_singular_value"].append(float("nan"))
-        finally:
-            bar.close()
+                    hist["loss"].append(loss_sum / weight if weight else float("nan"))
+                    hist["seq_per_s"].append(N / max(elapsed, 1e-12))
+                    n_before = len(hist["loss"]) - 1
+                    if val is not None or "val_loss" in hist:
+                        vl = hist.setdefault("val_loss", [float("nan")] * n_before)
+                        vl.append(float("nan") if val is None else self._evaluate(*val, val_kernels))
+                    if diagnostics or "spectral_radius" in hist:
+                        for key in ("grad_norm_by_t", "spectral_radius", "max_singular_value"):
+                            hist.setdefault(key, [None if key == "grad_norm_by_t" else float("nan")] * n_before)
+                        if diagnostics:
+                            norms = _hidden_grad_norms(kernels, self.params, d_X, d_Y, None, self.loss,
+                                                       self.output, act)
+                            spec = recurrent_spectrum(self.params)
+                            hist["grad_norm_by_t"].append([float(v) for v in norms])
+                            hist["spectral_radius"].append(spec["spectral_radius"])
+                            hist["max_singular_value"].append(spec["max_singular_value"])
+                        else:
+                            hist["grad_norm_by_t"].append(None)
+                            hist["spectral_radius"].append(float("nan"))
+                            hist["max_singular_value"].append(float("nan"))
+            finally:
+                bar.close()
         return self
 
     # ------------------------------------------------------------ save/load

@@ -1,0 +1,83 @@
+"""Thread control: fastbptt never lets BLAS pools oversubscribe the cores.
+
+numpy and scipy each ship an OpenBLAS with its own pool of spinning threads.
+The sequential part of BPTT is a chain of small products, and on a 2-core
+machine a second BLAS thread there is at best useless and at worst (another
+pool spinning, another process on the other core) 10-100x slower: measured
+on a character model (T=25, B=32, H=64), one training step took 1-3 ms with
+one BLAS thread and 110-160 ms with the default two while the machine was
+busy. Threads pay only where the big GEMMs dominate (H >= 128: PERF_NOTES).
+
+So every public call runs inside one limit on all BLAS pools (threadpoolctl),
+chosen per shape, restored on exit; nested calls (the trainer calling the
+core) reuse the outer limit. Override with ``fastbptt.set_num_threads(n)`` or
+the environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: automatic).
+"""
+
+import os
+from contextlib import contextmanager
+
+ENV_VAR = "FASTBPTT_NUM_THREADS"
+# Below this hidden size one thread wins (the products are too small to share).
+MIN_HIDDEN_FOR_THREADS = 128
+
+_controller = None
+_forced = None
+_depth = 0
+
+
+def _cpu_count():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n):
+    """Fix the number of BLAS threads fastbptt uses (``None`` or 0: automatic, per shape).
+
+    Parameters
+    ----------
+    n : int >= 0 or None
+    """
+    global _forced
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ValueError(f"n: expected None or an int >= 0, got {n!r}")
+    _forced = n or None
+
+
+def get_num_threads(B=1, H=1):
+    """The number of BLAS threads a call of batch ``B`` and hidden size ``H`` runs with."""
+    if _forced:
+        return _forced
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env != "0":
+        if not env.isdigit():
+            raise ValueError(f"{ENV_VAR}: expected an int >= 0, got {env!r}")
+        return int(env)
+    return _cpu_count() if H >= MIN_HIDDEN_FOR_THREADS else 1
+
+
+def _get_controller():
+    global _controller
+    if _controller is None:
+        import scipy.linalg  # noqa: F401  (load scipy's BLAS so that the controller sees it)
+        from threadpoolctl import ThreadpoolController
+        _controller = ThreadpoolController()
+    return _controller
+
+
+@contextmanager
+def blas_threads(B=1, H=1):
+    """Run the block with the BLAS pools limited as :func:`get_num_threads` says."""
+    global _depth
+    if _depth:
+        yield
+        return
+    n = get_num_threads(B, H)
+    _depth += 1
+    try:
+        with _get_controller().limit(limits=n, user_api="blas"):
+            yield
+    finally:
+        _depth -= 1
