@@ -157,16 +157,31 @@ def _activate_step(z, a, act):
 
 @_jit(inline="always")
 def _matmul_rows(x, W, out):
-    """out = x @ W with the contiguous output axis innermost (vectorised): out[b] = Σ_i x[b, i] W[i]."""
+    """out = x @ W, the contiguous output axis innermost (vectorised): out[b] = Σ_i x[b, i] W[i].
+
+    Four rows of W per pass over out[b] (a quarter of the loads and stores of out),
+    the additions still in the order i = 0, 1, 2, ...
+    """
     B, H = x.shape
     for b in range(B):
         xb0 = x[b, 0]
         for j in range(H):
             out[b, j] = xb0 * W[0, j]
-        for i in range(1, H):
+        i = 1
+        while i + 3 < H:
+            x0 = x[b, i]
+            x1 = x[b, i + 1]
+            x2 = x[b, i + 2]
+            x3 = x[b, i + 3]
+            for j in range(H):
+                out[b, j] = (((out[b, j] + x0 * W[i, j]) + x1 * W[i + 1, j])
+                             + x2 * W[i + 2, j]) + x3 * W[i + 3, j]
+            i += 4
+        while i < H:
             xbi = x[b, i]
             for j in range(H):
                 out[b, j] += xbi * W[i, j]
+            i += 1
 
 
 @_jit(inline="always")
@@ -234,33 +249,33 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
 # the contract's entry points
 # --------------------------------------------------------------------------------------------
 
-def _use_blas(B, H):
+def _use_blas(B, H, itemsize):
     """Whether the per-step product (B, H)·(H, H) goes to BLAS gemm (True) or the hand-written loop.
 
-    Measured on 2 x Zen 4 (AVX-512), OpenBLAS (SciPy's) on one thread, forward + backward
-    kernel time per step, tanh, ratio gemm / loop (< 1: gemm faster):
+    Measured on 2 x Zen 4 (AVX-512), SciPy's OpenBLAS on one thread, forward +
+    backward kernel time per step with tanh, as the ratio gemm / loop (> 1: the
+    loop is faster; one run on a loaded machine, so +-15%):
 
-        (B, H)      float32  float64        (B, H)      float32  float64
-        (1, 16)      1.37     1.32          (4, 32)      0.45     0.36
-        (1, 32)      0.98     1.26          (4, 64)      0.45     0.35
-        (1, 64)      0.53     0.71          (16, 64)     0.39     0.40
-        (1, 128)     0.82     0.87          (32, 64)     0.25     0.29
-        (1, 256)     0.65     0.73          (64, 256)    0.36     0.35
+        (B, H)     float32  float64        (B, H)     float32  float64
+        (1, 16)     1.39     1.89          (2, 32)     0.78     0.60
+        (1, 32)     1.29     1.95          (2, 64)     0.53     0.68
+        (1, 64)     0.90     1.31          (4, 32)     0.55     0.65
+        (1, 128)    0.94     1.15          (8, 32)     0.47     0.52
 
-    The loop wins only while gemm's fixed cost (~0.1 µs a call) is most of the
-    work: B = 1 with H <= 32, i.e. B·H² <= 1024. Past that gemm's register
-    blocking wins by 2-4x.
+    and gemm is 2.5-4x faster than the loop from B·H² = 32·64² upwards. The loop
+    wins only at batch 1, where gemm's fixed cost per call (~0.1 µs) is a large
+    part of a matrix-vector product: up to H = 32 in float32, H = 128 in float64.
     """
-    return B * H * H > 1024
+    return not (B == 1 and H <= (32 if itemsize == 4 else 128))
 
 
 def forward_recurrence(A, W_hhT, Hs, act):
     """Fill ``Hs[1:]``; see the kernel contract in :mod:`fastbptt.reference`."""
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
-    _forward(A, W_hhT, Hs, int(act), _use_blas(A.shape[1], A.shape[2]))
+    _forward(A, W_hhT, Hs, int(act), _use_blas(A.shape[1], A.shape[2], A.itemsize))
 
 
 def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ):
     """Overwrite ``dZ`` with Σ_windows dz_t; see the kernel contract in :mod:`fastbptt.reference`."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
-    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ, _use_blas(G.shape[1], G.shape[2]))
+    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ, _use_blas(G.shape[1], G.shape[2], G.itemsize))

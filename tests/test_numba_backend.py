@@ -35,6 +35,7 @@ SHAPES = {
     "T11B4H13": (11, 4, 13),
     "T10B1H32": (10, 1, 32),
     "T10B1H33": (10, 1, 33),
+    "T5B1H129": (5, 1, 129),
     "T8B5H40": (8, 5, 40),
     "T7B2H64": (7, 2, 64),
 }
@@ -42,8 +43,9 @@ PATHS = {"loop": False, "gemm": True}
 
 
 def test_shapes_cover_both_sides_of_the_crossover():
-    chosen = {NK._use_blas(B, H) for (_, B, H) in SHAPES.values()}
-    assert chosen == {False, True}
+    for itemsize in (4, 8):
+        chosen = {NK._use_blas(B, H, itemsize) for (_, B, H) in SHAPES.values()}
+        assert chosen == {False, True}
 
 
 def _problem(T, B, H, dtype, seed):
