@@ -210,6 +210,8 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
     T, B, H = G.shape
     delta = np.empty((B, H), dtype=G.dtype)     # δ carried back from step t+1
     dz = np.empty((B, H), dtype=G.dtype)
+    zero = np.zeros(1, dtype=G.dtype)[0]       # typed constants: float32 stays float32
+    one = np.ones(1, dtype=G.dtype)[0]
     loss_start = 0          # first loss step of the current window (= previous end)
     for w in range(ends.shape[0]):
         end = ends[w]
@@ -225,14 +227,14 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
             first_touch = t >= loss_start
             for b in range(B):
                 for j in range(H):
-                    d = delta[b, j] if carried else 0
+                    d = delta[b, j] if carried else zero
                     if loss_step:
                         d += G[t, b, j]              # δ_t = ∂L/∂h_t (direct) + carried
                     hv = h[b, j]
                     if act == ACT_TANH:
-                        g = d * (1 - hv * hv)        # dz_t = δ_t ⊙ (1 - h_t²)
+                        g = d * (one - hv * hv)      # dz_t = δ_t ⊙ (1 - h_t²)
                     else:
-                        g = d if hv > 0 else 0       # dz_t = δ_t ⊙ [h_t > 0]
+                        g = d if hv > zero else zero  # dz_t = δ_t ⊙ [h_t > 0]
                     dz[b, j] = g
                     if first_touch:
                         dZ[t, b, j] = g
