@@ -7,8 +7,11 @@ importing :mod:`fastbptt` never fails because a backend is missing.
 """
 
 import importlib
+import json
 import os
 import warnings
+
+import numpy as np
 
 # name -> (module, how to get it when missing); order is the order of preference
 _MODULES = {
@@ -57,14 +60,56 @@ def unavailable_backends():
     return {name: f"{reason} ({_MODULES[name][1]})" for name, reason in _failed.items()}
 
 
+_table = None
+
+
+def _calibration():
+    """The table written by ``python -m fastbptt._calibrate`` (None if absent or unreadable)."""
+    global _table
+    if _table is None:
+        from ._calibrate import DEFAULT_PATH
+        try:
+            table = json.loads(DEFAULT_PATH.read_text())
+            ok = all(len(row) == len(table["grid_H"])
+                     for dt in ("float32", "float64") for row in table["winner"][dt])
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        _table = table if ok else {}
+    return _table or None
+
+
+def _nearest(grid, value):
+    """Index of the grid point nearest to ``value`` in log scale."""
+    return int(np.argmin(np.abs(np.log2(np.asarray(grid, dtype=float)) - np.log2(max(value, 1)))))
+
+
 def _choose_auto(T, B, H, dtype):
-    """The backend "auto" takes for this shape; see :func:`get_backend`."""
+    """The backend "auto" takes for this shape.
+
+    The fastest compiled backend at the nearest point (log B, log H) of the
+    calibration table measured by :mod:`fastbptt._calibrate`; if that one is
+    not available (or there is no table), the first available in order of
+    preference.
+    """
     names = available_backends()
+    table = _calibration()
+    if table is not None:
+        name = np.dtype(dtype if dtype is not None else np.float32).name
+        winner = table["winner"].get(name, table["winner"]["float32"])
+        best = winner[_nearest(table["grid_B"], B)][_nearest(table["grid_H"], H)]
+        if best in names:
+            return best
     return names[0]
 
 
 def resolve_backend(backend, *, T=1, B=1, H=1, dtype=None):
-    """The backend module for ``backend`` (a name or ``"auto"``) and this shape."""
+    """The backend module for ``backend`` (a name or ``"auto"``) and this shape.
+
+    ``"auto"`` takes ``FASTBPTT_BACKEND`` when it is set, else the fastest
+    backend for the shape (:func:`_choose_auto`), and warns once if that is
+    the NumPy reference. A named backend that is not available raises a
+    ``ValueError`` saying why and how to get it.
+    """
     global _warned_fallback
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, one of {['auto', *_MODULES]}, got {type(backend).__name__}")
