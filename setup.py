@@ -1,10 +1,16 @@
 """Build of the Cython extensions (everything else is in pyproject.toml).
 
 Compiler directives are set once here. ``FASTBPTT_CYTHON_DEBUG=1`` turns the
-bounds and wraparound checks back on for a debug build.
+bounds and wraparound checks back on for a debug build. On x86-64 Linux the
+kernels' tanh uses glibc's vector math library (libmvec, see
+``fastbptt/_cython_kernels.pyx``); ``FASTBPTT_NO_LIBMVEC=1`` builds with
+libm's scalar tanh instead.
 """
 
+import ctypes.util
 import os
+import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +26,18 @@ DIRECTIVES = {
     "cdivision": True,
 }
 
+LIBMVEC = (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+           and os.environ.get("FASTBPTT_NO_LIBMVEC", "") in ("", "0")
+           and ctypes.util.find_library("mvec") is not None)
+
 extensions = [
     Extension(
         f"fastbptt.{pyx.stem}",
         [str(pyx)],
         include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+        + ([("FASTBPTT_LIBMVEC", "1")] if LIBMVEC else []),
+        libraries=["mvec"] if LIBMVEC else [],
         extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
     for pyx in sorted(Path("fastbptt").glob("*.pyx"))

@@ -7,11 +7,13 @@ serves float32 and float64.
 
 Each step's (B, H)·(H, H) product goes either to BLAS (scipy's, through
 :mod:`fastbptt._cython_blas`) or, at small shapes where the BLAS call overhead
-dominates, to a hand-written loop (:func:`_small_matmul`); see
-``_use_small`` for the rule and the measurements behind it.
+dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
+for the rule and the measurements behind it. tanh is glibc's: its vector
+(libmvec) entry points where the build found them, else libm's scalar
+``tanh``/``tanhf`` (``TANH_IMPL`` says which; see the comment above it).
+The kernels are single-threaded; the BLAS pool is the caller's business.
 """
 
-from libc.math cimport tanh, tanhf
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy, memset
 
@@ -21,7 +23,115 @@ from cython cimport floating
 
 from fastbptt._cython_blas cimport BLAS_Trans, NoTrans, _gemm
 
+# tanh over a contiguous run, in C. Where the build found glibc's libmvec
+# (glibc >= 2.35 on x86-64: setup.py defines FASTBPTT_LIBMVEC and links -lmvec)
+# it takes glibc's own vector tanh/tanhf -- the vector-ABI twins of libm's
+# scalar ones, no cruder than them (max error measured here: tanhf 1 ulp
+# against libm's 2.4; tanh <= 2 ulp) -- 16 (f32) or 8 (f64) lanes at a time on
+# an AVX-512 CPU (checked at import), else 4 or 2 lanes through the SSE entry
+# points every x86-64 has. The tail of a run goes through the same vector
+# call, masked or padded, so every element of a run takes the same code.
+# Measured per element (Zen 4): tanhf 10.6 ns scalar, 1.16 ns SSE, 0.42 ns
+# AVX-512; tanh 9.9 ns scalar, 4.7 ns SSE, 1.75 ns AVX-512 -- at small shapes
+# the scalar tanhf was 2/3 of the forward step. Elsewhere: libm's scalar
+# tanh/tanhf.
+cdef extern from *:
+    """
+    #include <math.h>
+    #include <string.h>
+    #if defined(FASTBPTT_LIBMVEC) && defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) \
+        && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+    #include <immintrin.h>
+    __m128 _ZGVbN4v_tanhf(__m128);
+    __m128d _ZGVbN2v_tanh(__m128d);
+    __attribute__((target("avx512f"))) __m512 _ZGVeN16v_tanhf(__m512);
+    __attribute__((target("avx512f"))) __m512d _ZGVeN8v_tanh(__m512d);
+
+    static int fastbptt_tanh_level = 1;   /* 1: SSE entry points, 2: AVX-512; set once at import */
+
+    static void fastbptt_tanh_init(void) {
+        __builtin_cpu_init();
+        fastbptt_tanh_level = __builtin_cpu_supports("avx512f") ? 2 : 1;
+    }
+    static const char *fastbptt_tanh_impl(void) {
+        return fastbptt_tanh_level == 2 ? "libmvec-avx512" : "libmvec-sse";
+    }
+    static int fastbptt_tanh_set_level(int level) {   /* tests: 1 = SSE, 2 = AVX-512 if the CPU has it */
+        if (level == 1 || (level == 2 && __builtin_cpu_supports("avx512f"))) fastbptt_tanh_level = level;
+        return fastbptt_tanh_level;
+    }
+    __attribute__((target("avx512f")))
+    static void fastbptt_tanhf_avx512(float *x, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 16 <= n; i += 16)
+            _mm512_storeu_ps(x + i, _ZGVeN16v_tanhf(_mm512_loadu_ps(x + i)));
+        if (i < n) {
+            __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+            _mm512_mask_storeu_ps(x + i, m, _ZGVeN16v_tanhf(_mm512_maskz_loadu_ps(m, x + i)));
+        }
+    }
+    __attribute__((target("avx512f")))
+    static void fastbptt_tanhd_avx512(double *x, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm512_storeu_pd(x + i, _ZGVeN8v_tanh(_mm512_loadu_pd(x + i)));
+        if (i < n) {
+            __mmask8 m = (__mmask8)((1u << (n - i)) - 1u);
+            _mm512_mask_storeu_pd(x + i, m, _ZGVeN8v_tanh(_mm512_maskz_loadu_pd(m, x + i)));
+        }
+    }
+    static void fastbptt_tanhf_sse(float *x, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 4 <= n; i += 4)
+            _mm_storeu_ps(x + i, _ZGVbN4v_tanhf(_mm_loadu_ps(x + i)));
+        if (i < n) {
+            float buf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            memcpy(buf, x + i, (size_t)(n - i) * sizeof(float));
+            _mm_storeu_ps(buf, _ZGVbN4v_tanhf(_mm_loadu_ps(buf)));
+            memcpy(x + i, buf, (size_t)(n - i) * sizeof(float));
+        }
+    }
+    static void fastbptt_tanhd_sse(double *x, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 2 <= n; i += 2)
+            _mm_storeu_pd(x + i, _ZGVbN2v_tanh(_mm_loadu_pd(x + i)));
+        if (i < n) {
+            double buf[2] = {x[i], 0.0};
+            _mm_storeu_pd(buf, _ZGVbN2v_tanh(_mm_loadu_pd(buf)));
+            x[i] = buf[0];
+        }
+    }
+    static void fastbptt_tanhf(float *x, Py_ssize_t n) {
+        if (fastbptt_tanh_level == 2) fastbptt_tanhf_avx512(x, n); else fastbptt_tanhf_sse(x, n);
+    }
+    static void fastbptt_tanhd(double *x, Py_ssize_t n) {
+        if (fastbptt_tanh_level == 2) fastbptt_tanhd_avx512(x, n); else fastbptt_tanhd_sse(x, n);
+    }
+    #else
+    static void fastbptt_tanh_init(void) {}
+    static const char *fastbptt_tanh_impl(void) { return "libm"; }
+    static int fastbptt_tanh_set_level(int level) { (void)level; return 0; }
+    static void fastbptt_tanhf(float *x, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) x[i] = tanhf(x[i]);
+    }
+    static void fastbptt_tanhd(double *x, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) x[i] = tanh(x[i]);
+    }
+    #endif
+    """
+    void fastbptt_tanh_init() noexcept nogil
+    const char *fastbptt_tanh_impl() noexcept nogil
+    int fastbptt_tanh_set_level(int level) noexcept nogil
+    void fastbptt_tanhf(float *x, Py_ssize_t n) noexcept nogil
+    void fastbptt_tanhd(double *x, Py_ssize_t n) noexcept nogil
+
+
+fastbptt_tanh_init()
+
 NAME = "cython"
+
+#: which tanh the kernels use: "libmvec-avx512", "libmvec-sse" or "libm" (see above)
+TANH_IMPL = fastbptt_tanh_impl().decode()
 
 ACT_TANH = 0
 ACT_RELU = 1
@@ -106,15 +216,13 @@ cdef inline void _step_product(bint small, Py_ssize_t B, Py_ssize_t H, const flo
 
 
 cdef inline void _activate(Py_ssize_t n, int act, floating *h) noexcept nogil:
-    """``h = f(h)`` in place: libm tanh (tanhf in float32), or relu."""
+    """``h = f(h)`` in place: glibc's tanh (see ``TANH_IMPL``), or relu."""
     cdef Py_ssize_t e
     if act == 0:
         if floating is float:
-            for e in range(n):
-                h[e] = tanhf(h[e])
+            fastbptt_tanhf(h, n)
         else:
-            for e in range(n):
-                h[e] = tanh(h[e])
+            fastbptt_tanhd(h, n)
     else:
         for e in range(n):              # a select, not a branch, so it vectorises
             h[e] = h[e] if h[e] > 0 else 0
@@ -275,3 +383,24 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
 def uses_small_loop(Py_ssize_t B, Py_ssize_t H):
     """Whether ``_path=-1`` sends a (B, H) problem to the small-shape loop (for tests and benchmarks)."""
     return _use_small(B, H)
+
+
+def _tanh_inplace(floating[::1] x):
+    """``x = tanh(x)`` in place with the kernels' tanh (tests compare it with ``np.tanh``)."""
+    if x.shape[0]:
+        if floating is float:
+            fastbptt_tanhf(&x[0], x.shape[0])
+        else:
+            fastbptt_tanhd(&x[0], x.shape[0])
+
+
+def _set_tanh_level(int level):
+    """Tests only: 1 = libmvec's SSE tanh, 2 = its AVX-512 one (if the CPU has it).
+
+    Returns the level now in force (0 in a libm build, where nothing changes).
+    Not thread-safe: call it only when no kernel runs.
+    """
+    global TANH_IMPL
+    got = fastbptt_tanh_set_level(level)
+    TANH_IMPL = fastbptt_tanh_impl().decode()
+    return got

@@ -224,3 +224,53 @@ def test_gemm_bad_shapes():
         CB.gemm(False, False, 1.0, A, np.ones((5, 2)), 0.0, np.zeros((3, 2)))
     with pytest.raises(ValueError, match="C of shape"):
         CB.gemm(False, False, 1.0, A, np.ones((4, 2)), 0.0, np.zeros((2, 3)))
+
+
+# --- tanh ---------------------------------------------------------------------------------------
+
+def _tanh_levels():
+    """The tanh implementations this build can take: libmvec SSE / AVX-512, or libm only."""
+    start = K._set_tanh_level(-1)                 # -1 changes nothing: reads the level
+    if start == 0:
+        return [0]
+    levels = [1] + ([2] if K._set_tanh_level(2) == 2 else [])
+    K._set_tanh_level(start)
+    return levels
+
+
+@pytest.fixture(params=_tanh_levels(), ids=lambda lv: {0: "libm", 1: "sse", 2: "avx512"}[lv])
+def tanh_level(request):
+    start = K._set_tanh_level(-1)
+    assert K._set_tanh_level(request.param) == request.param
+    yield request.param
+    K._set_tanh_level(start)
+
+
+def test_tanh_impl_reported():
+    assert K.TANH_IMPL in ("libmvec-avx512", "libmvec-sse", "libm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_against_numpy(tanh_level, dtype):
+    """Every run length (vector body and masked/padded tail) and the awkward values."""
+    rng = np.random.default_rng(9)
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-5, 0.5, -0.549, 0.55, 1.0, 9.0, 9.1, -9.2,
+                        17.0, -20.0, 44.0, 1e4, -1e30])
+    # relative error against float64 tanh: libm/libmvec are within a few ulp
+    tol = {np.float64: 5e-16, np.float32: 3e-7}[dtype]
+    for n in list(range(0, 41)) + [257]:
+        x = np.concatenate([special, rng.normal(scale=3, size=n)])[:n].astype(dtype)
+        y = x.copy()
+        K._tanh_inplace(y)
+        exact = np.tanh(x.astype(np.float64))
+        err = np.abs(y - exact) / np.maximum(np.abs(exact), np.finfo(dtype).tiny)
+        assert np.all(err <= tol), (n, x[err > tol], y[err > tol])
+        assert np.array_equal(np.signbit(y), np.signbit(x))       # tanh(-0.0) = -0.0
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_parity_each_tanh(tanh_level, dtype, act):
+    for shape in (SHAPES["B1"], SHAPES["H13"], SHAPES["odd_H70B17"]):
+        A, W_hh, h0, _ = _problem(*shape, dtype)
+        assert rel_err(_forward(K, A, W_hh, h0, act), _forward(R, A, W_hh, h0, act)) <= RTOL[dtype]
