@@ -13,12 +13,12 @@ docstring of :mod:`fastbptt.reference`; this module adds only speed:
   ``np.dot(x, W, out)`` (Numba calls the gemm of SciPy's BLAS). Which one is
   a per-shape rule, :func:`_use_blas`, measured below.
 - tanh: a scalar ``math.tanh`` costs ~13-25 ns per element (a libm call per
-  element); :func:`_tanh_row` computes tanh in a form LLVM vectorises
-  (expm1 by Cody-Waite reduction and a degree-13 Taylor polynomial, scaled by
-  an exact power of two) at ~2 ns per element, within 5e-16 relative of
-  ``np.tanh`` in float64 (it is not a low-order approximation: every step is
-  accurate to a few ulp). float32 rows are computed in float64 and rounded
-  once, so float32 results are the correctly rounded tanh up to 1 ulp.
+  element). :func:`_tanh_scalar` computes tanh in a form LLVM vectorises
+  (expm1 by Cody-Waite range reduction and a Taylor polynomial, scaled by an
+  exact power of two): ~1.3-1.5 ns per element in float64, within 3 ulp of
+  the exact tanh (5e-16 relative of ``np.tanh``); :func:`_tanh_scalar32`, the
+  same in float32 arithmetic, ~0.8 ns, within 2.5 ulp. Neither is a
+  low-order approximation: every step is accurate to the working precision.
 - No ``fastmath``: it would reassociate the sums and break tight parity.
   Single-threaded: time is sequential, and the per-step products are too
   small for Numba threads to pay on two cores (the BLAS pool is the caller's
@@ -36,10 +36,9 @@ import math
 import numba
 import numpy as np
 
-NAME = "numba"
+from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
-ACT_TANH = 0   # as fastbptt.reference; literal here so the kernels read no module objects
-ACT_RELU = 1
+NAME = "numba"
 
 CACHING = True   # False once any kernel had to be defined without an on-disk cache
 
@@ -216,19 +215,19 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
     for w in range(ends.shape[0]):
         end = ends[w]
         bp_start = bp_starts[w]
-        # steps >= loss_start are touched by no earlier window: written, not added to.
-        # Steps in [loss_start, bp_start) are touched by no window at all: zero them.
-        for t in range(loss_start, min(bp_start, end)):
+        # Earlier windows end at or before loss_start, so steps >= loss_start are the
+        # window's own loss steps, and no earlier window has touched them: dZ[t] is written,
+        # not added to. Steps in [loss_start, bp_start) lie in no window at all: zeroed.
+        for t in range(loss_start, bp_start):
             dZ[t, :, :] = 0
         for t in range(end - 1, bp_start - 1, -1):
             h = Hs[t + 1]
             carried = t < end - 1               # at the window's last step δ starts at zero
-            loss_step = t >= loss_start
-            first_touch = t >= loss_start
+            own_step = t >= loss_start
             for b in range(B):
                 for j in range(H):
                     d = delta[b, j] if carried else zero
-                    if loss_step:
+                    if own_step:
                         d += G[t, b, j]              # δ_t = ∂L/∂h_t (direct) + carried
                     hv = h[b, j]
                     if act == ACT_TANH:
@@ -236,14 +235,14 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
                     else:
                         g = d if hv > zero else zero  # dz_t = δ_t ⊙ [h_t > 0]
                     dz[b, j] = g
-                    if first_touch:
+                    if own_step:
                         dZ[t, b, j] = g
                     else:
                         dZ[t, b, j] += g
             if t > bp_start:
                 _step_product(dz, W_hh, delta, use_blas)   # δ_{t-1} = W_hhᵀ dz_t
         loss_start = end
-    for t in range(loss_start, T):      # ends[-1] = T by contract; harmless otherwise
+    for t in range(loss_start, T):      # none: ends[-1] = T by contract (the reference zeroes them)
         dZ[t, :, :] = 0
 
 
