@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from . import __version__
+from . import __version__, _threads
 from ._backends import available_backends, unavailable_backends
 from ._core import loss_and_grad
 from ._params import RNNParams
@@ -186,15 +186,31 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
 
 
 class _ThreadLimits:
-    """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl)."""
+    """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl).
+
+    fastbptt picks its BLAS threads per call and shape (:mod:`fastbptt._threads`:
+    one thread below H = 128, every core above). When ``threads`` is below the
+    core count, that choice is forced to ``threads`` for the run, so the cap holds.
+    """
 
     def __init__(self, threads):
         self.threads = threads
         self._ctl = None
         self._numba_prev = None
+        self._forced_prev = None
+
+    def describe(self):
+        """How fastbptt's own threads are set during the run (for the results)."""
+        if self.threads < _threads._cpu_count():
+            return f"forced to {self.threads} (fastbptt.set_num_threads)"
+        return (f"automatic per shape: 1 below H={_threads.MIN_HIDDEN_FOR_THREADS}, "
+                f"{_threads._cpu_count()} from there")
 
     def __enter__(self):
         from threadpoolctl import threadpool_limits
+        self._forced_prev = _threads._forced
+        if self.threads < _threads._cpu_count():
+            _threads.set_num_threads(self.threads)
         self._ctl = threadpool_limits(limits=self.threads)
         try:
             import numba
@@ -206,6 +222,7 @@ class _ThreadLimits:
 
     def __exit__(self, *exc):
         self._ctl.restore_original_limits()
+        _threads.set_num_threads(self._forced_prev)
         if self._numba_prev is not None:
             import numba
             numba.set_num_threads(self._numba_prev)
@@ -309,7 +326,9 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
     thread_notes = set_threads(threads) if any(i in PEERS for i in impls) else {}
 
     results = []
-    with _ThreadLimits(threads):
+    limits = _ThreadLimits(threads)
+    thread_notes = dict(thread_notes, fastbptt=limits.describe())
+    with limits:
         for name, shape in parsed:
             # --quick shortens the named shapes; a custom T,B,D,H runs as given
             run_shape = quick_shape(shape) if quick and name in SHAPES else shape
@@ -384,6 +403,8 @@ def format_table(results):
         lines.append(f"QUICK RUN ({meta.get('quick_note')}): figures are indicative only.")
     lines.append(f"one training step = {meta.get('step', 'forward + BPTT')}; dtype {meta.get('dtype')}, "
                  f"{meta.get('threads')} threads; ms per step (median of samples, best in brackets)")
+    if meta.get("thread_settings"):
+        lines.append("threads: " + "; ".join(f"{k}: {v}" for k, v in meta["thread_settings"].items()))
     peers_here = [p for p in PEERS if any(p in c for c in cells.values())]
     ref_cols = ["numpy"] * any("numpy" in c for c in cells.values()) + peers_here
     header = (f"{'impl':<8} {'median ms':>10} {'best ms':>9} {'steps/s':>9} {'GFLOP/s':>8} "
@@ -406,14 +427,13 @@ def format_table(results):
                          f"{err:>8}{ratios}")
         best = best_fastbptt(row)
         if best is not None:
-            parts = [f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms"]
-            for r in ref_cols:
-                if r in row and r != best["impl"]:
-                    parts.append(f"{row[r]['median_s'] / best['median_s']:.2f}x faster than {r}")
-            summary.append(", ".join(parts))
+            ups = [f"{r} {row[r]['median_s'] / best['median_s']:.2f}x" for r in ref_cols
+                   if r in row and r != best["impl"]]
+            summary.append(f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms"
+                           + (f"; speed-up over {', '.join(ups)}" if ups else ""))
     if summary:
         lines.append("")
-        lines.append("summary (ratios of medians):")
+        lines.append("summary (speed-up = other's median / fastbptt-best's median; > 1: fastbptt faster):")
         lines.extend("  " + s for s in summary)
     for impl, reason in results.get("skipped", {}).items():
         lines.append(f"skipped {impl}: {reason}")
@@ -438,20 +458,28 @@ def compare_table(old, new):
     return "\n".join(lines)
 
 
-def write_json(obj, path):
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+def _atomic_write(path, suffix, write):
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastbptt-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".fastbptt-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, default=str)
-            fh.write("\n")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(obj, path):
+    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, default=str)
+            fh.write("\n")
+    _atomic_write(path, ".json", write)
 
 
 def read_json(path):
@@ -480,17 +508,7 @@ def require_matplotlib():
 
 def save_figure(fig, path):
     """Save a matplotlib figure as PNG atomically."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastbptt-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_results(results, path):

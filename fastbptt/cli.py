@@ -92,8 +92,11 @@ def cmd_info(args):
         for p in pools:
             print(f"  {p['internal_api']} {p['version']} ({p['user_api']}), {p['num_threads']} threads"
                   f"{', ' + p['architecture'] if p.get('architecture') else ''}: {p['prefix']}")
+    from ._threads import ENV_VAR as THREADS_VAR, MIN_HIDDEN_FOR_THREADS, get_num_threads
     print("thread settings:")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
+    print(f"  fastbptt BLAS threads per call: {get_num_threads(1, 1)} below "
+          f"H={MIN_HIDDEN_FOR_THREADS}, {get_num_threads(1, MIN_HIDDEN_FOR_THREADS)} from there")
+    for var in (THREADS_VAR, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "XLA_FLAGS", ENV_VAR):
         print(f"  {var}={os.environ.get(var, '(unset)')}")
     if "numba" in available:
@@ -206,11 +209,7 @@ def _task_data(task):
         return spec, datasets.sine_wave(n, T, seed=seed), datasets.sine_wave(n_val, T, seed=seed + 1)
     # char model: the text (a file, or the built-in corpus) cut into windows of T characters
     if task.get("text"):
-        try:
-            with open(task["text"], encoding="utf-8") as fh:
-                text = fh.read()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"--text: {task['text']!r} is not UTF-8 text ({exc.reason})") from None
+        text = _read_text(task["text"])
     else:
         text = datasets.char_corpus(task["chars"])
     vocab = datasets.CharVocab(task["vocab"])
@@ -223,6 +222,20 @@ def _task_data(task):
     n_val = max(1, windows // 10)
     spec = dict(D=len(vocab), O=len(vocab), loss="ce", output="sequence")
     return spec, (X[n_val:], Y[n_val:]), (X[:n_val], Y[:n_val])
+
+
+def _read_text(path):
+    """The UTF-8 text of ``path``; UserError if missing, not UTF-8, or empty."""
+    if not os.path.isfile(path):
+        raise UserError(f"--text: no such file: {path!r}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--text: {path!r} is not UTF-8 text ({exc.reason})") from None
+    if not text:
+        raise UserError(f"--text: {path!r} is empty")
+    return text
 
 
 def _sample_text(params, vocab_chars, start, length, seed, temperature=0.8):
@@ -290,15 +303,7 @@ def cmd_train(args):
         if name == "char":
             from . import datasets
             if args.text:
-                if not os.path.isfile(args.text):
-                    raise UserError(f"--text: no such file: {args.text!r}")
-                try:
-                    with open(args.text, encoding="utf-8") as fh:
-                        text = fh.read()
-                except UnicodeDecodeError as exc:
-                    raise UserError(f"--text: {args.text!r} is not UTF-8 text ({exc.reason})") from None
-                if not text:
-                    raise UserError(f"--text: {args.text!r} is empty")
+                text = _read_text(args.text)
             else:
                 text = datasets.char_corpus(args.chars)
             task["vocab"] = datasets.CharVocab(text).chars
@@ -445,6 +450,9 @@ def main(argv=None):
     except (ValueError, TypeError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:              # training diverged: not a bug, not a user error
+        print(f"{PROG}: training diverged: {exc} (try a smaller --lr or --clip-norm)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
