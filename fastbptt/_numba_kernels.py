@@ -9,9 +9,10 @@ docstring of :mod:`fastbptt.reference`; this module adds only speed:
   ``δ = dz @ W_hh``. The window loop runs inside the compiled code; the two
   (B, H) work buffers are allocated once per call, never inside the loop.
 - The per-step product (B, H)·(H, H) is either a hand-written loop (output
-  axis innermost and contiguous, so LLVM vectorises it) or BLAS gemm through
-  ``np.dot(x, W, out)`` (Numba calls the gemm of SciPy's BLAS). Which one is
-  a per-shape rule, :func:`_use_blas`, measured below.
+  axis innermost and contiguous, so LLVM vectorises it) or BLAS gemm: NumPy's
+  own cblas gemm where it is found (:data:`HAVE_NUMPY_CBLAS`), the BLAS of the
+  big GEMMs around the kernels, else ``np.dot(x, W, out)`` (SciPy's BLAS).
+  Which one is a per-shape rule, :func:`_gemm_route`, measured there.
 - tanh: a scalar ``math.tanh`` costs ~13-25 ns per element (a libm call per
   element). :func:`_tanh_scalar` computes tanh in a form LLVM vectorises
   (expm1 by Cody-Waite range reduction and a Taylor polynomial, scaled by an
@@ -31,10 +32,15 @@ docstring of :mod:`fastbptt.reference`; this module adds only speed:
 float32 and float64 inputs specialise the same jitted functions.
 """
 
+import ctypes
 import math
+import os
 
+import llvmlite.binding
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
@@ -183,9 +189,98 @@ def _matmul_rows(x, W, out):
             i += 1
 
 
+# gemm of NumPy's own BLAS. Numba's np.dot calls SciPy's OpenBLAS; NumPy's wheels bundle another
+# (newer) OpenBLAS, which also runs the big GEMMs of fastbptt._core. Calling NumPy's keeps the whole
+# training step on one BLAS thread pool (two pools on two cores fight: PERF_NOTES), and its sgemm
+# was ~10% faster at (64, 256)·(256, 256) and (128, 1024)·(1024, 1024) (OpenBLAS 0.3.31 vs 0.3.30,
+# one thread), with less overhead per call (0.44 vs 0.53 µs at (1, 64)·(64, 64)).
+# The kernels call it by symbol name, resolved when the code is linked (also from the disk cache),
+# so the names are always registered: to NumPy's cblas_?gemm when found (ILP64 symbols only: the
+# integer width must be known), otherwise to a placeholder that is never called (the wrappers
+# then take np.dot).
+
+_GEMM_LOOP, _GEMM_NUMBA_DOT, _GEMM_NUMPY_CBLAS = 0, 1, 2
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+_CBLAS_SYMBOLS = {"s": ("scipy_cblas_sgemm64_", "cblas_sgemm64_"),
+                  "d": ("scipy_cblas_dgemm64_", "cblas_dgemm64_")}
+
+
+def _cblas_prototype(c_float):
+    return ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                            ctypes.c_int64, ctypes.c_int64, c_float, ctypes.c_void_p, ctypes.c_int64,
+                            ctypes.c_void_p, ctypes.c_int64, c_float, ctypes.c_void_p, ctypes.c_int64)
+
+
+def _find_numpy_cblas():
+    """``{"s": address, "d": address}`` of NumPy's ILP64 cblas_sgemm / cblas_dgemm, or None."""
+    try:
+        from threadpoolctl import ThreadpoolController
+        numpy_dir = os.path.dirname(os.path.abspath(np.__file__))    # .../numpy; wheels: numpy.libs
+        for lib in ThreadpoolController().lib_controllers:
+            if lib.internal_api != "openblas" or not os.path.abspath(lib.filepath).startswith(numpy_dir):
+                continue
+            dll = ctypes.CDLL(lib.filepath)
+            found = {}
+            for kind, names in _CBLAS_SYMBOLS.items():
+                for name in names:
+                    if hasattr(dll, name):
+                        found[kind] = ctypes.cast(getattr(dll, name), ctypes.c_void_p).value
+                        break
+            if len(found) == 2:
+                return found
+    except Exception:   # no threadpoolctl, an unusual build: np.dot is always there
+        pass
+    return None
+
+
+def _register_cblas():
+    found = _find_numpy_cblas()
+    keep = []   # placeholders must outlive the module's use of their addresses
+    for kind, c_float in (("s", ctypes.c_float), ("d", ctypes.c_double)):
+        if found is None:
+            keep.append(_cblas_prototype(c_float)(lambda *args: None))
+            address = ctypes.cast(keep[-1], ctypes.c_void_p).value
+        else:
+            address = found[kind]
+        llvmlite.binding.add_symbol(f"fastbptt_numpy_cblas_{kind}gemm", address)
+    return found is not None, keep
+
+
+HAVE_NUMPY_CBLAS, _placeholders = _register_cblas()
+
+
+def _cblas_type(ft):
+    i32, i64, ptr = types.int32, types.int64, types.CPointer(ft)
+    return types.void(i32, i32, i32, i64, i64, i64, ft, ptr, i64, ptr, i64, ft, ptr, i64)
+
+
+_numpy_sgemm = types.ExternalFunction("fastbptt_numpy_cblas_sgemm", _cblas_type(types.float32))
+_numpy_dgemm = types.ExternalFunction("fastbptt_numpy_cblas_dgemm", _cblas_type(types.float64))
+
+
+def _numpy_gemm(x, W, out):
+    """out = x @ W through NumPy's cblas gemm, row-major, for C-contiguous 2-D arrays."""
+
+
+@overload(_numpy_gemm)
+def _numpy_gemm_impl(x, W, out):
+    gemm, one, zero = ((_numpy_sgemm, np.float32(1), np.float32(0)) if x.dtype == types.float32
+                       else (_numpy_dgemm, 1.0, 0.0))
+
+    def impl(x, W, out):
+        m, k = x.shape
+        n = W.shape[1]
+        gemm(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS, m, n, k,
+             one, x.ctypes, k, W.ctypes, n, zero, out.ctypes, n)
+    return impl
+
+
 @_jit(inline="always")
-def _step_product(x, W, out, use_blas):
-    if use_blas:
+def _step_product(x, W, out, gemm):
+    """out = x @ W, (B, H)·(H, H), by the route ``gemm`` names (one of the _GEMM_* codes)."""
+    if gemm == _GEMM_NUMPY_CBLAS:
+        _numpy_gemm(x, W, out)
+    elif gemm == _GEMM_NUMBA_DOT:
         np.dot(x, W, out)
     else:
         _matmul_rows(x, W, out)
@@ -196,16 +291,16 @@ def _step_product(x, W, out, use_blas):
 # --------------------------------------------------------------------------------------------
 
 @_jit(error_model="numpy")
-def _forward(A, W_hhT, Hs, act, use_blas):
+def _forward(A, W_hhT, Hs, act, gemm):
     T = A.shape[0]
     for t in range(T):
         h_next = Hs[t + 1]
-        _step_product(Hs[t], W_hhT, h_next, use_blas)   # Hs[t+1] = h_{t-1} @ W_hhᵀ
+        _step_product(Hs[t], W_hhT, h_next, gemm)       # Hs[t+1] = h_{t-1} @ W_hhᵀ
         _activate_step(h_next, A[t], act)                # Hs[t+1] = f(Hs[t+1] + A[t])
 
 
 @_jit(error_model="numpy")
-def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
+def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm):
     T, B, H = G.shape
     delta = np.empty((B, H), dtype=G.dtype)     # δ carried back from step t+1
     dz = np.empty((B, H), dtype=G.dtype)
@@ -240,7 +335,7 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
                     else:
                         dZ[t, b, j] += g
             if t > bp_start:
-                _step_product(dz, W_hh, delta, use_blas)   # δ_{t-1} = W_hhᵀ dz_t
+                _step_product(dz, W_hh, delta, gemm)       # δ_{t-1} = W_hhᵀ dz_t
         loss_start = end
     for t in range(loss_start, T):      # none: ends[-1] = T by contract (the reference zeroes them)
         dZ[t, :, :] = 0
@@ -250,12 +345,26 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, use_blas):
 # the contract's entry points
 # --------------------------------------------------------------------------------------------
 
-def _use_blas(B, H, itemsize):
-    """Whether the per-step product (B, H)·(H, H) goes to BLAS gemm (True) or the hand-written loop.
+def _gemm_route(B, H, itemsize, have_numpy_cblas=None):
+    """How the per-step product (B, H)·(H, H) is computed: a ``_GEMM_*`` code.
 
-    Measured on 2 x Zen 4 (AVX-512), SciPy's OpenBLAS on one thread, forward +
-    backward kernel time per step with tanh, as the ratio gemm / loop (> 1: the
-    loop is faster; one run on a loaded machine, so +-15%):
+    Measured on 2 x Zen 4 (AVX-512), OpenBLAS on one thread, forward + backward
+    kernel time per step with tanh (one run each on a loaded machine: +-15%).
+
+    NumPy's cblas gemm against the loop, ratio cblas / loop (< 1: cblas faster):
+
+        (B, H)     float32  float64        (B, H)     float32  float64
+        (1, 16)     0.96     1.02          (1, 96)     0.87     1.03
+        (1, 32)     0.86     0.88          (1, 128)    1.03     1.09
+        (1, 64)     0.70     0.89          (2, 16)     0.72     0.70
+
+    so with it the loop never pays: always gemm. NumPy's cblas against np.dot
+    (SciPy's OpenBLAS), ratio np.dot / cblas: 1.36 / 1.57 (float32 / float64) at
+    (1, 64), 1.0 at (32, 64) and (16, 128), 1.10 / 0.99 at (64, 256), 1.20 / 1.01
+    at (128, 1024).
+
+    Without NumPy's cblas, np.dot against the loop, ratio np.dot / loop (> 1:
+    the loop is faster):
 
         (B, H)     float32  float64        (B, H)     float32  float64
         (1, 16)     1.39     1.89          (2, 32)     0.78     0.60
@@ -263,20 +372,26 @@ def _use_blas(B, H, itemsize):
         (1, 64)     0.90     1.31          (4, 32)     0.55     0.65
         (1, 128)    0.94     1.15          (8, 32)     0.47     0.52
 
-    and gemm is 2.5-4x faster than the loop from B·H² = 32·64² upwards. The loop
-    wins only at batch 1, where gemm's fixed cost per call (~0.1 µs) is a large
-    part of a matrix-vector product: up to H = 32 in float32, H = 128 in float64.
+    and np.dot is 2.5-4x faster from B·H² = 32·64² upwards: the loop is taken at
+    batch 1 up to H = 32 in float32, H = 128 in float64, where np.dot's fixed
+    cost per call (~0.5 µs) is a large part of a matrix-vector product.
     """
-    return not (B == 1 and H <= (32 if itemsize == 4 else 128))
+    if have_numpy_cblas is None:
+        have_numpy_cblas = HAVE_NUMPY_CBLAS
+    if have_numpy_cblas:
+        return _GEMM_NUMPY_CBLAS
+    if B == 1 and H <= (32 if itemsize == 4 else 128):
+        return _GEMM_LOOP
+    return _GEMM_NUMBA_DOT
 
 
 def forward_recurrence(A, W_hhT, Hs, act):
     """Fill ``Hs[1:]``; see the kernel contract in :mod:`fastbptt.reference`."""
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
-    _forward(A, W_hhT, Hs, int(act), _use_blas(A.shape[1], A.shape[2], A.itemsize))
+    _forward(A, W_hhT, Hs, int(act), _gemm_route(A.shape[1], A.shape[2], A.itemsize))
 
 
 def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ):
     """Overwrite ``dZ`` with Σ_windows dz_t; see the kernel contract in :mod:`fastbptt.reference`."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
-    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ, _use_blas(G.shape[1], G.shape[2], G.itemsize))
+    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ, _gemm_route(G.shape[1], G.shape[2], G.itemsize))

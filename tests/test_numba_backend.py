@@ -1,10 +1,11 @@
 """Kernel-level tests of the Numba backend against the NumPy reference kernels.
 
 The backend-parametrized functional suite lives elsewhere; this file checks
-what is specific to :mod:`fastbptt._numba_kernels`: both per-step product
-paths (hand-written loop and BLAS gemm) at shapes on both sides of the
-crossover, the vectorised tanh, the window loop, and the on-disk cache with
-its fallback where nothing is writable.
+what is specific to :mod:`fastbptt._numba_kernels`: the three routes of the
+per-step product (hand-written loop, np.dot, NumPy's cblas gemm) at shapes on
+both sides of the loop/gemm crossover, the vectorised tanh, the window loop,
+the on-disk cache with its fallback where nothing is writable, and cached
+kernels loading where NumPy's cblas is not found.
 """
 
 import os
@@ -39,13 +40,23 @@ SHAPES = {
     "T8B5H40": (8, 5, 40),
     "T7B2H64": (7, 2, 64),
 }
-PATHS = {"loop": False, "gemm": True}
+ROUTES = {"loop": NK._GEMM_LOOP, "numba_dot": NK._GEMM_NUMBA_DOT, "numpy_cblas": NK._GEMM_NUMPY_CBLAS}
 
 
 def test_shapes_cover_both_sides_of_the_crossover():
     for itemsize in (4, 8):
-        chosen = {NK._use_blas(B, H, itemsize) for (_, B, H) in SHAPES.values()}
+        chosen = {NK._gemm_route(B, H, itemsize, have_numpy_cblas=False) == NK._GEMM_LOOP
+                  for (_, B, H) in SHAPES.values()}
         assert chosen == {False, True}
+
+
+def test_numpy_cblas_is_found_with_numpy_wheels():
+    """NumPy's wheels bundle scipy-openblas (ILP64): there the kernels use it."""
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    if blas.get("name") != "scipy-openblas" or "64" not in blas.get("openblas configuration", ""):
+        pytest.skip(f"NumPy is built against {blas.get('name')}, not a wheel's scipy-openblas64")
+    assert NK.HAVE_NUMPY_CBLAS
+    assert NK._gemm_route(1, 16, 8) == NK._gemm_route(8, 64, 4) == NK._GEMM_NUMPY_CBLAS
 
 
 def _problem(T, B, H, dtype, seed):
@@ -71,8 +82,10 @@ def _reference(A, W_hh, h0, G, act, ends, bp_starts):
 @pytest.mark.parametrize("act", list(ACTS.values()), ids=list(ACTS))
 @pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-@pytest.mark.parametrize("use_blas", list(PATHS.values()), ids=list(PATHS))
-def test_kernels_match_reference(dtype, act, truncation, shape, use_blas):
+@pytest.mark.parametrize("route", list(ROUTES.values()), ids=list(ROUTES))
+def test_kernels_match_reference(dtype, act, truncation, shape, route):
+    if route == NK._GEMM_NUMPY_CBLAS and not NK.HAVE_NUMPY_CBLAS:
+        pytest.skip("NumPy's cblas gemm was not found here (np.dot is used instead)")
     T, B, H = shape
     A, W_hh, h0, G = _problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
     ends, bp_starts = windows(T, truncation)
@@ -80,11 +93,11 @@ def test_kernels_match_reference(dtype, act, truncation, shape, use_blas):
 
     Hs = np.full((T + 1, B, H), np.nan, dtype=dtype)
     Hs[0] = h0
-    NK._forward(A, np.ascontiguousarray(W_hh.T), Hs, act, use_blas)
+    NK._forward(A, np.ascontiguousarray(W_hh.T), Hs, act, route)
     assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
 
     dZ = np.full_like(G, np.nan)            # every entry must be written, gaps included
-    NK._backward(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, use_blas)
+    NK._backward(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, route)
     assert np.all(np.isfinite(dZ))
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
@@ -159,7 +172,7 @@ def test_vectorised_tanh_is_within_a_few_ulp_of_numpy(dtype):
 @pytest.mark.parametrize("truncation", [None, 4, (3, 5)], ids=["full", "k4", "k1k2_3_5"])
 @pytest.mark.parametrize("loss,output", [("mse", "sequence"), ("bce", "sequence"), ("ce", "last")])
 @pytest.mark.parametrize("dims", [(15, 3, 4, 13, 5), (20, 1, 8, 32, 8), (9, 6, 5, 48, 3)],
-                         ids=["H13", "B1H32-loop", "B6H48-gemm"])
+                         ids=["H13", "B1H32", "B6H48"])
 def test_loss_and_grad_matches_numpy_backend(dtype, activation, truncation, loss, output, dims):
     T, B, D, H, O = dims
     params, X, Y = make_problem(T, B, D, H, O, loss=loss, output=output, dtype=dtype, seed=H)
@@ -200,16 +213,17 @@ _CHILD = textwrap.dedent("""
     R.forward_recurrence(A, np.ascontiguousarray(W.T), Hs_ref, 0)
     assert np.allclose(Hs, Hs_ref, rtol=1e-12, atol=0)
     print("CACHING", K.CACHING)
+    print("CBLAS", K.HAVE_NUMPY_CBLAS)
     print("HITS", sum(K._forward.stats.cache_hits.values()))
     print("FILE", K.__file__)
 """)
 
 
-def _run_child(pkg_parent, cache_env):
+def _run_child(pkg_parent, cache_env, prelude=""):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
     env.update(cache_env)
     env["PYTHONPATH"] = str(pkg_parent)
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=str(pkg_parent),
+    proc = subprocess.run([sys.executable, "-c", prelude + _CHILD], env=env, cwd=str(pkg_parent),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr        # no warning spam
@@ -246,4 +260,17 @@ def test_kernels_are_cached_on_disk_where_writable(tmp_path):
     assert first["CACHING"] == "True" and first["HITS"] == "0"
     assert any(name.endswith(".nbi") for _, _, files in os.walk(cache) for name in files)
     second = _run_child(parent, env)
+    assert int(second["HITS"]) >= 1
+
+
+def test_cached_kernels_load_where_numpy_cblas_is_not_found(tmp_path):
+    """Kernels cached where NumPy's cblas was found still load and run (through np.dot) where it is not."""
+    parent = _copy_package(tmp_path)
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    first = _run_child(parent, env)
+    if first["CBLAS"] != "True":
+        pytest.skip("NumPy's cblas gemm is not found here: nothing to fall back from")
+    # without threadpoolctl the lookup fails: the symbol names get the placeholder
+    second = _run_child(parent, env, prelude="import sys; sys.modules['threadpoolctl'] = None\n")
+    assert second["CBLAS"] == "False"
     assert int(second["HITS"]) >= 1
