@@ -78,9 +78,9 @@ class StudyConfig:
     n_train: int = 2000               # adding problem sequences
     n_val: int = 500
     char_T: int = 100
-    char_chars: int = 200_000         # corpus characters (train + val)
-    epochs: int = 20                  # adding problem
-    char_epochs: int = 5
+    char_chars: int = 100_000         # corpus characters (train + val)
+    epochs: int = 10                  # adding problem
+    char_epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-2                  # Adam
     clip_norm: float = 1.0

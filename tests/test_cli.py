@@ -157,17 +157,13 @@ def folder(tmp_path_factory):
 
 USER_ERRORS = {
     "no-command": ([], "required"),
-    "unknown-command": (["fly"], "invalid choice"),
     "bad-shape": (["bench", "--shapes", "1,2,3"], "shape"),
-    "zero-shape": (["bench", "--shapes", "0,1,1,1"], "shape"),
     "bad-backend": (["bench", "--backends", "fortran"], "invalid choice"),
     "bad-threads": (["bench", "--threads", "0"], "positive int"),
     "json-folder-missing": (["bench", "--shapes", "5,1,1,1", "--json", "no/such/dir/r.json"], "--json"),
     "compare-missing": (["compare", "nope.json", "nope2.json"], "nope.json"),
     "compare-not-json": (["compare", "notjson.json", "notjson.json"], "not a JSON file"),
     "bad-variant": (["tbptt", "--variants", "10,5"], "k1 <= k2"),
-    "bad-task": (["tbptt", "--tasks", "poetry"], "invalid choice"),
-    "train-bad-epochs": (["train", "--epochs", "-1"], "positive int"),
     "train-bad-truncation": (["train", "--truncation", "0"], "variant"),
     "train-missing-text": (["train", "--text", "missing.txt"], "no such file"),
     "train-binary-text": (["train", "--text", "bin.txt"], "UTF-8"),
