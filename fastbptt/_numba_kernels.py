@@ -75,7 +75,6 @@ _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e+00
 
 
-@_jit(inline="always", error_model="numpy")
 def _tanh_scalar(v):
     """tanh(v) in float64, written so that a loop of it vectorises (no libm call, no branch).
 
@@ -116,7 +115,6 @@ _F32_TAYLOR = tuple(np.float32(1 / math.factorial(n)) for n in range(8, 1, -1)) 
 _F32_TWO_M30 = np.float32(2.0 ** -30)
 
 
-@_jit(inline="always", error_model="numpy")
 def _tanh_scalar32(v):
     """tanh(v) for a float32 v in float32 arithmetic; the algorithm of :func:`_tanh_scalar`."""
     a = min(abs(v), _F32_CLAMP)
@@ -137,18 +135,27 @@ def _tanh_scalar32(v):
     return np.float32(math.copysign(-e / (_F32_TWO + e), v))
 
 
+def _tanh(v):
+    """tanh in the working precision of ``v``: :func:`_tanh_scalar32` or :func:`_tanh_scalar`.
+
+    Chosen by type when the caller compiles, so that each dtype compiles one of them.
+    """
+    return np.tanh(v)
+
+
+@overload(_tanh, inline="always", jit_options={"error_model": "numpy"})
+def _tanh_impl(v):
+    return _tanh_scalar32 if v == types.float32 else _tanh_scalar
+
+
 @_jit(inline="always", error_model="numpy")
 def _activate_step(z, a, act):
     """z[b, j] = f(z[b, j] + a[b, j]) for one step: z, a of shape (B, H)."""
     B, H = z.shape
-    if act == ACT_TANH and z.itemsize == 4:     # float32
+    if act == ACT_TANH:
         for b in range(B):
             for j in range(H):
-                z[b, j] = _tanh_scalar32(z[b, j] + a[b, j])
-    elif act == ACT_TANH:
-        for b in range(B):
-            for j in range(H):
-                z[b, j] = _tanh_scalar(z[b, j] + a[b, j])
+                z[b, j] = _tanh(z[b, j] + a[b, j])
     else:
         for b in range(B):
             for j in range(H):
