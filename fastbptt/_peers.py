@@ -79,7 +79,7 @@ def set_threads(n):
         torch.set_num_threads(int(n))
         applied["torch"] = f"torch.set_num_threads({int(n)})"
     if "jax" in sys.modules:
-        applied["jax"] = "XLA default pool (jax already imported; all cores)"
+        applied["jax"] = f"XLA default pool (all {os.cpu_count()} cores; fixed once jax is imported)"
     elif int(n) == 1:
         flags = os.environ.get("XLA_FLAGS", "")
         extra = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

@@ -49,8 +49,8 @@ SHAPES = {
 }
 
 #: --quick divides T by this (never below QUICK_MIN_T) and takes fewer samples
-QUICK_T_DIVISOR = 4
-QUICK_MIN_T = 25
+QUICK_T_DIVISOR = 5
+QUICK_MIN_T = 20
 
 FASTBPTT_IMPLS = ("cython", "numba", "numpy")
 ALL_IMPLS = FASTBPTT_IMPLS + PEERS
@@ -81,7 +81,7 @@ def parse_shape(token):
 
 
 def quick_shape(shape):
-    """The --quick version of a shape: T divided by :data:`QUICK_T_DIVISOR` (at least 25)."""
+    """The --quick version of a shape: T divided by :data:`QUICK_T_DIVISOR` (at least :data:`QUICK_MIN_T`)."""
     T, B, D, H = shape
     return (min(T, max(QUICK_MIN_T, T // QUICK_T_DIVISOR)), B, D, H)
 
@@ -275,7 +275,8 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
     threads : int
         Thread cap for BLAS, Numba and torch (see module docstring).
     quick : bool
-        T divided by 4 (at least 25; see :func:`quick_shape`), 3 samples, 2 s per cell.
+        T of the named shapes divided by 5 (at least 20; see :func:`quick_shape`), 3 samples,
+        at most about 1 s of samples per cell.
     repeats, budget_s : int, float, optional
         Samples per cell and the time budget per cell (defaults 7 and 10 s;
         3 and 2 s with ``quick``).
@@ -299,6 +300,9 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
     parsed = [parse_shape(s) for s in (list(SHAPES) if shapes is None else shapes)]
     if not parsed:
         raise ValueError("shapes: expected at least one shape, got none")
+    # before anything imports jax: XLA reads its thread flags once, at import
+    wants_peers = impls is None or any(i in PEERS for i in impls)
+    thread_notes = set_threads(threads) if wants_peers else {}
     skipped = {}
     if impls is None:
         impls = []
@@ -322,8 +326,7 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
             impls.remove("jax")
             skipped["jax"] = "float64 needs JAX_ENABLE_X64=1 in the environment"
     repeats = (3 if quick else 7) if repeats is None else int(repeats)
-    budget_s = (2.0 if quick else 10.0) if budget_s is None else float(budget_s)
-    thread_notes = set_threads(threads) if any(i in PEERS for i in impls) else {}
+    budget_s = (1.0 if quick else 10.0) if budget_s is None else float(budget_s)
 
     results = []
     limits = _ThreadLimits(threads)

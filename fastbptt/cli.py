@@ -122,8 +122,8 @@ def cmd_bench(args):
     for s in shapes:
         bench.parse_shape(s)                      # fail before running anything
     if args.quick:
-        _say(f"quick run: T divided by {bench.QUICK_T_DIVISOR} (at least {bench.QUICK_MIN_T}), "
-             "3 samples per cell: figures are indicative only")
+        _say(f"quick run: T of the named shapes divided by {bench.QUICK_T_DIVISOR} (at least "
+             f"{bench.QUICK_MIN_T}), 3 samples per cell: figures are indicative only")
     t0 = time.perf_counter()
     results = bench.run_benchmark(shapes, args.backends, dtype=np.dtype(args.dtype), threads=args.threads,
                                   quick=args.quick, repeats=args.repeats, check=not args.no_check,
@@ -348,7 +348,7 @@ def cmd_train(args):
 # ------------------------------------------------------------------- parser
 def build_parser():
     from . import __version__
-    from .bench import ALL_IMPLS, SHAPES
+    from .bench import ALL_IMPLS, QUICK_MIN_T, QUICK_T_DIVISOR, SHAPES
     from .tbptt_study import TASKS
 
     parser = argparse.ArgumentParser(
@@ -367,7 +367,8 @@ def build_parser():
         "fastbptt backend and, when installed, PyTorch and JAX, on the same data. Shapes (T,B,D,H): "
         + "; ".join(f"{k} {','.join(map(str, v))}" for k, v in SHAPES.items()) + ".")
     p.add_argument("--quick", action="store_true",
-                   help="finish in under a minute: T divided by 4 (at least 25), 3 samples per cell")
+                   help=f"finish in under a minute: T of the named shapes divided by {QUICK_T_DIVISOR} "
+                   f"(at least {QUICK_MIN_T}), 3 samples per cell")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all five)")
     p.add_argument("--backends", nargs="+", metavar="IMPL", choices=ALL_IMPLS,
