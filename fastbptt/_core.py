@@ -52,11 +52,30 @@ def _prepare(params, X, h0):
     return X3, h0_, single
 
 
+def _matmul(kernels, A, B, trans_a=False, trans_b=False):
+    """``op(A) @ op(B)`` for 2-D arrays, on the backend's own BLAS.
+
+    A backend module may expose ``gemm(trans_a, trans_b, alpha, A, B, beta,
+    C)`` (row-major, C-contiguous operands); the Cython backend does, so that
+    its per-step products and these big GEMMs share scipy's OpenBLAS pool:
+    two pools of spinning threads (numpy's and scipy's) slow each other down
+    2-3x (PERF_NOTES). The others run on numpy's (``@``).
+    """
+    gemm = getattr(kernels, "gemm", None)
+    if gemm is None:
+        return (A.T if trans_a else A) @ (B.T if trans_b else B)
+    A, B = np.ascontiguousarray(A), np.ascontiguousarray(B)
+    C = np.empty((A.shape[1] if trans_a else A.shape[0], B.shape[0] if trans_b else B.shape[1]),
+                 dtype=A.dtype)
+    gemm(trans_a, trans_b, 1.0, A, B, 0.0, C)
+    return C
+
+
 def _run_forward(kernels, params, X3, h0, act):
-    """Shared forward: A = X·W_xhᵀ + b_h (one GEMM), the kernel's recurrence, logits (one GEMM)."""
+    """Shared forward: A = X·W_xhᵀ + b_h (one GEMM), then the kernel's recurrence."""
     T, B, D = X3.shape
     H = params.hidden_size
-    A = (X3.reshape(T * B, D) @ params.W_xh.T).reshape(T, B, H)
+    A = _matmul(kernels, X3.reshape(T * B, D), params.W_xh, trans_b=True).reshape(T, B, H)
     A += params.b_h
     Hs = np.empty((T + 1, B, H), dtype=params.dtype)
     Hs[0] = h0
@@ -65,13 +84,17 @@ def _run_forward(kernels, params, X3, h0, act):
     return Hs
 
 
-def _column_sums(M):
+def _column_sums(kernels, M):
     """``M.sum(axis=0)`` as one GEMV (``ones @ M``): 2-5x faster than numpy's reduction here."""
-    return np.ones(M.shape[0], dtype=M.dtype) @ M
+    return _matmul(kernels, np.ones((1, M.shape[0]), dtype=M.dtype), M)[0]
 
 
-def _logits(params, Hs_rows):
-    return Hs_rows @ params.W_hy.T + params.b_y
+def _logits(params, Hs, kernels=None):
+    """o = W_hy h + b_y for every row of ``Hs`` (..., H) -> (..., O)."""
+    rows = Hs.reshape(-1, Hs.shape[-1])
+    O_rows = _matmul(kernels, rows, params.W_hy, trans_b=True)
+    O_rows += params.b_y
+    return O_rows.reshape(Hs.shape[:-1] + (params.output_size,))
 
 
 def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
@@ -96,7 +119,7 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
     with blas_threads(B, params.hidden_size):
         Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
-        O_logits = _logits(params, Hs[1:])
+        O_logits = _logits(params, Hs[1:], kernels)
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
@@ -161,22 +184,22 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
     H_out = Hs[1 + loss_from:].reshape(Tl * B, H) if output == "sequence" else Hs[T]
-    O_logits = _logits(params, H_out)
+    O_logits = _logits(params, H_out, kernels)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
     dO = dO.reshape(-1, O)
-    dW_hy = dO.T @ H_out
-    db_y = _column_sums(dO)
+    dW_hy = _matmul(kernels, dO, H_out, trans_a=True)
+    db_y = _column_sums(kernels, dO)
 
     # G[t] = ∂L/∂h_t, the direct term from the output layer
     if output == "sequence" and loss_from == 0:
-        G = (dO @ params.W_hy).reshape(T, B, H)
+        G = _matmul(kernels, dO, params.W_hy).reshape(T, B, H)
     elif output == "sequence":
         G = np.zeros((T, B, H), dtype=params.dtype)
-        G[loss_from:] = (dO @ params.W_hy).reshape(Tl, B, H)
+        G[loss_from:] = _matmul(kernels, dO, params.W_hy).reshape(Tl, B, H)
     else:
         G = np.zeros((T, B, H), dtype=params.dtype)
-        G[T - 1] = dO @ params.W_hy
+        G[T - 1] = _matmul(kernels, dO, params.W_hy)
 
     dZ = np.empty((T, B, H), dtype=params.dtype)
     ends, bp_starts = wins
@@ -184,8 +207,8 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
 
     # weight gradients: Σ_t dz_t x_tᵀ, Σ_t dz_t h_{t-1}ᵀ, Σ_t dz_t -- one GEMM each
     dZ2 = dZ.reshape(T * B, H)
-    dW_xh = dZ2.T @ X3.reshape(T * B, D)
-    dW_hh = dZ2.T @ Hs[:-1].reshape(T * B, H)
-    db_h = _column_sums(dZ2)
+    dW_xh = _matmul(kernels, dZ2, X3.reshape(T * B, D), trans_a=True)
+    dW_hh = _matmul(kernels, dZ2, Hs[:-1].reshape(T * B, H), trans_a=True)
+    db_h = _column_sums(kernels, dZ2)
     grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
     return value, grads, Hs

@@ -130,6 +130,11 @@ fastbptt_tanh_init()
 
 NAME = "cython"
 
+# The shared GEMMs of fastbptt._core (input projection, output layer, weight
+# gradients) run through this too, on scipy's OpenBLAS like the per-step
+# products: one thread pool per call, not numpy's and scipy's side by side.
+from ._cython_blas import gemm
+
 #: which tanh the kernels use: "libmvec-avx512", "libmvec-sse" or "libm" (see above)
 TANH_IMPL = fastbptt_tanh_impl().decode()
 
