@@ -395,7 +395,7 @@ class RNN:
             loss_sum += value * w
             weight += w
             if Hstore is None:
-                h_T = Hs[T]
+                h_T = Hs[T].copy()
             else:
                 Hstore[tp + 1:t + 1] = Hs[tp - s + 1:]
         return (h_T if Hstore is None else Hstore[T]), loss_sum, weight
