@@ -189,7 +189,7 @@ class _ThreadLimits:
     """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl).
 
     fastbptt picks its BLAS threads per call and shape (:mod:`fastbptt._threads`:
-    one thread below H = 128, every core above). When ``threads`` is below the
+    one thread below B·H = 2048, every core from there). When ``threads`` is below the
     core count, that choice is forced to ``threads`` for the run, so the cap holds.
     """
 
@@ -203,7 +203,7 @@ class _ThreadLimits:
         """How fastbptt's own threads are set during the run (for the results)."""
         if self.threads < _threads._cpu_count():
             return f"forced to {self.threads} (fastbptt.set_num_threads)"
-        return (f"automatic per shape: 1 below H={_threads.MIN_HIDDEN_FOR_THREADS}, "
+        return (f"automatic per shape: 1 below B*H={_threads.MIN_BATCH_X_HIDDEN_FOR_THREADS}, "
                 f"{_threads._cpu_count()} from there")
 
     def __enter__(self):

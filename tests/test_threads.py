@@ -26,7 +26,7 @@ def spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("H,expected", [(8, 1), (160, None)])
+@pytest.mark.parametrize("H,expected", [(8, 1), (1100, None)])
 def test_limit_by_shape_and_restored(spy, H, expected):
     before = _blas_threads()
     params, X, Y = make_problem(3, 2, 3, H, 2, seed=0)
