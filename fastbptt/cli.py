@@ -92,10 +92,10 @@ def cmd_info(args):
         for p in pools:
             print(f"  {p['internal_api']} {p['version']} ({p['user_api']}), {p['num_threads']} threads"
                   f"{', ' + p['architecture'] if p.get('architecture') else ''}: {p['prefix']}")
-    from ._threads import ENV_VAR as THREADS_VAR, MIN_HIDDEN_FOR_THREADS, get_num_threads
+    from ._threads import ENV_VAR as THREADS_VAR, MIN_BATCH_X_HIDDEN_FOR_THREADS as MIN_BH, get_num_threads
     print("thread settings:")
     print(f"  fastbptt BLAS threads per call: {get_num_threads(1, 1)} below "
-          f"H={MIN_HIDDEN_FOR_THREADS}, {get_num_threads(1, MIN_HIDDEN_FOR_THREADS)} from there")
+          f"B*H={MIN_BH}, {get_num_threads(1, MIN_BH)} from there")
     for var in (THREADS_VAR, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "XLA_FLAGS", ENV_VAR):
         print(f"  {var}={os.environ.get(var, '(unset)')}")
