@@ -3,7 +3,7 @@
 Run ``python -m fastbptt._calibrate`` (or ``fastbptt calibrate``) on a quiet
 machine: it times one training step (forward + full BPTT, ``loss_and_grad``)
 of every compiled backend on a grid of batch sizes B and hidden sizes H, for
-both dtypes, best of several repeats, and writes the winner per grid point to
+both dtypes, best of repeats taken in turn for at least a second per cell, and writes the winner per grid point to
 ``fastbptt/data/calibration.json`` (atomically). The dispatcher maps a shape
 to the nearest grid point (in log B, log H). T and D barely matter for the
 choice: the per-step cost is what differs between backends.
@@ -24,23 +24,29 @@ GRID_H = (8, 32, 64, 128, 256, 512, 1024)
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "calibration.json"
 
 
-def _time_step(backend, params, X, Y, repeats):
+def _time_steps(backends, params, X, Y, min_repeats, min_seconds):
+    """Best time of one step per backend, the backends timed in turn (drift hits all alike)."""
     from . import loss_and_grad
-    loss_and_grad(params, X, Y, backend=backend)              # warm (JIT, caches)
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss_and_grad(params, X, Y, backend=backend)
-        best = min(best, time.perf_counter() - t0)
+    for b in backends:
+        loss_and_grad(params, X, Y, backend=b)              # warm (JIT, caches)
+    best = dict.fromkeys(backends, np.inf)
+    start, n = time.perf_counter(), 0
+    while n < min_repeats or time.perf_counter() - start < min_seconds:
+        for b in backends:
+            t0 = time.perf_counter()
+            loss_and_grad(params, X, Y, backend=b)
+            best[b] = min(best[b], time.perf_counter() - t0)
+        n += 1
     return best
 
 
 def calibrate(backends=("cython", "numba"), grid_B=GRID_B, grid_H=GRID_H, T=64, D=16, O=8,
-              repeats=5, log=print):
+              repeats=5, min_seconds=1.0, log=print):
     """Time every backend on the grid; return the table as a JSON-able dict."""
     from . import RNNParams
     table = {"grid_B": list(grid_B), "grid_H": list(grid_H), "T": T, "D": D, "O": O,
-             "backends": list(backends), "winner": {}, "seconds": {}}
+             "backends": list(backends), "winner": {}, "seconds": {},
+             "machine": {"cpus": os.cpu_count(), "numpy": np.__version__}}
     for dtype in (np.float32, np.float64):
         name = np.dtype(dtype).name
         table["winner"][name], table["seconds"][name] = [], []
@@ -51,7 +57,7 @@ def calibrate(backends=("cython", "numba"), grid_B=GRID_B, grid_H=GRID_H, T=64, 
                 params = RNNParams.init(D, H, O, dtype=dtype, seed=rng)
                 X = rng.normal(size=(T, B, D)).astype(dtype)
                 Y = rng.normal(size=(T, B, O)).astype(dtype)
-                times = {b: _time_step(b, params, X, Y, repeats) for b in backends}
+                times = _time_steps(backends, params, X, Y, repeats, min_seconds)
                 win = min(times, key=times.get)
                 row_w.append(win)
                 row_s.append({b: round(t, 7) for b, t in times.items()})
@@ -80,7 +86,8 @@ def write_table(table, path=DEFAULT_PATH):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastbptt._calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_PATH), help="where to write the table (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per cell, best kept (default: 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="least timed repeats per cell, best kept (default: 5)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="least time per cell (default: 1.0)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats: expected an int >= 1, got {args.repeats}")
@@ -89,7 +96,7 @@ def main(argv=None):
     if len(compiled) < 2:
         print(f"fastbptt: error: calibration needs two compiled backends, have {compiled}", file=sys.stderr)
         return 2
-    write_table(calibrate(tuple(compiled), repeats=args.repeats), args.out)
+    write_table(calibrate(tuple(compiled), repeats=args.repeats, min_seconds=args.seconds), args.out)
     print(f"wrote {args.out}")
     return 0
 
