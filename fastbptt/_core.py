@@ -149,7 +149,7 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
     X3, h0_, single = _prepare(params, X, h0)
     T, B, _ = X3.shape
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    with blas_threads(B, params.hidden_size):
+    with blas_threads(B, params.hidden_size, T):
         Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
         O_logits = _logits(params, Hs[1:], kernels)
     if single:
@@ -193,7 +193,7 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output)
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    with blas_threads(B, params.hidden_size):
+    with blas_threads(B, params.hidden_size, T):
         value, grads, Hs = _loss_and_grad(kernels, params, X3, Y_, h0_, loss, output,
                                           _ACT_CODES[activation], windows(T, truncation))
     h_last = Hs[T, 0].copy() if single else Hs[T].copy()

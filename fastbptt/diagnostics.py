@@ -90,7 +90,7 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
         h0_ = V.check_h0(h0, model, B, single)
         Y_ = V.check_Y(Y, model, T, B, single, loss, output)
         kernels = resolve_backend(backend, T=T, B=B, H=model.hidden_size, dtype=model.dtype)
-        with blas_threads(B, model.hidden_size):
+        with blas_threads(B, model.hidden_size, T):
             return _hidden_grad_norms(kernels, model, X3, Y_, h0_, loss, output, _ACT_CODES[activation])
     from .estimator import RNN
     if not isinstance(model, RNN):
@@ -99,7 +99,7 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
     idx = np.arange(Xt.shape[1])
     Xb = model._batch_X(kind, Xt, idx)
     kernels = model._kernels(Xb.shape[0], Xb.shape[1])
-    with blas_threads(Xb.shape[1], model.hidden_size):
+    with blas_threads(Xb.shape[1], model.hidden_size, Xb.shape[0]):
         return _hidden_grad_norms(kernels, model.params, Xb, Yt, None, model.loss, model.output,
                                   _ACT_CODES[model.activation])
 

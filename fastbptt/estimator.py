@@ -298,7 +298,7 @@ class RNN:
         kernels = self._kernels(T, min(N, _PREDICT_CHUNK))
         seq = self.output == "sequence"
         out = np.empty((N, T, self.output_size) if seq else (N, self.output_size), dtype=self.dtype)
-        with blas_threads(min(N, _PREDICT_CHUNK), self.hidden_size):
+        with blas_threads(min(N, _PREDICT_CHUNK), self.hidden_size, T):
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if seq:
                     out[idx] = np.swapaxes(_logits(self.params, Hs[1:], kernels), 0, 1)
@@ -309,7 +309,7 @@ class RNN:
     def _evaluate(self, kind, Xt, Yt, kernels):
         total, weight = 0.0, 0
         T = Xt.shape[0]
-        with blas_threads(min(Xt.shape[1], _PREDICT_CHUNK), self.hidden_size):
+        with blas_threads(min(Xt.shape[1], _PREDICT_CHUNK), self.hidden_size, T):
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if self.output == "sequence":
                     o, y = _logits(self.params, Hs[1:], kernels), Yt[:, idx]
@@ -474,7 +474,10 @@ class RNN:
         if stateful and self.state_ is None:
             self.state_ = np.zeros((N, self.hidden_size), dtype=self.dtype)
         hist = self.history_
-        with blas_threads(B, self.hidden_size):
+        # threads for the length of one update (a chunk of k, or k2 steps), not of T
+        seg = T if self.truncation is None else min(T, self.truncation if _is_int(self.truncation)
+                                                    else self.truncation[1])
+        with blas_threads(B, self.hidden_size, seg):
             bar = make_progress(progress, epochs * N, "fit")
             try:
                 for _ in range(epochs):

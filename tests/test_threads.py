@@ -26,12 +26,13 @@ def spy(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("H,expected", [(8, 1), (1100, None)])
-def test_limit_by_shape_and_restored(spy, H, expected):
+@pytest.mark.parametrize("T,H,expected", [(3, 8, 1), (3, 1100, 1), (40, 1100, None)])
+def test_limit_by_shape_and_restored(spy, T, H, expected):
     before = _blas_threads()
-    params, X, Y = make_problem(3, 2, 3, H, 2, seed=0)
+    params, X, Y = make_problem(T, 2, 3, H, 2, seed=0)
     fastbptt.loss_and_grad(params, X, Y, backend="numpy")
-    want = expected or fastbptt.get_num_threads(B=2, H=H)
+    want = expected or fastbptt._threads._cpu_count()
+    assert want == fastbptt.get_num_threads(B=2, H=H, T=T)
     assert spy and all(n == want for n in spy[0])
     assert _blas_threads() == before
 
