@@ -10,14 +10,14 @@ choice: the per-step cost is what differs between backends.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ._io import write_json
 
 GRID_B = (1, 4, 16, 64, 256)
 GRID_H = (8, 32, 64, 128, 256, 512, 1024)
@@ -70,17 +70,8 @@ def calibrate(backends=("cython", "numba"), grid_B=GRID_B, grid_H=GRID_H, T=64, 
 
 def write_table(table, path=DEFAULT_PATH):
     """Write ``table`` to ``path`` atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(table, path)
 
 
 def main(argv=None):

@@ -26,13 +26,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
 
 from . import __version__, _threads
 from ._backends import available_backends, unavailable_backends
+from ._io import atomic_write
 from ._core import loss_and_grad
 from ._params import RNNParams
 from ._peers import PEERS, make_peer_step, peer_unavailable_reason, peer_version, set_threads
@@ -461,30 +461,6 @@ def compare_table(old, new):
     return "\n".join(lines)
 
 
-def _atomic_write(path, suffix, write):
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastbptt-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(obj, path):
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same folder, then rename)."""
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, default=str)
-            fh.write("\n")
-    _atomic_write(path, ".json", write)
-
-
 def read_json(path):
     """Read a results file written by :func:`write_json`; ValueError if it is not one."""
     with open(path) as fh:
@@ -511,7 +487,7 @@ def require_matplotlib():
 
 def save_figure(fig, path):
     """Save a matplotlib figure as PNG atomically."""
-    _atomic_write(path, ".png", lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_results(results, path):

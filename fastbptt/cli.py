@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from ._io import write_json
+
 PROG = "fastbptt"
 TRAIN_TASKS = ("char", "adding", "echo", "copy", "sine")
 
@@ -133,7 +135,7 @@ def cmd_bench(args):
     print(bench.format_table(results))
     print(f"\nbenchmark took {elapsed:.1f} s")
     if args.json:
-        bench.write_json(results, args.json)
+        write_json(results, args.json)
         print(f"results written to {args.json}")
     if args.plot:
         bench.plot_results(results, args.plot)
@@ -151,7 +153,7 @@ def cmd_compare(args):
 # -------------------------------------------------------------------- tbptt
 def cmd_tbptt(args):
     from . import tbptt_study as S
-    from .bench import require_matplotlib, write_json
+    from .bench import require_matplotlib
 
     if args.plot:
         require_matplotlib()
@@ -266,7 +268,6 @@ def _task_path(out):
 
 
 def cmd_train(args):
-    from .bench import write_json
     from .tbptt_study import estimator_unavailable_reason
 
     reason = estimator_unavailable_reason()

@@ -55,13 +55,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 
 import numpy as np
 
 from . import _validation as V
 from ._backends import _MODULES, resolve_backend
+from ._io import atomic_write
 from ._threads import blas_threads
 from ._clip import clip_grad_norm
 from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward
@@ -553,23 +553,7 @@ class RNN:
             "checksums": {k: _sha256(a) for k, a in arrays.items()},
         }
         arrays[_META_KEY] = np.array(json.dumps(meta))
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual mode
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path):
