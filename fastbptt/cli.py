@@ -267,6 +267,11 @@ def _task_path(out):
     return out + ".task.json"
 
 
+# options that shape a new model or its data; --resume takes them from the checkpoint
+_MODEL_OPTIONS = {"T": None, "n": 2000, "chars": 200_000, "hidden": 128, "optimizer": "adam", "lr": None,
+                  "truncation": None, "clip_norm": 1.0, "batch_size": 32, "backend": "auto"}
+
+
 def cmd_train(args):
     from .tbptt_study import estimator_unavailable_reason
 
@@ -275,9 +280,12 @@ def cmd_train(args):
         raise UserError(f"train needs the trainer: {reason}")
     from .estimator import RNN
 
+    given = [f"--{name.replace('_', '-')}" for name in _MODEL_OPTIONS if getattr(args, name) is not None]
     if args.resume:
         if args.task or args.text:
             raise UserError("--resume continues the checkpoint's own task: leave out --task and --text")
+        if given:
+            raise UserError(f"--resume continues the checkpoint's own model and data: leave out {', '.join(given)}")
         if not os.path.isfile(args.resume):
             raise UserError(f"--resume: no such file: {args.resume!r}")
         task_file = _task_path(args.resume)
@@ -294,6 +302,9 @@ def cmd_train(args):
         model = RNN.load(args.resume)
         out = args.out or args.resume
     else:
+        for name, default in _MODEL_OPTIONS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
         if args.text and args.task not in (None, "char"):
             raise UserError(f"--text trains a character model: it cannot be combined with --task {args.task}")
         name = args.task or "char"
@@ -424,17 +435,17 @@ def build_parser():
                    help="checkpoint to write (default: fastbptt-TASK.npz, or the --resume file)")
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--T", type=_positive_int, help="sequence length (copy: the delay)")
-    p.add_argument("--n", type=_positive_int, default=2000, help="sequences of a generated task")
-    p.add_argument("--chars", type=_positive_int, default=200_000,
-                   help="characters of the built-in corpus to use")
-    p.add_argument("--hidden", type=_positive_int, default=128)
-    p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop", "adagrad"), default="adam")
+    p.add_argument("--n", type=_positive_int, help="sequences of a generated task (default: 2000)")
+    p.add_argument("--chars", type=_positive_int,
+                   help="characters of the built-in corpus to use (default: 200000)")
+    p.add_argument("--hidden", type=_positive_int, help="hidden size (default: 128)")
+    p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop", "adagrad"), help="default: adam")
     p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
     p.add_argument("--truncation", type=_truncation, default=None,
                    help="full (default), k or k1,k2")
-    p.add_argument("--clip-norm", type=_positive_float, default=1.0)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--backend", default="auto", choices=("auto", "cython", "numba", "numpy"))
+    p.add_argument("--clip-norm", type=_positive_float, help="default: 1.0")
+    p.add_argument("--batch-size", type=_positive_int, help="default: 32")
+    p.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), help="default: auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=200, help="characters to sample (char models)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",

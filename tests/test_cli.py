@@ -172,6 +172,8 @@ USER_ERRORS = {
     "resume-not-ours": (["train", "--resume", "notjson.json"], "not written by"),
     "resume-corrupt": (["train", "--resume", "fake.npz"], "not a valid"),
     "resume-with-task": (["train", "--resume", "fake.npz", "--task", "adding"], "leave out"),
+    "resume-with-model-options": (["train", "--resume", "fake.npz", "--hidden", "8", "--lr", "0.1"],
+                                  "leave out --hidden, --lr"),
     "out-folder-missing": (["train", "--task", "sine", "--n", "8", "--out", "no/dir/m.npz"], "--out"),
 }
 
