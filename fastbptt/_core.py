@@ -98,16 +98,35 @@ def _matmul(kernels, A, B, trans_a=False, trans_b=False, out=None):
     return out
 
 
-def _run_forward(kernels, params, X3, h0, act, Hs=None):
+def _with_ones(X3):
+    """``[X | 1]``: the inputs as (T·B, D+1) rows with a column of ones (a work array).
+
+    With it the bias rides in the GEMMs: ``A = [X | 1]·[W_xh | b_h]ᵀ`` and
+    ``[dW_xh | db_h] = dZᵀ·[X | 1]``, which saves two passes over (T, B, H)
+    arrays (``A += b_h`` and ``Σ_t dz_t``) for one over the (T, B, D) inputs.
+    """
+    T, B, D = X3.shape
+    X1 = _scratch("X1", (T * B, D + 1), X3.dtype)
+    X1[:, :D] = X3.reshape(T * B, D)
+    X1[:, D] = 1
+    return X1
+
+
+def _run_forward(kernels, params, X3, h0, act, Hs=None, X1=None):
     """Shared forward: A = X·W_xhᵀ + b_h (one GEMM), then the kernel's recurrence.
 
-    Returns ``Hs`` (T+1, B, H), a new array unless one is given.
+    Returns ``Hs`` (T+1, B, H), a new array unless one is given. ``X1`` is
+    ``_with_ones(X3)`` when the caller has it already.
     """
     T, B, D = X3.shape
     H = params.hidden_size
+    if X1 is None:
+        X1 = _with_ones(X3)
+    W1 = np.empty((H, D + 1), dtype=params.dtype)          # [W_xh | b_h]
+    W1[:, :D] = params.W_xh
+    W1[:, D] = params.b_h
     A = _scratch("A", (T, B, H), params.dtype)
-    _matmul(kernels, X3.reshape(T * B, D), params.W_xh, trans_b=True, out=A.reshape(T * B, H))
-    A += params.b_h
+    _matmul(kernels, X1, W1, trans_b=True, out=A.reshape(T * B, H))
     if Hs is None:
         Hs = np.empty((T + 1, B, H), dtype=params.dtype)
     Hs[0] = h0
@@ -212,7 +231,8 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     """
     T, B, D = X3.shape
     H, O = params.hidden_size, params.output_size
-    Hs = _run_forward(kernels, params, X3, h0, act, Hs=_scratch("Hs", (T + 1, B, H), params.dtype))
+    X1 = _with_ones(X3)
+    Hs = _run_forward(kernels, params, X3, h0, act, Hs=_scratch("Hs", (T + 1, B, H), params.dtype), X1=X1)
 
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
@@ -237,10 +257,10 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     ends, bp_starts = wins
     kernels.backward_accumulate(G, Hs, np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
 
-    # weight gradients: Σ_t dz_t x_tᵀ, Σ_t dz_t h_{t-1}ᵀ, Σ_t dz_t -- one GEMM each
+    # weight gradients: [Σ_t dz_t x_tᵀ | Σ_t dz_t] and Σ_t dz_t h_{t-1}ᵀ -- one GEMM each
     dZ2 = dZ.reshape(T * B, H)
-    dW_xh = _matmul(kernels, dZ2, X3.reshape(T * B, D), trans_a=True)
+    dW1 = _matmul(kernels, dZ2, X1, trans_a=True)
+    dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
     dW_hh = _matmul(kernels, dZ2, Hs[:-1].reshape(T * B, H), trans_a=True)
-    db_h = _column_sums(kernels, dZ2)
     grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
     return value, grads, Hs
