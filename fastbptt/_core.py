@@ -6,6 +6,7 @@ the loss, and the weight-gradient sums. The two sequential loops are the
 backend's (see the kernel contract in :mod:`fastbptt.reference`).
 """
 
+import math
 import threading
 
 import numpy as np
@@ -33,7 +34,7 @@ def _scratch(name, shape, dtype):
 
     Valid until the next call that asks for the same ``name`` on this thread.
     """
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     dtype = np.dtype(dtype)
     if size * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return np.empty(shape, dtype=dtype)
