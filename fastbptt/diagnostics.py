@@ -21,40 +21,40 @@ import numpy as np
 from . import _validation as V
 from ._backends import resolve_backend
 from ._threads import blas_threads
-from ._core import _ACT_CODES, _logits, _run_forward
+from ._core import _ACT_CODES, _logits, _run_forward, windows
 from ._losses import LOSS_FUNCS, LOSSES
 from ._params import RNNParams
-from .reference import ACT_TANH
 
 __all__ = ["hidden_grad_norms", "spectral_radius", "max_singular_value", "recurrent_spectrum"]
 
 
 def _hidden_grad_norms(kernels, params, X3, Y, h0, loss, output, act):
-    """Validated core: X3 (T, B, D), Y time-major checked, h0 (B, H) or None -> (T+1,) float64."""
+    """Validated core: X3 (T, B, D), Y time-major checked, h0 (B, H) or None -> (T+1,) float64.
+
+    The backend's own backward loop (full BPTT) gives dz_t; the gradient
+    reaching h_t is then δ_t = G[t] + W_hhᵀ dz_{t+1}, one GEMM for all t.
+    """
     T, B, _ = X3.shape
     H = params.hidden_size
     if h0 is None:
         h0 = np.zeros((B, H), dtype=params.dtype)
     Hs = _run_forward(kernels, params, X3, h0, act)
-    G = np.zeros((T, B, H), dtype=np.float64)
+    G = np.zeros((T, B, H), dtype=params.dtype)
     if output == "sequence":
-        o = _logits(params, Hs[1:])
-        _, dO = LOSS_FUNCS[loss](o, Y)
-        G[:] = dO.reshape(T, B, -1) @ params.W_hy
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[1:], kernels), Y)
+        G[:] = (dO.reshape(T * B, -1) @ params.W_hy).reshape(T, B, H)
     else:
-        o = _logits(params, Hs[T])
-        _, dO = LOSS_FUNCS[loss](o, Y)
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[T], kernels), Y)
         G[T - 1] = dO @ params.W_hy
-    W_hh = params.W_hh.astype(np.float64)
-    norms = np.empty(T + 1, dtype=np.float64)                # norms[t] = ‖∂L/∂h_t‖, h_0 included
-    carried = np.zeros((B, H), dtype=np.float64)
-    for t in range(T - 1, -1, -1):                            # 0-based step t computes h_{t+1}
-        delta = G[t] + carried                                # δ = ∂L/∂h_{t+1}
-        norms[t + 1] = np.linalg.norm(delta)
-        h = Hs[t + 1].astype(np.float64)
-        dz = delta * (1 - h * h if act == ACT_TANH else (h > 0))  # dz = δ ⊙ f'(z)
-        carried = dz @ W_hh                                   # W_hhᵀ dz (row vectors)
-    norms[0] = np.linalg.norm(carried)                        # ∂L/∂h_0
+    dZ = np.empty((T, B, H), dtype=params.dtype)
+    ends, bp_starts = windows(T, None)
+    kernels.backward_accumulate(G, Hs, np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
+    carried = (dZ.reshape(T * B, H) @ params.W_hh).reshape(T, B, H)   # W_hhᵀ dz_t = part of δ_{t-1}
+    delta = G.astype(np.float64)                              # delta[t] = ∂L/∂h_{t+1} (0-based step t)
+    delta[:-1] += carried[1:]
+    norms = np.empty(T + 1, dtype=np.float64)
+    norms[1:] = np.sqrt(np.einsum("tbh,tbh->t", delta, delta))
+    norms[0] = np.linalg.norm(carried[0].astype(np.float64))  # ∂L/∂h_0
     return norms
 
 

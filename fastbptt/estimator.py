@@ -64,7 +64,7 @@ from ._backends import _MODULES, resolve_backend
 from ._io import atomic_write
 from ._threads import blas_threads
 from ._clip import clip_grad_norm
-from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward
+from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward, windows
 from ._losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from ._params import RNNParams
 from ._progress import make_progress
@@ -338,17 +338,10 @@ class RNN:
     # ------------------------------------------------------------------ fit
     def _update_points(self, T):
         """``[(seg_start, loss_start, end)]``: forward/backprop over [seg_start, end), loss on
-        [loss_start, end) (0-based steps)."""
-        trunc = self.truncation
-        if trunc is None:
-            return [(0, 0, T)]
-        k1, k2 = (trunc, None) if _is_int(trunc) else trunc
-        ends = list(range(k1, T, k1)) + [T]
-        out, prev = [], 0
-        for t in ends:
-            out.append((prev if k2 is None else max(t - k2, 0), prev, t))
-            prev = t
-        return out
+        [loss_start, end) (0-based steps); the windows of :func:`fastbptt._core.windows`."""
+        ends, bp_starts = windows(T, self.truncation)
+        loss_starts = [0, *ends[:-1]]
+        return [(int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends)]
 
     def _train_batch(self, kernels, Xb, Yb, h0, act, epoch, counter):
         """Train one time-major mini-batch; returns ``(h_T, loss_sum, weight)``."""

@@ -90,3 +90,13 @@ def test_spectrum():
         spectral_radius(np.ones((2, 3)))
     with pytest.raises(TypeError, match="model"):
         hidden_grad_norms("model", None, None)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_norms_agree_across_backends(backend, activation):
+    rng = np.random.default_rng(3)
+    params = fastbptt.RNNParams.init(3, 9, 2, dtype=np.float64, seed=rng)
+    X, Y = rng.normal(size=(12, 4, 3)), rng.normal(size=(12, 4, 2))
+    ref = hidden_grad_norms(params, X, Y, activation=activation, backend="numpy")
+    got = hidden_grad_norms(params, X, Y, activation=activation, backend=backend)
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
