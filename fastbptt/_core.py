@@ -8,11 +8,12 @@ backend's (see the kernel contract in :mod:`fastbptt.reference`).
 
 import math
 import threading
+from functools import partial
 
 import numpy as np
 
 from . import _validation as V
-from ._threads import blas_threads
+from ._threads import call_scope, parts, run, team_size
 from ._backends import resolve_backend
 from ._losses import LOSS_FUNCS, LOSSES
 from ._params import RNNParams
@@ -79,24 +80,65 @@ def _prepare(params, X, h0):
     return X3, h0_, single
 
 
-def _matmul(kernels, A, B, trans_a=False, trans_b=False, out=None):
-    """``op(A) @ op(B)`` for 2-D arrays, on the backend's own BLAS (into ``out`` if given).
+def _matmul(A, B, trans_a=False, trans_b=False, out=None):
+    """``op(A) @ op(B)`` for 2-D arrays, on NumPy's BLAS (into ``out`` if given).
 
-    A backend module may expose ``gemm(trans_a, trans_b, alpha, A, B, beta,
-    C)`` (row-major, C-contiguous operands); the Cython backend does, so that
-    its per-step products and these big GEMMs share scipy's OpenBLAS pool:
-    two pools of spinning threads (numpy's and scipy's) slow each other down
-    2-3x (PERF_NOTES). The others run on numpy's (``@``).
+    NumPy's OpenBLAS, for every backend: its sgemm ran these shapes 10-25%
+    faster than SciPy's (e.g. (128, 32000)·(32000, 128): 78 vs 61 GFLOP/s on
+    one core). Inside a call both run on one thread (``_threads``), so the
+    kernels' per-step products on SciPy's BLAS and these never leave two
+    pools of spinning threads side by side.
     """
-    gemm = getattr(kernels, "gemm", None)
-    if gemm is None:
-        return np.matmul(A.T if trans_a else A, B.T if trans_b else B, out=out)
-    A, B = np.ascontiguousarray(A), np.ascontiguousarray(B)
+    return np.matmul(A.T if trans_a else A, B.T if trans_b else B, out=out)
+
+
+def _pmatmul(A, B, trans_a=False, trans_b=False, out=None):
+    """:func:`_matmul` split between the call's threads when it is big enough (see ``_threads``).
+
+    ``op(A)·op(B)`` is split by the rows of ``op(A)`` (and of ``out``); with
+    ``trans_a`` those are the columns of ``A`` and its rows are the
+    contraction, so that split goes by the contraction instead: each thread
+    sums its share of it and the partial products are added.
+    """
+    m, k = (A.shape[1], A.shape[0]) if trans_a else A.shape
+    n = B.shape[0] if trans_b else B.shape[1]
+    team = team_size(2 * m * n * k)
+    if team == 1 or (trans_a and trans_b):
+        return _matmul(A, B, trans_a, trans_b, out)
     if out is None:
-        out = np.empty((A.shape[1] if trans_a else A.shape[0], B.shape[0] if trans_b else B.shape[1]),
-                       dtype=A.dtype)
-    gemm(trans_a, trans_b, 1.0, A, B, 0.0, out)
+        out = np.empty((m, n), dtype=A.dtype)
+    if not trans_a:
+        run([partial(_matmul, A[r0:r1], B, False, trans_b, out[r0:r1])
+             for r0, r1 in parts(m, team)])
+        return out
+    ranges = parts(k, team)
+    sums = [out] + [np.empty_like(out) for _ in ranges[1:]]
+    run([partial(_matmul, A[k0:k1], B[k0:k1], True, False, s)
+         for (k0, k1), s in zip(ranges, sums)])
+    for s in sums[1:]:
+        out += s
     return out
+
+
+def _batch_parts(kernels, T, B, H):
+    """How the recurrence kernels split the batch between the call's threads: ``[(b0, b1), ...]``.
+
+    Each sequence of a batch is independent, so each thread can run a kernel
+    on its own ``rows``. Only backends whose kernels release the GIL say they
+    can (``SPLITS_BATCH``); the reference never does.
+    """
+    if not getattr(kernels, "SPLITS_BATCH", False):
+        return [(0, B)]
+    return parts(B, team_size(2 * T * B * H * H))
+
+
+def _recurrence(kernels, T, B, H, kernel, *args):
+    """``kernel(*args)``: one call, or one call per batch part (``rows=``) on the call's threads."""
+    ranges = _batch_parts(kernels, T, B, H)
+    if len(ranges) == 1:
+        kernel(*args)
+    else:
+        run([partial(kernel, *args, rows=r) for r in ranges])
 
 
 def _with_ones(X3):
@@ -127,24 +169,24 @@ def _run_forward(kernels, params, X3, h0, act, Hs=None, X1=None):
     W1[:, :D] = params.W_xh
     W1[:, D] = params.b_h
     A = _scratch("A", (T, B, H), params.dtype)
-    _matmul(kernels, X1, W1, trans_b=True, out=A.reshape(T * B, H))
+    _pmatmul(X1, W1, trans_b=True, out=A.reshape(T * B, H))
     if Hs is None:
         Hs = np.empty((T + 1, B, H), dtype=params.dtype)
     Hs[0] = h0
     W_hhT = np.ascontiguousarray(params.W_hh.T)
-    kernels.forward_recurrence(A, W_hhT, Hs, act)
+    _recurrence(kernels, T, B, H, kernels.forward_recurrence, A, W_hhT, Hs, act)
     return Hs
 
 
-def _column_sums(kernels, M):
+def _column_sums(M):
     """``M.sum(axis=0)`` as one GEMV (``ones @ M``): 2-5x faster than numpy's reduction here."""
-    return _matmul(kernels, np.ones((1, M.shape[0]), dtype=M.dtype), M)[0]
+    return _matmul(np.ones((1, M.shape[0]), dtype=M.dtype), M)[0]
 
 
-def _logits(params, Hs, kernels=None):
+def _logits(params, Hs):
     """o = W_hy h + b_y for every row of ``Hs`` (..., H) -> (..., O)."""
     rows = Hs.reshape(-1, Hs.shape[-1])
-    O_rows = _matmul(kernels, rows, params.W_hy, trans_b=True)
+    O_rows = _pmatmul(rows, params.W_hy, trans_b=True)
     O_rows += params.b_y
     return O_rows.reshape(Hs.shape[:-1] + (params.output_size,))
 
@@ -169,9 +211,9 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
     X3, h0_, single = _prepare(params, X, h0)
     T, B, _ = X3.shape
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    with blas_threads(B, params.hidden_size, T):
+    with call_scope():
         Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
-        O_logits = _logits(params, Hs[1:], kernels)
+        O_logits = _logits(params, Hs[1:])
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
@@ -213,7 +255,7 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output)
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-    with blas_threads(B, params.hidden_size, T):
+    with call_scope():
         value, grads, Hs = _loss_and_grad(kernels, params, X3, Y_, h0_, loss, output,
                                           _ACT_CODES[activation], windows(T, truncation))
     h_last = Hs[T, 0].copy() if single else Hs[T].copy()
@@ -238,30 +280,31 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
     H_out = Hs[1 + loss_from:].reshape(Tl * B, H) if output == "sequence" else Hs[T]
-    O_logits = _logits(params, H_out, kernels)
+    O_logits = _logits(params, H_out)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
     dO = dO.reshape(-1, O)
-    dW_hy = _matmul(kernels, dO, H_out, trans_a=True)
-    db_y = _column_sums(kernels, dO)
+    dW_hy = _pmatmul(dO, H_out, trans_a=True)
+    db_y = _column_sums(dO)
 
     # G[t] = ∂L/∂h_t, the direct term from the output layer (zero where no loss)
     G = _scratch("G", (T, B, H), params.dtype)
     if output == "sequence":
         G[:loss_from] = 0
-        _matmul(kernels, dO, params.W_hy, out=G[loss_from:].reshape(Tl * B, H))
+        _pmatmul(dO, params.W_hy, out=G[loss_from:].reshape(Tl * B, H))
     else:
         G[:T - 1] = 0
-        _matmul(kernels, dO, params.W_hy, out=G[T - 1])
+        _matmul(dO, params.W_hy, out=G[T - 1])
 
     dZ = _scratch("dZ", (T, B, H), params.dtype)
     ends, bp_starts = wins
-    kernels.backward_accumulate(G, Hs, np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
+    _recurrence(kernels, T, B, H, kernels.backward_accumulate, G, Hs,
+                np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
 
     # weight gradients: [Σ_t dz_t x_tᵀ | Σ_t dz_t] and Σ_t dz_t h_{t-1}ᵀ -- one GEMM each
     dZ2 = dZ.reshape(T * B, H)
-    dW1 = _matmul(kernels, dZ2, X1, trans_a=True)
+    dW1 = _pmatmul(dZ2, X1, trans_a=True)
     dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
-    dW_hh = _matmul(kernels, dZ2, Hs[:-1].reshape(T * B, H), trans_a=True)
+    dW_hh = _pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True)
     grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
     return value, grads, Hs

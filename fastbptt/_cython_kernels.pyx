@@ -130,10 +130,9 @@ fastbptt_tanh_init()
 
 NAME = "cython"
 
-# The shared GEMMs of fastbptt._core (input projection, output layer, weight
-# gradients) run through this too, on scipy's OpenBLAS like the per-step
-# products: one thread pool per call, not numpy's and scipy's side by side.
-from ._cython_blas import gemm
+#: the kernels release the GIL, so :mod:`fastbptt._core` may run them on disjoint batch ``rows``
+#: from several threads at once
+SPLITS_BATCH = True
 
 #: which tanh the kernels use: "libmvec-avx512", "libmvec-sse" or "libm" (see above)
 TANH_IMPL = fastbptt_tanh_impl().decode()
@@ -233,14 +232,19 @@ cdef inline void _activate(Py_ssize_t n, int act, floating *h) noexcept nogil:
             h[e] = h[e] if h[e] > 0 else 0
 
 
-cdef void _forward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *A,
-                   const floating *W_hhT, floating *Hs, int act, bint small) noexcept nogil:
-    """Hs[t+1] = f(A[t] + Hs[t]·W_hhT): A[t] is copied in and is the beta=1 accumulator."""
+cdef void _forward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *A, Py_ssize_t sA,
+                   const floating *W_hhT, floating *Hs, Py_ssize_t sH, int act,
+                   bint small) noexcept nogil:
+    """Hs[t+1] = f(A[t] + Hs[t]·W_hhT): A[t] is copied in and is the beta=1 accumulator.
+
+    ``sA``/``sH`` are the time strides (elements) of ``A``/``Hs``; each step is a
+    C-contiguous (B, H) block (the rows b0..b1 of a larger batch).
+    """
     cdef Py_ssize_t t, BH = B * H
     for t in range(T):
-        memcpy(Hs + (t + 1) * BH, A + t * BH, BH * sizeof(floating))
-        _step_product(small, B, H, Hs + t * BH, W_hhT, True, Hs + (t + 1) * BH)
-        _activate(BH, act, Hs + (t + 1) * BH)
+        memcpy(Hs + (t + 1) * sH, A + t * sA, BH * sizeof(floating))
+        _step_product(small, B, H, Hs + t * sH, W_hhT, True, Hs + (t + 1) * sH)
+        _activate(BH, act, Hs + (t + 1) * sH)
 
 
 cdef inline void _dz_step(Py_ssize_t n, int act, const floating *carried, bint has_carried,
@@ -267,22 +271,27 @@ cdef inline void _dz_step(Py_ssize_t n, int act, const floating *carried, bint h
         dZt[e] += d
 
 
-cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G,
-                    const floating *Hs, const floating *W_hh, Py_ssize_t n_win,
+cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G, Py_ssize_t sG,
+                    const floating *Hs, Py_ssize_t sH, const floating *W_hh, Py_ssize_t n_win,
                     const int64_t *ends, const int64_t *bp_starts, int act,
-                    floating *dZ, floating *carried, floating *dz, bint small) noexcept nogil:
-    """Fill dZ with Σ_windows dz_t; ``carried`` and ``dz`` are (B, H) work buffers."""
+                    floating *dZ, Py_ssize_t sZ, floating *carried, floating *dz,
+                    bint small) noexcept nogil:
+    """Fill dZ with Σ_windows dz_t; ``carried`` and ``dz`` are (B, H) work buffers.
+
+    ``sG``/``sH``/``sZ`` are time strides (elements); each step is a C-contiguous (B, H) block.
+    """
     cdef Py_ssize_t BH = B * H, w, t, end, bp_start, loss_start = 0
     cdef bint has_carried
-    memset(dZ, 0, T * BH * sizeof(floating))
+    for t in range(T):
+        memset(dZ + t * sZ, 0, BH * sizeof(floating))
     for w in range(n_win):
         end = ends[w]
         bp_start = bp_starts[w]
         has_carried = False
         t = end - 1
         while t >= bp_start:
-            _dz_step(BH, act, carried, has_carried, G + t * BH, t >= loss_start,
-                     Hs + (t + 1) * BH, dz, dZ + t * BH)
+            _dz_step(BH, act, carried, has_carried, G + t * sG, t >= loss_start,
+                     Hs + (t + 1) * sH, dz, dZ + t * sZ)
             if t > bp_start:            # δ_{t-1} = W_hhᵀ dz_t, i.e. dz_t · W_hh by rows
                 _step_product(small, B, H, dz, W_hh, False, carried)
                 has_carried = True
@@ -295,6 +304,16 @@ def _check_act(int act):
         raise ValueError(f"act: expected ACT_TANH (0) or ACT_RELU (1), got {act}")
 
 
+def _rows(rows, Py_ssize_t B):
+    """``rows`` -> (b0, b1): the batch rows a kernel call computes (all of them if None)."""
+    if rows is None:
+        return 0, B
+    b0, b1 = int(rows[0]), int(rows[1])
+    if not 0 <= b0 < b1 <= B:
+        raise ValueError(f"rows: expected (b0, b1) with 0 <= b0 < b1 <= B={B}, got {rows!r}")
+    return b0, b1
+
+
 def _pick(Py_ssize_t B, Py_ssize_t H, int path):
     if path == -1:
         return _use_small(B, H)
@@ -304,7 +323,7 @@ def _pick(Py_ssize_t B, Py_ssize_t H, int path):
 
 
 def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT,
-                       floating[:, :, ::1] Hs, int act, int _path=-1):
+                       floating[:, :, ::1] Hs, int act, rows=None, int _path=-1):
     """Fill ``Hs[1:]`` with h_t = f(A[t] + Hs[t]·W_hhT); see :mod:`fastbptt.reference`.
 
     Parameters
@@ -315,6 +334,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         h0, ``Hs[1:]`` is written.
     act : int
         ``ACT_TANH`` (0) or ``ACT_RELU`` (1).
+    rows : (b0, b1), optional
+        Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
+        calls on disjoint rows may run on several threads at once.
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     """
@@ -325,17 +347,19 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     if Hs.shape[0] != T + 1 or Hs.shape[1] != B or Hs.shape[2] != H:
         raise ValueError(f"Hs: expected shape ({T + 1}, {B}, {H}), "
                          f"got ({Hs.shape[0]}, {Hs.shape[1]}, {Hs.shape[2]})")
-    cdef bint small = _pick(B, H, _path)
     if T == 0 or B == 0 or H == 0:
         return
+    cdef Py_ssize_t b0, b1
+    b0, b1 = _rows(rows, B)
+    cdef bint small = _pick(b1 - b0, H, _path)
     with nogil:
-        _forward(T, B, H, &A[0, 0, 0], &W_hhT[0, 0], &Hs[0, 0, 0], act, small)
+        _forward(T, b1 - b0, H, &A[0, b0, 0], B * H, &W_hhT[0, 0], &Hs[0, b0, 0], B * H, act, small)
 
 
 def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] Hs,
                         const floating[:, ::1] W_hh, const int64_t[::1] ends,
                         const int64_t[::1] bp_starts, int act, floating[:, :, ::1] dZ,
-                        int _path=-1):
+                        rows=None, int _path=-1):
     """Overwrite ``dZ`` with the pre-activation gradients summed over windows.
 
     See the kernel contract in :mod:`fastbptt.reference`.
@@ -351,6 +375,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     act : int
         ``ACT_TANH`` (0) or ``ACT_RELU`` (1).
     dZ : C-contiguous ndarray of shape (T, B, H), same dtype; overwritten.
+    rows : (b0, b1), optional
+        Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
+        calls on disjoint rows may run on several threads at once.
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     """
@@ -373,16 +400,18 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
                 f"ends, bp_starts: expected 0 < ends[0] < ... <= T={T} and 0 <= bp_starts[i] < ends[i], "
                 f"got ends[{i}]={ends[i]}, bp_starts[{i}]={bp_starts[i]} (previous end {prev})")
         prev = ends[i]
-    cdef bint small = _pick(B, H, _path)
     if T == 0 or B == 0 or H == 0:
         return
+    cdef Py_ssize_t b0, b1
+    b0, b1 = _rows(rows, B)
+    cdef bint small = _pick(b1 - b0, H, _path)
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] carried = np.empty((B, H), dtype=dtype)
-    cdef floating[:, ::1] dz = np.empty((B, H), dtype=dtype)
+    cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)
+    cdef floating[:, ::1] dz = np.empty((b1 - b0, H), dtype=dtype)
     with nogil:
-        _backward(T, B, H, &G[0, 0, 0], &Hs[0, 0, 0], &W_hh[0, 0], n_win,
+        _backward(T, b1 - b0, H, &G[0, b0, 0], B * H, &Hs[0, b0, 0], B * H, &W_hh[0, 0], n_win,
                   &ends[0] if n_win else NULL, &bp_starts[0] if n_win else NULL, act,
-                  &dZ[0, 0, 0], &carried[0, 0], &dz[0, 0], small)
+                  &dZ[0, b0, 0], B * H, &carried[0, 0], &dz[0, 0], small)
 
 
 def uses_small_loop(Py_ssize_t B, Py_ssize_t H):

@@ -255,6 +255,10 @@ def _register_cblas():
 
 HAVE_NUMPY_CBLAS, _placeholders = _register_cblas()
 
+#: the kernels release the GIL, so :mod:`fastbptt._core` may run them on disjoint batch ``rows``
+#: from several threads at once
+SPLITS_BATCH = True
+
 
 def _cblas_type(ft):
     i32, i64, ptr = types.int32, types.int64, types.CPointer(ft)
@@ -297,18 +301,21 @@ def _step_product(x, W, out, gemm):
 # the kernels
 # --------------------------------------------------------------------------------------------
 
-@_jit(error_model="numpy")
-def _forward(A, W_hhT, Hs, act, gemm):
+@_jit(error_model="numpy", nogil=True)
+def _forward(A, W_hhT, Hs, act, gemm, b0, b1):
+    """The forward of batch rows [b0, b1): each step's rows ``Hs[t, b0:b1]`` are a C-contiguous block."""
     T = A.shape[0]
     for t in range(T):
-        h_next = Hs[t + 1]
-        _step_product(Hs[t], W_hhT, h_next, gemm)       # Hs[t+1] = h_{t-1} @ W_hhᵀ
-        _activate_step(h_next, A[t], act)                # Hs[t+1] = f(Hs[t+1] + A[t])
+        h_next = Hs[t + 1, b0:b1]
+        _step_product(Hs[t, b0:b1], W_hhT, h_next, gemm)   # Hs[t+1] = h_{t-1} @ W_hhᵀ
+        _activate_step(h_next, A[t, b0:b1], act)            # Hs[t+1] = f(Hs[t+1] + A[t])
 
 
-@_jit(error_model="numpy")
-def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm):
-    T, B, H = G.shape
+@_jit(error_model="numpy", nogil=True)
+def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm, b0, b1):
+    """The backward of batch rows [b0, b1) (see ``_forward``)."""
+    T, H = G.shape[0], G.shape[2]
+    B = b1 - b0
     delta = np.empty((B, H), dtype=G.dtype)     # δ carried back from step t+1
     dz = np.empty((B, H), dtype=G.dtype)
     zero = np.zeros(1, dtype=G.dtype)[0]       # typed constants: float32 stays float32
@@ -321,16 +328,18 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm):
         # window's own loss steps, and no earlier window has touched them: dZ[t] is written,
         # not added to. Steps in [loss_start, bp_start) lie in no window at all: zeroed.
         for t in range(loss_start, bp_start):
-            dZ[t, :, :] = 0
+            dZ[t, b0:b1, :] = 0
         for t in range(end - 1, bp_start - 1, -1):
-            h = Hs[t + 1]
+            h = Hs[t + 1, b0:b1]
+            g_t = G[t, b0:b1]
+            dz_t = dZ[t, b0:b1]
             carried = t < end - 1               # at the window's last step δ starts at zero
             own_step = t >= loss_start
             for b in range(B):
                 for j in range(H):
                     d = delta[b, j] if carried else zero
                     if own_step:
-                        d += G[t, b, j]              # δ_t = ∂L/∂h_t (direct) + carried
+                        d += g_t[b, j]               # δ_t = ∂L/∂h_t (direct) + carried
                     hv = h[b, j]
                     if act == ACT_TANH:
                         g = d * (one - hv * hv)      # dz_t = δ_t ⊙ (1 - h_t²)
@@ -338,14 +347,14 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm):
                         g = d if hv > zero else zero  # dz_t = δ_t ⊙ [h_t > 0]
                     dz[b, j] = g
                     if own_step:
-                        dZ[t, b, j] = g
+                        dz_t[b, j] = g
                     else:
-                        dZ[t, b, j] += g
+                        dz_t[b, j] += g
             if t > bp_start:
                 _step_product(dz, W_hh, delta, gemm)       # δ_{t-1} = W_hhᵀ dz_t
         loss_start = end
     for t in range(loss_start, T):      # none: ends[-1] = T by contract (the reference zeroes them)
-        dZ[t, :, :] = 0
+        dZ[t, b0:b1, :] = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,13 +401,23 @@ def _gemm_route(B, H, itemsize, have_numpy_cblas=None):
     return _GEMM_NUMBA_DOT
 
 
-def forward_recurrence(A, W_hhT, Hs, act):
-    """Fill ``Hs[1:]``; see the kernel contract in :mod:`fastbptt.reference`."""
+def _rows(rows, B):
+    b0, b1 = (0, B) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= b0 < b1 <= B:
+        raise ValueError(f"rows: expected (b0, b1) with 0 <= b0 < b1 <= B={B}, got {rows!r}")
+    return b0, b1
+
+
+def forward_recurrence(A, W_hhT, Hs, act, rows=None):
+    """Fill ``Hs[1:]`` (of batch ``rows``); see the kernel contract in :mod:`fastbptt.reference`."""
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
-    _forward(A, W_hhT, Hs, int(act), _gemm_route(A.shape[1], A.shape[2], A.itemsize))
+    b0, b1 = _rows(rows, A.shape[1])
+    _forward(A, W_hhT, Hs, int(act), _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1)
 
 
-def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ):
-    """Overwrite ``dZ`` with Σ_windows dz_t; see the kernel contract in :mod:`fastbptt.reference`."""
+def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, rows=None):
+    """Overwrite ``dZ`` (of batch ``rows``) with Σ_windows dz_t; see :mod:`fastbptt.reference`."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
-    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ, _gemm_route(G.shape[1], G.shape[2], G.itemsize))
+    b0, b1 = _rows(rows, G.shape[1])
+    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ,
+              _gemm_route(b1 - b0, G.shape[2], G.itemsize), b0, b1)

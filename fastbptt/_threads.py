@@ -1,36 +1,45 @@
-"""Thread control: fastbptt never lets BLAS pools oversubscribe the cores.
+"""Threads: fastbptt runs its own team of threads, and BLAS on one thread inside it.
 
-numpy and scipy each ship an OpenBLAS with its own pool of spinning threads.
-The sequential part of BPTT is a chain of small products, and on a 2-core
-machine a second BLAS thread there is at best useless and at worst (another
-pool spinning, another process on the other core) 10-100x slower: measured
-on a character model (T=25, B=32, H=64), one training step took 1-3 ms with
-one BLAS thread and 110-160 ms with the default two while the machine was
-busy. Threads pay only where the products are big enough to share
-(B·H >= 2048 and T·B·H >= 65536, measured; see MIN_BATCH_X_HIDDEN_FOR_THREADS).
+numpy and scipy each ship an OpenBLAS with its own pool of threads, and an
+OpenBLAS thread keeps spinning on its core for a while after each call. The
+sequential part of BPTT is a chain of small products that OpenBLAS runs on
+the calling thread, so with a 2-thread BLAS the spinning threads take the
+second core from anything else, and they made the single-threaded parts of
+a step up to 4x slower on this 2-core machine (a training step at T=25,
+B=32, H=64 took 110-160 ms instead of 1-3 ms while the machine was busy).
 
-So every public call runs inside one limit on all BLAS pools (threadpoolctl),
-chosen per shape, restored on exit; nested calls (the trainer calling the
-core) reuse the outer limit. Override with ``fastbptt.set_num_threads(n)`` or
-the environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: automatic).
+So inside every public call all BLAS pools are pinned to one thread
+(threadpoolctl), and the parallelism is fastbptt's own (:func:`run`): the
+two recurrence kernels split the batch between the threads of the team
+(each sequence is independent), and the big GEMMs split their rows, each
+thread calling single-threaded BLAS on its part. A part runs on a thread of
+its own only when it is big enough to pay for the hand-off (``MIN_SPLIT_FLOPS``).
+The team has one thread per core; ``fastbptt.set_num_threads(n)`` or the
+environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: one per core)
+sets its size, and 1 turns the splitting off.
 """
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 ENV_VAR = "FASTBPTT_NUM_THREADS"
-# Where a second thread starts to pay: measured per backend on a quiet 2-core
-# machine (best of ~2 s of steps, float32, 1 vs 2 threads): T=1000, B=1, H=32
-# 0.34 vs 0.33 ms (even); B=32, H=64 1.60 vs 1.47 ms; B=16, H=128 5.2 vs 4.3 ms;
-# B=64, H=256 78 vs 49 ms; B=128, H=1024 1091 vs 576 ms.
-MIN_BATCH_X_HIDDEN_FOR_THREADS = 2048
-# ... and only for enough steps: T=5, B=32, H=128 (a truncated-BPTT update)
-# 0.41 ms with one thread, 0.55 ms with two; T=100 there: 8.1 vs 6.1 ms.
-MIN_WORK_FOR_THREADS = 65536          # T·B·H
 
-_controller = None
+# A phase of a call (one GEMM, one recurrence kernel) is split between threads only from this
+# many floating-point operations: handing a part to a pool thread and waiting for it costs
+# ~20-100 µs here, and ~2^24 flops take ~0.2 ms on one core. Measured on the recurrence
+# kernels (float32, tanh, one core vs two, best of 50): T=100, B=32, H=64 (2.6e7 flops):
+# 0.36 vs 0.29 ms; T=2000, B=16, H=128: 13.2 vs 7.7 ms.
+MIN_SPLIT_FLOPS = 1 << 24
+
 _forced = None
-_depth = 0
+_scope = threading.local()          # .threads: the team size of the call running on this thread
+_pin_lock = threading.Lock()
+_pinned = 0                         # calls (on any thread) inside a scope
+_restore = []                       # (BLAS controller, its thread count before the first scope)
+_controller = None
+_pool = None
 
 
 def _cpu_count():
@@ -41,7 +50,7 @@ def _cpu_count():
 
 
 def set_num_threads(n):
-    """Fix the number of BLAS threads fastbptt uses (``None`` or 0: automatic, per shape).
+    """Fix the number of threads fastbptt uses per call (``None`` or 0: one per core).
 
     Parameters
     ----------
@@ -53,8 +62,8 @@ def set_num_threads(n):
     _forced = n or None
 
 
-def get_num_threads(B=1, H=1, T=None):
-    """The number of BLAS threads a call of ``T`` steps (None: many), batch ``B`` and hidden size ``H`` runs with."""
+def get_num_threads():
+    """The number of threads a call may use: :func:`set_num_threads`, else ``FASTBPTT_NUM_THREADS``, else the cores."""
     if _forced:
         return _forced
     env = os.environ.get(ENV_VAR, "").strip()
@@ -62,8 +71,7 @@ def get_num_threads(B=1, H=1, T=None):
         if not env.isdigit():
             raise ValueError(f"{ENV_VAR}: expected an int >= 0, got {env!r}")
         return int(env)
-    big = B * H >= MIN_BATCH_X_HIDDEN_FOR_THREADS and (T is None or T * B * H >= MIN_WORK_FOR_THREADS)
-    return _cpu_count() if big else 1
+    return _cpu_count()
 
 
 def _blas_libs():
@@ -77,28 +85,83 @@ def _blas_libs():
 
 
 @contextmanager
-def blas_threads(B=1, H=1, T=None):
-    """Run the block with the BLAS pools limited as :func:`get_num_threads` says.
+def call_scope():
+    """Run one public call: BLAS pinned to one thread, the team size fixed for the call.
 
-    Only the pools whose setting differs are changed, and they are restored
-    on exit (a few ctypes calls, ~1-2 µs, where ``threadpool_limits`` takes
-    ~20 µs: it matters at batch 1, where a whole step is ~0.3 ms).
+    The first scope entered (on any thread) pins the pools whose setting is
+    not 1 and the last one left restores them (a few ctypes calls, ~1-2 µs;
+    ``threadpool_limits`` takes ~20 µs, which matters at batch 1 where a
+    whole step is ~0.3 ms). A nested scope (the trainer calling the core)
+    reuses the outer one.
     """
-    global _depth
-    if _depth:
+    global _pinned
+    if getattr(_scope, "threads", 0):
         yield
         return
-    n = get_num_threads(B, H, T)
-    changed = []
-    _depth += 1
+    n = get_num_threads()
+    with _pin_lock:
+        if _pinned == 0:
+            for lib in _blas_libs():
+                old = lib.get_num_threads()
+                if old != 1:
+                    lib.set_num_threads(1)
+                    _restore.append((lib, old))
+        _pinned += 1
+    _scope.threads = n
     try:
-        for lib in _blas_libs():
-            old = lib.get_num_threads()
-            if old != n:
-                lib.set_num_threads(n)
-                changed.append((lib, old))
         yield
     finally:
-        for lib, old in changed:
-            lib.set_num_threads(old)
-        _depth -= 1
+        _scope.threads = 0
+        with _pin_lock:
+            _pinned -= 1
+            if _pinned == 0:
+                for lib, old in _restore:
+                    lib.set_num_threads(old)
+                _restore.clear()
+
+
+def team_size(flops=None):
+    """Threads for one phase of ``flops`` operations in the current call (1 outside a call)."""
+    n = getattr(_scope, "threads", 0) or 1
+    if flops is not None and flops < MIN_SPLIT_FLOPS:
+        return 1
+    return n
+
+
+def parts(n, k):
+    """``k`` near-equal ``(start, stop)`` ranges covering ``range(n)`` (fewer if ``n < k``)."""
+    k = max(1, min(k, n))
+    q, r = divmod(n, k)
+    bounds = [i * q + min(i, r) for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _reset_after_fork():
+    global _pool, _pin_lock, _pinned
+    _pool, _pin_lock, _pinned = None, threading.Lock(), 0
+    _restore.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def run(tasks):
+    """Run callables at the same time: ``tasks[0]`` on this thread, the others on the pool.
+
+    Returns their results in order. Every task has finished when this returns
+    or raises (the first exception, in task order, is raised).
+    """
+    global _pool
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    with _pin_lock:
+        if _pool is None or _pool._max_workers < len(tasks) - 1:
+            _pool = ThreadPoolExecutor(len(tasks) - 1, thread_name_prefix="fastbptt")
+        pool = _pool
+    futures = [pool.submit(task) for task in tasks[1:]]
+    try:
+        first = tasks[0]()
+    finally:
+        wait(futures)
+    return [first] + [f.result() for f in futures]

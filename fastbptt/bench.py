@@ -188,9 +188,9 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
 class _ThreadLimits:
     """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl).
 
-    fastbptt picks its BLAS threads per call and shape (:mod:`fastbptt._threads`:
-    one thread below B·H = 2048, every core from there). When ``threads`` is below the
-    core count, that choice is forced to ``threads`` for the run, so the cap holds.
+    fastbptt's own team of threads (:mod:`fastbptt._threads`: BLAS on one thread
+    inside a call, the batch and the big GEMMs split between the team's threads
+    where a phase is big enough) is set to ``threads`` for the run.
     """
 
     def __init__(self, threads):
@@ -201,16 +201,13 @@ class _ThreadLimits:
 
     def describe(self):
         """How fastbptt's own threads are set during the run (for the results)."""
-        if self.threads < _threads._cpu_count():
-            return f"forced to {self.threads} (fastbptt.set_num_threads)"
-        return (f"automatic per shape: 1 below B*H={_threads.MIN_BATCH_X_HIDDEN_FOR_THREADS}, "
-                f"{_threads._cpu_count()} from there")
+        return (f"a team of {self.threads} (fastbptt.set_num_threads), BLAS on 1 thread inside it; "
+                f"a phase is split from {_threads.MIN_SPLIT_FLOPS:.2g} flops")
 
     def __enter__(self):
         from threadpoolctl import threadpool_limits
         self._forced_prev = _threads._forced
-        if self.threads < _threads._cpu_count():
-            _threads.set_num_threads(self.threads)
+        _threads.set_num_threads(self.threads)
         self._ctl = threadpool_limits(limits=self.threads)
         try:
             import numba

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backends import resolve_backend
-from ._threads import blas_threads
+from ._threads import call_scope
 from ._core import _ACT_CODES, _logits, _run_forward, windows
 from ._losses import LOSS_FUNCS, LOSSES
 from ._params import RNNParams
@@ -41,10 +41,10 @@ def _hidden_grad_norms(kernels, params, X3, Y, h0, loss, output, act):
     Hs = _run_forward(kernels, params, X3, h0, act)
     G = np.zeros((T, B, H), dtype=params.dtype)
     if output == "sequence":
-        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[1:], kernels), Y)
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[1:]), Y)
         G[:] = (dO.reshape(T * B, -1) @ params.W_hy).reshape(T, B, H)
     else:
-        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[T], kernels), Y)
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[T]), Y)
         G[T - 1] = dO @ params.W_hy
     dZ = np.empty((T, B, H), dtype=params.dtype)
     ends, bp_starts = windows(T, None)
@@ -90,7 +90,7 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
         h0_ = V.check_h0(h0, model, B, single)
         Y_ = V.check_Y(Y, model, T, B, single, loss, output)
         kernels = resolve_backend(backend, T=T, B=B, H=model.hidden_size, dtype=model.dtype)
-        with blas_threads(B, model.hidden_size, T):
+        with call_scope():
             return _hidden_grad_norms(kernels, model, X3, Y_, h0_, loss, output, _ACT_CODES[activation])
     from .estimator import RNN
     if not isinstance(model, RNN):
@@ -99,7 +99,7 @@ def hidden_grad_norms(model, X, Y, *, h0=None, loss="mse", output="sequence", ac
     idx = np.arange(Xt.shape[1])
     Xb = model._batch_X(kind, Xt, idx)
     kernels = model._kernels(Xb.shape[0], Xb.shape[1])
-    with blas_threads(Xb.shape[1], model.hidden_size, Xb.shape[0]):
+    with call_scope():
         return _hidden_grad_norms(kernels, model.params, Xb, Yt, None, model.loss, model.output,
                                   _ACT_CODES[model.activation])
 

@@ -62,7 +62,7 @@ import numpy as np
 from . import _validation as V
 from ._backends import _MODULES, resolve_backend
 from ._io import atomic_write
-from ._threads import blas_threads
+from ._threads import call_scope
 from ._clip import clip_grad_norm
 from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward, windows
 from ._losses import LOSS_FUNCS, LOSSES, predict_from_logits
@@ -298,23 +298,23 @@ class RNN:
         kernels = self._kernels(T, min(N, _PREDICT_CHUNK))
         seq = self.output == "sequence"
         out = np.empty((N, T, self.output_size) if seq else (N, self.output_size), dtype=self.dtype)
-        with blas_threads(min(N, _PREDICT_CHUNK), self.hidden_size, T):
+        with call_scope():
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if seq:
-                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:], kernels), 0, 1)
+                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:]), 0, 1)
                 else:
-                    out[idx] = _logits(self.params, Hs[T], kernels)
+                    out[idx] = _logits(self.params, Hs[T])
         return predict_from_logits(out, self.loss)
 
     def _evaluate(self, kind, Xt, Yt, kernels):
         total, weight = 0.0, 0
         T = Xt.shape[0]
-        with blas_threads(min(Xt.shape[1], _PREDICT_CHUNK), self.hidden_size, T):
+        with call_scope():
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if self.output == "sequence":
-                    o, y = _logits(self.params, Hs[1:], kernels), Yt[:, idx]
+                    o, y = _logits(self.params, Hs[1:]), Yt[:, idx]
                 else:
-                    o, y = _logits(self.params, Hs[T], kernels), Yt[idx]
+                    o, y = _logits(self.params, Hs[T]), Yt[idx]
                 value, _ = LOSS_FUNCS[self.loss](o, y)
                 total += value * len(idx)
                 weight += len(idx)
@@ -467,10 +467,7 @@ class RNN:
         if stateful and self.state_ is None:
             self.state_ = np.zeros((N, self.hidden_size), dtype=self.dtype)
         hist = self.history_
-        # threads for the length of one update (a chunk of k, or k2 steps), not of T
-        seg = T if self.truncation is None else min(T, self.truncation if _is_int(self.truncation)
-                                                    else self.truncation[1])
-        with blas_threads(B, self.hidden_size, seg):
+        with call_scope():
             bar = make_progress(progress, epochs * N, "fit")
             try:
                 for _ in range(epochs):

@@ -43,6 +43,12 @@ Rows are the batch axis (row-major), so for a batch of row vectors
     chain starts at zero at step ``ends[i]-1``, takes ``G[t]`` only at its own
     loss steps, and stops at ``bp_starts[i]`` (the gradient does not cross it).
 
+A backend whose module sets ``SPLITS_BATCH = True`` releases the GIL in both
+kernels and takes one more keyword, ``rows=(b0, b1)``: compute (and write)
+only the sequences ``b0 .. b1-1`` of the batch. Each sequence is independent,
+so :mod:`fastbptt._core` runs such calls on disjoint rows from several
+threads at once; this reference does not split.
+
 Full BPTT is ``ends = [T], bp_starts = [0]``; ``truncation=k`` gives disjoint
 windows; ``(k1, k2)`` overlapping ones (see :func:`fastbptt._core.windows`).
 Kernels allocate nothing inside the time loop and never write their inputs.

@@ -1,11 +1,14 @@
-"""BLAS thread control: every call runs inside one limit, chosen per shape, restored after."""
+"""Threads: BLAS pinned to one thread inside every call, fastbptt's own team, restored after."""
+
+import os
+import threading
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
 import fastbptt
-from fastbptt import reference
+from fastbptt import _threads, reference
 from helpers import make_problem
 
 
@@ -15,40 +18,44 @@ def _blas_threads():
 
 @pytest.fixture
 def spy(monkeypatch):
+    """Records (BLAS pool sizes, team size) each time the reference forward kernel runs."""
     seen = []
     original = reference.forward_recurrence
 
     def recording(*args):
-        seen.append(_blas_threads())
+        seen.append((_blas_threads(), _threads.team_size()))
         return original(*args)
 
     monkeypatch.setattr(reference, "forward_recurrence", recording)
     return seen
 
 
-@pytest.mark.parametrize("T,H,expected", [(3, 8, 1), (3, 1100, 1), (40, 1100, None)])
-def test_limit_by_shape_and_restored(spy, T, H, expected):
-    before = _blas_threads()
-    params, X, Y = make_problem(T, 2, 3, H, 2, seed=0)
-    fastbptt.loss_and_grad(params, X, Y, backend="numpy")
-    want = expected or fastbptt._threads._cpu_count()
-    assert want == fastbptt.get_num_threads(B=2, H=H, T=T)
-    assert spy and all(n == want for n in spy[0])
-    assert _blas_threads() == before
-
-
-def test_override(spy, monkeypatch):
+def test_blas_pinned_to_one_inside_a_call_and_restored(spy):
+    from threadpoolctl import threadpool_limits
     params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
-    monkeypatch.setenv("FASTBPTT_NUM_THREADS", "2")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert set(before) == {min(2, os.cpu_count())}
+        fastbptt.loss_and_grad(params, X, Y, backend="numpy")
+        assert _blas_threads() == before
+    assert spy and all(n == 1 for n in spy[0][0])
+    assert spy[0][1] == fastbptt.get_num_threads()
+
+
+def test_team_size_override(spy, monkeypatch):
+    params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
+    monkeypatch.setenv("FASTBPTT_NUM_THREADS", "3")
+    assert fastbptt.get_num_threads() == 3
     fastbptt.forward(params, X, backend="numpy")
-    assert all(n == 2 for n in spy[-1])
+    assert spy[-1][1] == 3
     fastbptt.set_num_threads(1)
     try:
         fastbptt.forward(params, X, backend="numpy")
-        assert all(n == 1 for n in spy[-1])
-        assert fastbptt.get_num_threads(B=128, H=1024) == 1
+        assert spy[-1][1] == 1 and fastbptt.get_num_threads() == 1
     finally:
         fastbptt.set_num_threads(None)
+    monkeypatch.delenv("FASTBPTT_NUM_THREADS")
+    assert fastbptt.get_num_threads() == _threads._cpu_count()
     monkeypatch.setenv("FASTBPTT_NUM_THREADS", "many")
     with pytest.raises(ValueError, match="FASTBPTT_NUM_THREADS.*'many'"):
         fastbptt.forward(params, X, backend="numpy")
@@ -56,8 +63,73 @@ def test_override(spy, monkeypatch):
         fastbptt.set_num_threads(-1)
 
 
-def test_trainer_runs_inside_one_limit(spy):
+def test_outside_a_call_the_team_is_one_and_small_phases_never_split():
+    assert _threads.team_size() == 1
+    with _threads.call_scope():
+        n = fastbptt.get_num_threads()
+        assert _threads.team_size() == n
+        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS - 1) == 1
+        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS) == n
+        with _threads.call_scope():            # nested: the outer call's team
+            assert _threads.team_size() == n
+    assert _threads.team_size() == 1
+
+
+def test_trainer_runs_inside_one_scope(spy):
     X = np.random.default_rng(0).normal(size=(8, 5, 3))
     Y = np.random.default_rng(1).normal(size=(8, 5, 2))
     fastbptt.RNN(3, 8, 2, batch_size=4, backend="numpy", seed=0).fit(X, Y, epochs=1, progress=False)
-    assert spy and all(n == [1] * len(n) for n in spy)
+    assert spy and all(blas == [1] * len(blas) for blas, _ in spy)
+
+
+@pytest.mark.parametrize("n,k", [(10, 3), (2, 5), (7, 1), (1, 2), (64, 2)])
+def test_parts_cover_the_range_evenly(n, k):
+    ranges = _threads.parts(n, k)
+    assert len(ranges) == min(n, k)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_run_returns_in_order_uses_other_threads_and_waits_on_errors():
+    names = _threads.run([lambda i=i: (i, threading.current_thread().name) for i in range(3)])
+    assert [i for i, _ in names] == [0, 1, 2]
+    assert names[0][1] == threading.current_thread().name
+    assert all(name.startswith("fastbptt") for _, name in names[1:])
+
+    done = threading.Event()
+
+    def slow():
+        done.wait(0.05)
+        done.set()
+        return "slow"
+
+    def fail():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _threads.run([fail, slow])
+    assert done.is_set()            # the other task had finished before the error was raised
+    with pytest.raises(RuntimeError, match="boom"):
+        _threads.run([lambda: 1, fail])
+
+
+def test_concurrent_calls_from_user_threads_agree_and_restore_blas():
+    from threadpoolctl import threadpool_limits
+    params, X, Y = make_problem(6, 4, 3, 8, 2, seed=1)
+    want = fastbptt.loss_and_grad(params, X, Y, backend="numpy")[0]
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        out = [None] * 4
+
+        def work(i):
+            out[i] = [fastbptt.loss_and_grad(params, X, Y, backend="numpy")[0] for _ in range(20)]
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _blas_threads() == before
+    assert all(v == want for vals in out for v in vals)

@@ -1,0 +1,112 @@
+"""The split paths: batch parts of the recurrence kernels and split GEMMs, against one thread.
+
+At test sizes no phase reaches ``MIN_SPLIT_FLOPS``, so these tests lower it to 0
+and fix the team size: every GEMM and (for the compiled backends) every
+kernel call is then split, 2 or 3 ways, B not a multiple of the team included.
+"""
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import _core, _threads
+from fastbptt._backends import resolve_backend
+from helpers import RTOL, make_problem, rel_err
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS", 0)
+
+    def use(n):
+        fastbptt.set_num_threads(n)
+
+    yield use
+    fastbptt.set_num_threads(None)
+
+
+def _one_thread(params, X, Y, **kw):
+    fastbptt.set_num_threads(1)
+    try:
+        return fastbptt.loss_and_grad(params, X, Y, backend="numpy", **kw)
+    finally:
+        fastbptt.set_num_threads(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("truncation", [None, 3, (2, 5)], ids=str)
+@pytest.mark.parametrize("loss,output", [("mse", "sequence"), ("ce", "sequence"), ("bce", "last")])
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_split_call_matches_one_thread(backend, split_everything, B, loss, output, truncation, threads, dtype):
+    params, X, Y = make_problem(9, B, 4, 13, 3, loss=loss, output=output, dtype=dtype, seed=B)
+    h0 = np.random.default_rng(4).uniform(-0.5, 0.5, size=(B, 13))
+    ref = _one_thread(params, X, Y, h0=h0, loss=loss, output=output, truncation=truncation)
+    split_everything(threads)
+    kernels = resolve_backend(backend)
+    with _threads.call_scope():
+        parts = _core._batch_parts(kernels, 9, B, 13)
+    assert len(parts) == (min(B, threads) if getattr(kernels, "SPLITS_BATCH", False) else 1)
+    got = fastbptt.loss_and_grad(params, X, Y, h0=h0, loss=loss, output=output, truncation=truncation,
+                                 backend=backend)
+    rtol = RTOL[dtype]
+    assert got[0] == pytest.approx(ref[0], rel=rtol, abs=rtol)
+    for name, g_ref in ref[1].items():
+        assert rel_err(getattr(got[1], name), g_ref) <= rtol, name
+    assert rel_err(got[2], ref[2]) <= rtol
+
+
+def test_compiled_backends_split_the_batch(split_everything):
+    split_everything(2)
+    with _threads.call_scope():
+        for name in ("cython", "numba"):
+            assert _core._batch_parts(resolve_backend(name), 4, 6, 8) == [(0, 3), (3, 6)]
+        assert _core._batch_parts(resolve_backend("numpy"), 4, 6, 8) == [(0, 6)]
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2)])
+def test_split_gemm(split_everything, trans_a, trans_b, m, k, n):
+    rng = np.random.default_rng(m * 100 + k * 10 + n)
+    A = rng.normal(size=(k, m) if trans_a else (m, k))
+    B = rng.normal(size=(n, k) if trans_b else (k, n))
+    want = (A.T if trans_a else A) @ (B.T if trans_b else B)
+    split_everything(3)
+    with _threads.call_scope():
+        got = _core._pmatmul(A, B, trans_a, trans_b)
+        out = np.full((m, n), np.nan)
+        assert _core._pmatmul(A, B, trans_a, trans_b, out=out) is out
+    assert rel_err(got, want) <= 1e-14 and rel_err(out, want) <= 1e-14
+
+
+@pytest.mark.parametrize("name", ["cython", "numba"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_kernel_rows_compute_only_their_rows(name, dtype):
+    kernels = resolve_backend(name)
+    rng = np.random.default_rng(0)
+    T, B, H = 6, 5, 7
+    A = rng.normal(size=(T, B, H)).astype(dtype)
+    W = rng.normal(scale=0.4, size=(H, H)).astype(dtype)
+    G = rng.normal(size=(T, B, H)).astype(dtype)
+    ends, bps = _core.windows(T, (2, 3))
+    Hs_ref = np.empty((T + 1, B, H), dtype)
+    Hs_ref[0] = rng.normal(size=(B, H))
+    kernels.forward_recurrence(A, np.ascontiguousarray(W.T), Hs_ref, 0)
+    dZ_ref = np.empty_like(G)
+    kernels.backward_accumulate(G, Hs_ref, W, ends, bps, 0, dZ_ref)
+
+    Hs = np.full_like(Hs_ref, np.nan)
+    Hs[0] = Hs_ref[0]
+    dZ = np.full_like(G, np.nan)
+    for rows in [(0, 2), (2, 3), (3, 5)]:
+        kernels.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, 0, rows=rows)
+        assert np.isnan(Hs[1:, rows[1]:]).all()          # rows above the part untouched
+        kernels.backward_accumulate(G, Hs_ref, W, ends, bps, 0, dZ, rows=rows)
+        assert np.isnan(dZ[:, rows[1]:]).all()
+    assert rel_err(Hs, Hs_ref) <= RTOL[dtype] and rel_err(dZ, dZ_ref) <= RTOL[dtype]
+
+    for bad in [(3, 3), (-1, 2), (0, 6)]:
+        with pytest.raises(ValueError, match=r"rows: expected \(b0, b1\) with 0 <= b0 < b1 <= B=5"):
+            kernels.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, 0, rows=bad)
+        with pytest.raises(ValueError, match=r"rows: expected \(b0, b1\)"):
+            kernels.backward_accumulate(G, Hs_ref, W, ends, bps, 0, dZ, rows=bad)
