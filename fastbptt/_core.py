@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from . import _validation as V
+from . import _blas, _validation as V
 from ._threads import call_scope, parts, run, team_size
 from ._backends import resolve_backend
 from ._losses import LOSS_FUNCS, LOSSES
@@ -92,13 +92,19 @@ def _matmul(A, B, trans_a=False, trans_b=False, out=None):
     return np.matmul(A.T if trans_a else A, B.T if trans_b else B, out=out)
 
 
-def _pmatmul(A, B, trans_a=False, trans_b=False, out=None):
+def _pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     """:func:`_matmul` split between the call's threads when it is big enough (see ``_threads``).
 
     ``op(A)·op(B)`` is split by the rows of ``op(A)`` (and of ``out``); with
     ``trans_a`` those are the columns of ``A`` and its rows are the
     contraction, so that split goes by the contraction instead: each thread
     sums its share of it and the partial products are added.
+
+    For a backend with OpenMP kernels (``kernels.OPENMP``) the split runs on
+    OpenMP threads too (``_blas.pgemm``: a hand-off there costs ~1 µs against
+    ~20-100 µs on a pool of Python threads); otherwise on
+    :func:`fastbptt._threads.run`, so that a call never has OpenMP's spinning
+    threads beside its own pool (they slowed the Numba backend by 1.5x).
     """
     m, k = (A.shape[1], A.shape[0]) if trans_a else A.shape
     n = B.shape[0] if trans_b else B.shape[1]
@@ -107,6 +113,10 @@ def _pmatmul(A, B, trans_a=False, trans_b=False, out=None):
         return _matmul(A, B, trans_a, trans_b, out)
     if out is None:
         out = np.empty((m, n), dtype=A.dtype)
+    if (getattr(kernels, "OPENMP", False) and _blas.pgemm is not None and A.dtype == B.dtype == out.dtype and A.dtype.kind == "f"
+            and A.flags.c_contiguous and B.flags.c_contiguous and out.flags.c_contiguous):
+        _blas.pgemm(trans_a, trans_b, A, B, out, team)
+        return out
     if not trans_a:
         run([partial(_matmul, A[r0:r1], B, False, trans_b, out[r0:r1])
              for r0, r1 in parts(m, team)])
@@ -133,10 +143,13 @@ def _batch_parts(kernels, T, B, H):
 
 
 def _recurrence(kernels, T, B, H, kernel, *args):
-    """``kernel(*args)``: one call, or one call per batch part (``rows=``) on the call's threads."""
+    """``kernel(*args)`` on the call's threads: split by the kernel itself (OpenMP) where it can
+    (``kernels.OPENMP``), else one call per batch part (``rows=``) on :func:`_threads.run`."""
     ranges = _batch_parts(kernels, T, B, H)
     if len(ranges) == 1:
         kernel(*args)
+    elif getattr(kernels, "OPENMP", False):
+        kernel(*args, threads=len(ranges))
     else:
         run([partial(kernel, *args, rows=r) for r in ranges])
 
@@ -169,7 +182,7 @@ def _run_forward(kernels, params, X3, h0, act, Hs=None, X1=None):
     W1[:, :D] = params.W_xh
     W1[:, D] = params.b_h
     A = _scratch("A", (T, B, H), params.dtype)
-    _pmatmul(X1, W1, trans_b=True, out=A.reshape(T * B, H))
+    _pmatmul(X1, W1, trans_b=True, out=A.reshape(T * B, H), kernels=kernels)
     if Hs is None:
         Hs = np.empty((T + 1, B, H), dtype=params.dtype)
     Hs[0] = h0
@@ -183,10 +196,10 @@ def _column_sums(M):
     return _matmul(np.ones((1, M.shape[0]), dtype=M.dtype), M)[0]
 
 
-def _logits(params, Hs):
+def _logits(params, Hs, kernels=None):
     """o = W_hy h + b_y for every row of ``Hs`` (..., H) -> (..., O)."""
     rows = Hs.reshape(-1, Hs.shape[-1])
-    O_rows = _pmatmul(rows, params.W_hy, trans_b=True)
+    O_rows = _pmatmul(rows, params.W_hy, trans_b=True, kernels=kernels)
     O_rows += params.b_y
     return O_rows.reshape(Hs.shape[:-1] + (params.output_size,))
 
@@ -213,7 +226,7 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
     kernels = resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
     with call_scope():
         Hs = _run_forward(kernels, params, X3, h0_, _ACT_CODES[activation])
-        O_logits = _logits(params, Hs[1:])
+        O_logits = _logits(params, Hs[1:], kernels)
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
@@ -280,18 +293,18 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
     H_out = Hs[1 + loss_from:].reshape(Tl * B, H) if output == "sequence" else Hs[T]
-    O_logits = _logits(params, H_out)
+    O_logits = _logits(params, H_out, kernels)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
     dO = dO.reshape(-1, O)
-    dW_hy = _pmatmul(dO, H_out, trans_a=True)
+    dW_hy = _pmatmul(dO, H_out, trans_a=True, kernels=kernels)
     db_y = _column_sums(dO)
 
     # G[t] = ∂L/∂h_t, the direct term from the output layer (zero where no loss)
     G = _scratch("G", (T, B, H), params.dtype)
     if output == "sequence":
         G[:loss_from] = 0
-        _pmatmul(dO, params.W_hy, out=G[loss_from:].reshape(Tl * B, H))
+        _pmatmul(dO, params.W_hy, out=G[loss_from:].reshape(Tl * B, H), kernels=kernels)
     else:
         G[:T - 1] = 0
         _matmul(dO, params.W_hy, out=G[T - 1])
@@ -303,8 +316,8 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
 
     # weight gradients: [Σ_t dz_t x_tᵀ | Σ_t dz_t] and Σ_t dz_t h_{t-1}ᵀ -- one GEMM each
     dZ2 = dZ.reshape(T * B, H)
-    dW1 = _pmatmul(dZ2, X1, trans_a=True)
+    dW1 = _pmatmul(dZ2, X1, trans_a=True, kernels=kernels)
     dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
-    dW_hh = _pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True)
+    dW_hh = _pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True, kernels=kernels)
     grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
     return value, grads, Hs

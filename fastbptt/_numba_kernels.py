@@ -34,7 +34,6 @@ float32 and float64 inputs specialise the same jitted functions.
 
 import ctypes
 import math
-import os
 
 import llvmlite.binding
 import numba
@@ -42,6 +41,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
+from ._blas import numpy_cblas
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
 NAME = "numba"
@@ -208,8 +208,6 @@ def _matmul_rows(x, W, out):
 
 _GEMM_LOOP, _GEMM_NUMBA_DOT, _GEMM_NUMPY_CBLAS = 0, 1, 2
 _CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
-_CBLAS_SYMBOLS = {"s": ("scipy_cblas_sgemm64_", "cblas_sgemm64_"),
-                  "d": ("scipy_cblas_dgemm64_", "cblas_dgemm64_")}
 
 
 def _cblas_prototype(c_float):
@@ -218,30 +216,8 @@ def _cblas_prototype(c_float):
                             ctypes.c_void_p, ctypes.c_int64, c_float, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _find_numpy_cblas():
-    """``{"s": address, "d": address}`` of NumPy's ILP64 cblas_sgemm / cblas_dgemm, or None."""
-    try:
-        from threadpoolctl import ThreadpoolController
-        numpy_dir = os.path.dirname(os.path.abspath(np.__file__))    # .../numpy; wheels: numpy.libs
-        for lib in ThreadpoolController().lib_controllers:
-            if lib.internal_api != "openblas" or not os.path.abspath(lib.filepath).startswith(numpy_dir):
-                continue
-            dll = ctypes.CDLL(lib.filepath)
-            found = {}
-            for kind, names in _CBLAS_SYMBOLS.items():
-                for name in names:
-                    if hasattr(dll, name):
-                        found[kind] = ctypes.cast(getattr(dll, name), ctypes.c_void_p).value
-                        break
-            if len(found) == 2:
-                return found
-    except Exception:   # no threadpoolctl, an unusual build: np.dot is always there
-        pass
-    return None
-
-
 def _register_cblas():
-    found = _find_numpy_cblas()
+    found = numpy_cblas()
     keep = []   # placeholders must outlive the module's use of their addresses
     for kind, c_float in (("s", ctypes.c_float), ("d", ctypes.c_double)):
         if found is None:

@@ -41,10 +41,10 @@ def _hidden_grad_norms(kernels, params, X3, Y, h0, loss, output, act):
     Hs = _run_forward(kernels, params, X3, h0, act)
     G = np.zeros((T, B, H), dtype=params.dtype)
     if output == "sequence":
-        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[1:]), Y)
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[1:], kernels), Y)
         G[:] = (dO.reshape(T * B, -1) @ params.W_hy).reshape(T, B, H)
     else:
-        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[T]), Y)
+        _, dO = LOSS_FUNCS[loss](_logits(params, Hs[T], kernels), Y)
         G[T - 1] = dO @ params.W_hy
     dZ = np.empty((T, B, H), dtype=params.dtype)
     ends, bp_starts = windows(T, None)

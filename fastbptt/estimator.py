@@ -301,9 +301,9 @@ class RNN:
         with call_scope():
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if seq:
-                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:]), 0, 1)
+                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:], kernels), 0, 1)
                 else:
-                    out[idx] = _logits(self.params, Hs[T])
+                    out[idx] = _logits(self.params, Hs[T], kernels)
         return predict_from_logits(out, self.loss)
 
     def _evaluate(self, kind, Xt, Yt, kernels):
@@ -312,9 +312,9 @@ class RNN:
         with call_scope():
             for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
                 if self.output == "sequence":
-                    o, y = _logits(self.params, Hs[1:]), Yt[:, idx]
+                    o, y = _logits(self.params, Hs[1:], kernels), Yt[:, idx]
                 else:
-                    o, y = _logits(self.params, Hs[T]), Yt[idx]
+                    o, y = _logits(self.params, Hs[T], kernels), Yt[idx]
                 value, _ = LOSS_FUNCS[self.loss](o, y)
                 total += value * len(idx)
                 weight += len(idx)

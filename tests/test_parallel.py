@@ -64,19 +64,43 @@ def test_compiled_backends_split_the_batch(split_everything):
         assert _core._batch_parts(resolve_backend("numpy"), 4, 6, 8) == [(0, 6)]
 
 
-@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False)])
-@pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2)])
-def test_split_gemm(split_everything, trans_a, trans_b, m, k, n):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("via", ["python-threads", "openmp"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2), (2, 2, 5)])
+def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
+    kernels = resolve_backend("cython") if via == "openmp" else None
+    assert via != "openmp" or (kernels.OPENMP and fastbptt._blas.pgemm is not None)
     rng = np.random.default_rng(m * 100 + k * 10 + n)
-    A = rng.normal(size=(k, m) if trans_a else (m, k))
-    B = rng.normal(size=(n, k) if trans_b else (k, n))
-    want = (A.T if trans_a else A) @ (B.T if trans_b else B)
+    A = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+    B = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+    want = (A.T if trans_a else A).astype(np.float64) @ (B.T if trans_b else B).astype(np.float64)
     split_everything(3)
     with _threads.call_scope():
-        got = _core._pmatmul(A, B, trans_a, trans_b)
-        out = np.full((m, n), np.nan)
-        assert _core._pmatmul(A, B, trans_a, trans_b, out=out) is out
-    assert rel_err(got, want) <= 1e-14 and rel_err(out, want) <= 1e-14
+        got = _core._pmatmul(A, B, trans_a, trans_b, kernels=kernels)
+        out = np.full((m, n), np.nan, dtype=dtype)
+        assert _core._pmatmul(A, B, trans_a, trans_b, out=out, kernels=kernels) is out
+    tol = 1e-14 if dtype == np.float64 else 1e-6
+    assert got.dtype == dtype and rel_err(got, want) <= tol and rel_err(out, want) <= tol
+
+
+def test_pgemm_checks_its_arguments_and_handles_empty_products():
+    from fastbptt._cython_blas import pgemm
+    A, B = np.ones((3, 4)), np.ones((4, 2))
+    with pytest.raises(ValueError, match=r"pgemm: op\(A\) is \(3, 4\) and op\(B\) is \(4, 2\)"):
+        pgemm(False, False, A, B, np.zeros((2, 2)), 2)
+    with pytest.raises(ValueError, match="threads: expected an int >= 1, got 0"):
+        pgemm(False, False, A, B, np.zeros((3, 2)), 0)
+    C = np.full((3, 2), np.nan)
+    pgemm(False, False, np.ones((3, 0)), np.ones((0, 2)), C, 2)
+    assert (C == 0).all()
+
+
+def test_cython_kernels_check_threads():
+    kernels = resolve_backend("cython")
+    A, W, Hs = np.zeros((2, 3, 4)), np.zeros((4, 4)), np.zeros((3, 3, 4))
+    with pytest.raises(ValueError, match="threads: expected an int >= 1, got 0"):
+        kernels.forward_recurrence(A, W, Hs, 0, threads=0)
 
 
 @pytest.mark.parametrize("name", ["cython", "numba"])
