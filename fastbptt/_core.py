@@ -35,15 +35,26 @@ def _scratch(name, shape, dtype):
 
     Valid until the next call that asks for the same ``name`` on this thread.
     """
+    local = _scratch_local.__dict__
+    views = local.setdefault("views", {})
+    key = (name, shape, dtype)
+    view = views.get(key)
+    if view is not None:                    # the common case: the same shape as last time
+        return view
     size = math.prod(shape)
-    dtype = np.dtype(dtype)
-    if size * dtype.itemsize > _SCRATCH_MAX_BYTES:
-        return np.empty(shape, dtype=dtype)
-    cache = _scratch_local.__dict__.setdefault("arrays", {})
+    dtype_ = np.dtype(dtype)
+    if size * dtype_.itemsize > _SCRATCH_MAX_BYTES:
+        return np.empty(shape, dtype=dtype_)
+    cache = local.setdefault("arrays", {})
     buf = cache.get(name)
-    if buf is None or buf.dtype != dtype or buf.size < size:
-        buf = cache[name] = np.empty(size, dtype=dtype)
-    return buf[:size].reshape(shape)
+    if buf is None or buf.dtype != dtype_ or buf.size < size:
+        buf = cache[name] = np.empty(size, dtype=dtype_)
+        for k in [k for k in views if k[0] == name]:      # views of the old buffer
+            del views[k]
+    if len(views) > 64:
+        views.clear()
+    view = views[key] = buf[:size].reshape(shape)
+    return view
 
 
 def windows(T, truncation):
@@ -108,12 +119,13 @@ def _pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     """
     m, k = (A.shape[1], A.shape[0]) if trans_a else A.shape
     n = B.shape[0] if trans_b else B.shape[1]
-    team = team_size(2 * m * n * k)
+    omp = getattr(kernels, "OPENMP", False) and _blas.pgemm is not None
+    team = team_size(2 * m * n * k, openmp=omp)
     if team == 1 or (trans_a and trans_b):
         return _matmul(A, B, trans_a, trans_b, out)
     if out is None:
         out = np.empty((m, n), dtype=A.dtype)
-    if (getattr(kernels, "OPENMP", False) and _blas.pgemm is not None and A.dtype == B.dtype == out.dtype and A.dtype.kind == "f"
+    if (omp and A.dtype == B.dtype == out.dtype and A.dtype.kind == "f"
             and A.flags.c_contiguous and B.flags.c_contiguous and out.flags.c_contiguous):
         _blas.pgemm(trans_a, trans_b, A, B, out, team)
         return out
@@ -139,7 +151,8 @@ def _batch_parts(kernels, T, B, H):
     """
     if not getattr(kernels, "SPLITS_BATCH", False):
         return [(0, B)]
-    return parts(B, team_size(2 * T * B * H * H))
+    team = team_size(2 * T * B * H * H, openmp=getattr(kernels, "OPENMP", False))
+    return [(0, B)] if team == 1 else parts(B, team)
 
 
 def _recurrence(kernels, T, B, H, kernel, *args):
@@ -319,5 +332,5 @@ def _loss_and_grad(kernels, params, X3, Y, h0, loss, output, act, wins, loss_fro
     dW1 = _pmatmul(dZ2, X1, trans_a=True, kernels=kernels)
     dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
     dW_hh = _pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True, kernels=kernels)
-    grads = RNNParams(W_xh=dW_xh, W_hh=dW_hh, b_h=db_h, W_hy=dW_hy, b_y=db_y)
+    grads = RNNParams._trusted(dW_xh, dW_hh, db_h, dW_hy, db_y)
     return value, grads, Hs

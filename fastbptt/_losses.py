@@ -14,7 +14,7 @@ LOSSES = ("mse", "bce", "ce")
 def mse(o, y):
     """mean((o - y)²) over all elements, as ``F.mse_loss``."""
     diff = o - y
-    value = float(np.mean(diff * diff, dtype=np.float64))
+    value = float(np.add.reduce((diff * diff).ravel(), dtype=np.float64)) / diff.size  # np.mean, less overhead
     return value, (2.0 / diff.size) * diff
 
 

@@ -71,6 +71,14 @@ class RNNParams:
             if 0 in getattr(self, name).shape:
                 raise ValueError(f"RNNParams.{name}: sizes must be >= 1, got shape {getattr(self, name).shape}")
 
+    @classmethod
+    def _trusted(cls, W_xh, W_hh, b_h, W_hy, b_y):
+        """An instance without the checks of ``__post_init__``: for arrays made by fastbptt itself
+        (gradients: their shapes and dtype come from a checked instance), ~10 µs a call saved."""
+        self = object.__new__(cls)
+        self.W_xh, self.W_hh, self.b_h, self.W_hy, self.b_y = W_xh, W_hh, b_h, W_hy, b_y
+        return self
+
     # ------------------------------------------------------------------ sizes
     @property
     def input_size(self) -> int:

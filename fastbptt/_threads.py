@@ -13,7 +13,9 @@ So inside every public call all BLAS pools are pinned to one thread
 two recurrence kernels split the batch between the threads of the team
 (each sequence is independent), and the big GEMMs split their rows, each
 thread calling single-threaded BLAS on its part. A part runs on a thread of
-its own only when it is big enough to pay for the hand-off (``MIN_SPLIT_FLOPS``).
+its own only when it is big enough to pay for the hand-off (``MIN_SPLIT_FLOPS``;
+the Cython backend hands parts to OpenMP threads, much cheaper:
+``MIN_SPLIT_FLOPS_OPENMP``).
 The team has one thread per core; ``fastbptt.set_num_threads(n)`` or the
 environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: one per core)
 sets its size, and 1 turns the splitting off.
@@ -27,17 +29,21 @@ from contextlib import contextmanager
 ENV_VAR = "FASTBPTT_NUM_THREADS"
 
 # A phase of a call (one GEMM, one recurrence kernel) is split between threads only from this
-# many floating-point operations: handing a part to a pool thread and waiting for it costs
-# ~20-100 µs here, and ~2^24 flops take ~0.2 ms on one core. Measured on the recurrence
+# many floating-point operations. Handing a part to a pool of Python threads and waiting for it
+# costs ~20-100 µs here, and ~2^24 flops take ~0.2 ms on one core. Measured on the recurrence
 # kernels (float32, tanh, one core vs two, best of 50): T=100, B=32, H=64 (2.6e7 flops):
 # 0.36 vs 0.29 ms; T=2000, B=16, H=128: 13.2 vs 7.7 ms.
 MIN_SPLIT_FLOPS = 1 << 24
+# The Cython backend splits on OpenMP threads, which spin between parallel regions: a hand-off
+# costs ~1-5 µs, and 2^20 flops (~10 µs) pay. A whole step at T=100, B=32, D=16, H=64 (median of
+# 300): threshold 2^24: 1.40 ms, 2^22: 1.32, 2^20: 1.04, 2^18: 1.12; one thread: 1.70 ms.
+MIN_SPLIT_FLOPS_OPENMP = 1 << 20
 
 _forced = None
 _scope = threading.local()          # .threads: the team size of the call running on this thread
 _pin_lock = threading.Lock()
 _pinned = 0                         # calls (on any thread) inside a scope
-_restore = []                       # (BLAS controller, its thread count before the first scope)
+_restore = []                       # (BLAS set_num_threads, its count before the first scope)
 _controller = None
 _pool = None
 
@@ -75,12 +81,32 @@ def get_num_threads():
 
 
 def _blas_libs():
-    """threadpoolctl's controllers of the loaded BLAS libraries (found once)."""
+    """``(get, set)`` thread-count functions of each loaded BLAS library (found once).
+
+    For OpenBLAS (numpy's and scipy's), the library's own
+    ``openblas_get/set_num_threads`` through ctypes: ~0.3 µs a call, where
+    threadpoolctl's wrappers take ~2-3 µs (they look the symbol up each time),
+    and a call makes four of them. Other BLAS go through threadpoolctl.
+    """
     global _controller
     if _controller is None:
         import scipy.linalg  # noqa: F401  (load scipy's BLAS so that the controller sees it)
         from threadpoolctl import ThreadpoolController
-        _controller = [lc for lc in ThreadpoolController().lib_controllers if lc.user_api == "blas"]
+        found = []
+        for lc in ThreadpoolController().lib_controllers:
+            if lc.user_api != "blas":
+                continue
+            get = set_ = None
+            if lc.internal_api == "openblas" and getattr(lc, "threading_layer", "") != "openmp":
+                try:
+                    get = lc._get_symbol("openblas_get_num_threads")
+                    set_ = lc._get_symbol("openblas_set_num_threads")
+                except Exception:   # another threadpoolctl: its public methods below
+                    get = set_ = None
+            if get is None or set_ is None or get() != lc.get_num_threads():
+                get, set_ = lc.get_num_threads, lc.set_num_threads
+            found.append((get, set_))
+        _controller = found
     return _controller
 
 
@@ -101,11 +127,11 @@ def call_scope():
     n = get_num_threads()
     with _pin_lock:
         if _pinned == 0:
-            for lib in _blas_libs():
-                old = lib.get_num_threads()
+            for get, set_ in _blas_libs():
+                old = get()
                 if old != 1:
-                    lib.set_num_threads(1)
-                    _restore.append((lib, old))
+                    set_(1)
+                    _restore.append((set_, old))
         _pinned += 1
     _scope.threads = n
     try:
@@ -115,15 +141,18 @@ def call_scope():
         with _pin_lock:
             _pinned -= 1
             if _pinned == 0:
-                for lib, old in _restore:
-                    lib.set_num_threads(old)
+                for set_, old in _restore:
+                    set_(old)
                 _restore.clear()
 
 
-def team_size(flops=None):
-    """Threads for one phase of ``flops`` operations in the current call (1 outside a call)."""
+def team_size(flops=None, openmp=False):
+    """Threads for one phase of ``flops`` operations in the current call (1 outside a call).
+
+    ``openmp``: the phase would be split on OpenMP threads (a cheaper hand-off).
+    """
     n = getattr(_scope, "threads", 0) or 1
-    if flops is not None and flops < MIN_SPLIT_FLOPS:
+    if flops is not None and flops < (MIN_SPLIT_FLOPS_OPENMP if openmp else MIN_SPLIT_FLOPS):
         return 1
     return n
 

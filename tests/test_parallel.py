@@ -17,6 +17,7 @@ from helpers import RTOL, make_problem, rel_err
 @pytest.fixture
 def split_everything(monkeypatch):
     monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS_OPENMP", 0)
 
     def use(n):
         fastbptt.set_num_threads(n)
