@@ -30,8 +30,6 @@ LIBMVEC = (sys.platform.startswith("linux") and platform.machine() in ("x86_64",
            and os.environ.get("FASTBPTT_NO_LIBMVEC", "") in ("", "0")
            and ctypes.util.find_library("mvec") is not None)
 
-OPENMP = ["-fopenmp"] if os.environ.get("FASTBPTT_NO_OPENMP", "") in ("", "0") else []
-
 extensions = [
     Extension(
         f"fastbptt.{pyx.stem}",
@@ -40,8 +38,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
         + ([("FASTBPTT_LIBMVEC", "1")] if LIBMVEC else []),
         libraries=["mvec"] if LIBMVEC else [],
-        extra_compile_args=(["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"]) + OPENMP,
-        extra_link_args=OPENMP,
+        extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
     for pyx in sorted(Path("fastbptt").glob("*.pyx"))
 ]

@@ -5,7 +5,8 @@ one); its sgemm ran the shapes of a training step 10-25% faster here (e.g.
 (128, 32000)·(32000, 128): 78 vs 61 GFLOP/s on one core). Its ILP64 cblas
 entry points are found by symbol name in the loaded library: the Numba
 kernels call them for the per-step product, and :func:`pgemm` (the Cython
-extension's OpenMP-split GEMM) for the big GEMMs of :mod:`fastbptt._core`.
+extension's GEMM split on fastbptt's C thread team) for the big GEMMs of
+:mod:`fastbptt._core`.
 """
 
 import ctypes
@@ -47,15 +48,10 @@ def numpy_cblas():
 
 
 def _load_pgemm():
-    """The Cython extension's ``pgemm``, pointed at NumPy's cblas where found.
-
-    None without the extension, or where it was built without OpenMP.
-    """
+    """The Cython extension's ``pgemm``, pointed at NumPy's cblas where found; None without the extension."""
     try:
-        from ._cython_blas import OPENMP, pgemm, use_cblas
+        from ._cython_blas import pgemm, use_cblas
     except ImportError:
-        return None
-    if not OPENMP:
         return None
     found = numpy_cblas()
     if found is not None:

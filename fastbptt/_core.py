@@ -111,21 +111,22 @@ def _pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     contraction, so that split goes by the contraction instead: each thread
     sums its share of it and the partial products are added.
 
-    For a backend with OpenMP kernels (``kernels.OPENMP``) the split runs on
-    OpenMP threads too (``_blas.pgemm``: a hand-off there costs ~1 µs against
-    ~20-100 µs on a pool of Python threads); otherwise on
-    :func:`fastbptt._threads.run`, so that a call never has OpenMP's spinning
-    threads beside its own pool (they slowed the Numba backend by 1.5x).
+    For a backend whose kernels split on fastbptt's C thread team
+    (``kernels.TEAM``: the Cython backend) the split runs on that team too
+    (``_blas.pgemm``: a hand-off there costs ~1 µs against ~20-100 µs on a
+    pool of Python threads); otherwise on :func:`fastbptt._threads.run`, so
+    that a call never has the team's spinning threads beside its own pool
+    (they slowed the Numba backend by 1.5x).
     """
     m, k = (A.shape[1], A.shape[0]) if trans_a else A.shape
     n = B.shape[0] if trans_b else B.shape[1]
-    omp = getattr(kernels, "OPENMP", False) and _blas.pgemm is not None
-    team = team_size(2 * m * n * k, openmp=omp)
+    c_team = getattr(kernels, "TEAM", False) and _blas.pgemm is not None
+    team = team_size(2 * m * n * k, c_team=c_team)
     if team == 1 or (trans_a and trans_b):
         return _matmul(A, B, trans_a, trans_b, out)
     if out is None:
         out = np.empty((m, n), dtype=A.dtype)
-    if (omp and A.dtype == B.dtype == out.dtype and A.dtype.kind == "f"
+    if (c_team and A.dtype == B.dtype == out.dtype and A.dtype.kind == "f"
             and A.flags.c_contiguous and B.flags.c_contiguous and out.flags.c_contiguous):
         _blas.pgemm(trans_a, trans_b, A, B, out, team)
         return out
@@ -151,17 +152,17 @@ def _batch_parts(kernels, T, B, H):
     """
     if not getattr(kernels, "SPLITS_BATCH", False):
         return [(0, B)]
-    team = team_size(2 * T * B * H * H, openmp=getattr(kernels, "OPENMP", False))
+    team = team_size(2 * T * B * H * H, c_team=getattr(kernels, "TEAM", False))
     return [(0, B)] if team == 1 else parts(B, team)
 
 
 def _recurrence(kernels, T, B, H, kernel, *args):
-    """``kernel(*args)`` on the call's threads: split by the kernel itself (OpenMP) where it can
-    (``kernels.OPENMP``), else one call per batch part (``rows=``) on :func:`_threads.run`."""
+    """``kernel(*args)`` on the call's threads: split by the kernel itself on the C team where it
+    can (``kernels.TEAM``), else one call per batch part (``rows=``) on :func:`_threads.run`."""
     ranges = _batch_parts(kernels, T, B, H)
     if len(ranges) == 1:
         kernel(*args)
-    elif getattr(kernels, "OPENMP", False):
+    elif getattr(kernels, "TEAM", False):
         kernel(*args, threads=len(ranges))
     else:
         run([partial(kernel, *args, rows=r) for r in ranges])

@@ -9,11 +9,11 @@ their transpose flags and ``m``/``n``. (Modelled on scikit-learn's
 
 The BLAS behind ``_gemm`` is scipy's bundled one (its own OpenBLAS with its
 own thread pool, separate from numpy's). ``pgemm``, the big GEMMs of
-``fastbptt._core`` split between OpenMP threads, runs on NumPy's BLAS when
+``fastbptt._core`` split between the threads of fastbptt's C team, runs on NumPy's BLAS when
 ``use_cblas`` was given its entry points (``fastbptt._blas`` does that).
 """
 
-from cython.parallel cimport prange
+from fastbptt._cython_pool cimport run_parts
 from libc.stdint cimport int64_t, intptr_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -79,7 +79,7 @@ def gemm(bint trans_a, bint trans_b, double alpha, const floating[:, ::1] A,
 
 
 # ---------------------------------------------------------------------------------------------
-# pgemm: one GEMM split between OpenMP threads, on NumPy's BLAS where it was found
+# pgemm: one GEMM split between the threads of the C team, on NumPy's BLAS where it was found
 # ---------------------------------------------------------------------------------------------
 
 # NumPy's ILP64 cblas gemm (see fastbptt._blas): order and transposes are C enums (int), sizes int64
@@ -92,18 +92,8 @@ cdef _cblas_dgemm_t _np_dgemm = NULL
 cdef int _ROW_MAJOR = 101, _NO_TRANS = 111, _TRANS = 112
 
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #define FASTBPTT_BLAS_OPENMP 1
-    #else
-    #define FASTBPTT_BLAS_OPENMP 0
-    #endif
-    """
-    int FASTBPTT_BLAS_OPENMP
-
-#: whether the build has OpenMP (without it ``pgemm`` runs its parts one after another)
-OPENMP = bool(FASTBPTT_BLAS_OPENMP)
+#: ``pgemm`` splits on fastbptt's C thread team (:mod:`fastbptt._cython_pool`)
+TEAM = True
 
 
 def use_cblas(intptr_t sgemm_address, intptr_t dgemm_address):
@@ -140,9 +130,44 @@ cdef inline int64_t _start(int64_t p, int64_t n, int64_t size) noexcept nogil:
     return p * (size // n) + (p if p < size % n else size % n)
 
 
+cdef struct _GemmJob:
+    # one pgemm call: by rows of C (split_k false) or by the contraction (split_k true)
+    bint trans_b, split_k, is_double
+    int64_t m, n, k, lda, ldb
+    const void *A
+    const void *B
+    void *C
+    void *sums              # split_k: (parts - 1, m, n), the sums of parts 1, 2, ...
+
+
+cdef void _gemm_part(void *arg, Py_ssize_t p, Py_ssize_t parts) noexcept nogil:
+    cdef _GemmJob *j = <_GemmJob *> arg
+    cdef int64_t lo, hi
+    if j.split_k:
+        lo = _start(p, parts, j.k)
+        hi = _start(p + 1, parts, j.k)
+        if j.is_double:
+            _any_gemm(True, False, j.m, j.n, hi - lo, <const double *> j.A + lo * j.lda, j.lda,
+                      <const double *> j.B + lo * j.ldb, j.ldb,
+                      <double *> j.C if p == 0 else <double *> j.sums + (p - 1) * j.m * j.n, j.n)
+        else:
+            _any_gemm(True, False, j.m, j.n, hi - lo, <const float *> j.A + lo * j.lda, j.lda,
+                      <const float *> j.B + lo * j.ldb, j.ldb,
+                      <float *> j.C if p == 0 else <float *> j.sums + (p - 1) * j.m * j.n, j.n)
+    else:
+        lo = _start(p, parts, j.m)
+        hi = _start(p + 1, parts, j.m)
+        if j.is_double:
+            _any_gemm(False, j.trans_b, hi - lo, j.n, j.k, <const double *> j.A + lo * j.lda, j.lda,
+                      <const double *> j.B, j.ldb, <double *> j.C + lo * j.n, j.n)
+        else:
+            _any_gemm(False, j.trans_b, hi - lo, j.n, j.k, <const float *> j.A + lo * j.lda, j.lda,
+                      <const float *> j.B, j.ldb, <float *> j.C + lo * j.n, j.n)
+
+
 def pgemm(bint trans_a, bint trans_b, const floating[:, ::1] A, const floating[:, ::1] B,
           floating[:, ::1] C, int threads):
-    """``C = op(A)·op(B)``, split between ``threads`` OpenMP threads, each on single-threaded BLAS.
+    """``C = op(A)·op(B)``, split between ``threads`` threads of the team, each on single-threaded BLAS.
 
     The rows of ``C`` are split; with ``trans_a`` (and not ``trans_b``) the
     rows of ``A`` are the contraction, so that split goes by the contraction
@@ -172,33 +197,33 @@ def pgemm(bint trans_a, bint trans_b, const floating[:, ::1] A, const floating[:
     if k == 0:
         C[:, :] = 0
         return
-    cdef int64_t lda = A.shape[1], ldb = B.shape[1], parts, p, lo, hi, i, j, q
+    cdef int64_t parts, q, i, j
     cdef floating[:, :, ::1] sums
-    cdef floating *dst
-    if trans_a and not trans_b:
-        parts = min(<int64_t> threads, k)
-        if parts == 1:
-            with nogil:
-                _any_gemm(True, False, m, n, k, &A[0, 0], lda, &B[0, 0], ldb, &C[0, 0], n)
-            return
-        sums = np.empty((parts - 1, m, n), dtype=np.float32 if floating is float else np.float64)
-        for p in prange(parts, nogil=True, num_threads=parts, schedule="static", chunksize=1):
-            lo = _start(p, parts, k)
-            hi = _start(p + 1, parts, k)
-            dst = &C[0, 0] if p == 0 else &sums[p - 1, 0, 0]
-            _any_gemm(True, False, m, n, hi - lo, &A[lo, 0], lda, &B[lo, 0], ldb, dst, n)
+    cdef _GemmJob job
+    job.trans_b = trans_b
+    job.is_double = floating is double
+    job.m = m
+    job.n = n
+    job.k = k
+    job.lda = A.shape[1]
+    job.ldb = B.shape[1]
+    job.A = &A[0, 0]
+    job.B = &B[0, 0]
+    job.C = &C[0, 0]
+    job.sums = NULL
+    if trans_a and trans_b:
         with nogil:
+            _any_gemm(True, True, m, n, k, &A[0, 0], job.lda, &B[0, 0], job.ldb, &C[0, 0], n)
+        return
+    job.split_k = trans_a
+    parts = min(<int64_t> threads, k if trans_a else m)
+    if trans_a and parts > 1:
+        sums = np.empty((parts - 1, m, n), dtype=np.float32 if floating is float else np.float64)
+        job.sums = &sums[0, 0, 0]
+    with nogil:
+        run_parts(_gemm_part, &job, parts)
+        if job.sums != NULL:
             for q in range(parts - 1):
                 for i in range(m):
                     for j in range(n):
                         C[i, j] += sums[q, i, j]
-        return
-    parts = 1 if trans_a else min(<int64_t> threads, m)
-    if parts == 1:
-        with nogil:
-            _any_gemm(trans_a, trans_b, m, n, k, &A[0, 0], lda, &B[0, 0], ldb, &C[0, 0], n)
-        return
-    for p in prange(parts, nogil=True, num_threads=parts, schedule="static", chunksize=1):
-        lo = _start(p, parts, m)
-        hi = _start(p + 1, parts, m)
-        _any_gemm(False, trans_b, hi - lo, n, k, &A[lo, 0], lda, &B[0, 0], ldb, &C[lo, 0], n)

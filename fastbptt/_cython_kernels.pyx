@@ -20,7 +20,7 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
+from fastbptt._cython_pool cimport run_parts
 
 from fastbptt._cython_blas cimport BLAS_Trans, NoTrans, _gemm
 
@@ -136,19 +136,9 @@ NAME = "cython"
 SPLITS_BATCH = True
 
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #define FASTBPTT_OPENMP 1
-    #else
-    #define FASTBPTT_OPENMP 0
-    #endif
-    """
-    int FASTBPTT_OPENMP
-
-#: whether the build has OpenMP: then ``threads=n`` splits the rows between n OpenMP threads
-#: (a hand-off costs ~1 µs there, against ~20-100 µs on a pool of Python threads)
-OPENMP = bool(FASTBPTT_OPENMP)
+#: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt._cython_pool`:
+#: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
+TEAM = True
 
 #: which tanh the kernels use: "libmvec-avx512", "libmvec-sse" or "libm" (see above)
 TANH_IMPL = fastbptt_tanh_impl().decode()
@@ -335,6 +325,51 @@ cdef inline Py_ssize_t _part_start(Py_ssize_t p, Py_ssize_t n, Py_ssize_t rows) 
     return p * (rows // n) + (p if p < rows % n else rows % n)
 
 
+cdef struct _Job:
+    # one kernel call, split by rows between the team's threads (see run_parts)
+    Py_ssize_t T, H, stride, b0, rows, n_win
+    int act
+    bint small, is_double
+    const void *A
+    const void *W
+    const void *G
+    void *Hs
+    void *dZ
+    void *carried
+    void *dz
+    const int64_t *ends
+    const int64_t *bp_starts
+
+
+cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    """Part ``p`` of ``n`` of a forward job: its rows of the batch."""
+    cdef _Job *j = <_Job *> arg
+    cdef Py_ssize_t lo = j.b0 + _part_start(p, n, j.rows), hi = j.b0 + _part_start(p + 1, n, j.rows)
+    if j.is_double:
+        _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
+                 <double *> j.Hs + lo * j.H, j.stride, j.act, j.small)
+    else:
+        _forward(j.T, hi - lo, j.H, <const float *> j.A + lo * j.H, j.stride, <const float *> j.W,
+                 <float *> j.Hs + lo * j.H, j.stride, j.act, j.small)
+
+
+cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    """Part ``p`` of ``n`` of a backward job: its rows of the batch (and of the work buffers)."""
+    cdef _Job *j = <_Job *> arg
+    cdef Py_ssize_t r0 = _part_start(p, n, j.rows), r1 = _part_start(p + 1, n, j.rows)
+    cdef Py_ssize_t lo = j.b0 + r0
+    if j.is_double:
+        _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
+                  <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W, j.n_win,
+                  j.ends, j.bp_starts, j.act, <double *> j.dZ + lo * j.H, j.stride,
+                  <double *> j.carried + r0 * j.H, <double *> j.dz + r0 * j.H, j.small)
+    else:
+        _backward(j.T, r1 - r0, j.H, <const float *> j.G + lo * j.H, j.stride,
+                  <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W, j.n_win,
+                  j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H, j.stride,
+                  <float *> j.carried + r0 * j.H, <float *> j.dz + r0 * j.H, j.small)
+
+
 def _n_parts(int threads, Py_ssize_t rows):
     if threads < 1:
         raise ValueError(f"threads: expected an int >= 1, got {threads}")
@@ -365,7 +400,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the rows into this many parts, one per OpenMP thread (see ``OPENMP``).
+        Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     """
@@ -378,18 +413,23 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
                          f"got ({Hs.shape[0]}, {Hs.shape[1]}, {Hs.shape[2]})")
     if T == 0 or B == 0 or H == 0:
         return
-    cdef Py_ssize_t b0, b1, p, n, lo, hi
+    cdef Py_ssize_t b0, b1, n
     b0, b1 = _rows(rows, B)
     n = _n_parts(threads, b1 - b0)
-    cdef bint small = _pick((b1 - b0 + n - 1) // n, H, _path)
-    if n == 1:
-        with nogil:
-            _forward(T, b1 - b0, H, &A[0, b0, 0], B * H, &W_hhT[0, 0], &Hs[0, b0, 0], B * H, act, small)
-        return
-    for p in prange(n, nogil=True, num_threads=n, schedule="static", chunksize=1):
-        lo = b0 + _part_start(p, n, b1 - b0)
-        hi = b0 + _part_start(p + 1, n, b1 - b0)
-        _forward(T, hi - lo, H, &A[0, lo, 0], B * H, &W_hhT[0, 0], &Hs[0, lo, 0], B * H, act, small)
+    cdef _Job job
+    job.T = T
+    job.H = H
+    job.stride = B * H
+    job.b0 = b0
+    job.rows = b1 - b0
+    job.act = act
+    job.small = _pick((b1 - b0 + n - 1) // n, H, _path)
+    job.is_double = floating is double
+    job.A = &A[0, 0, 0]
+    job.W = &W_hhT[0, 0]
+    job.Hs = &Hs[0, 0, 0]
+    with nogil:
+        run_parts(_forward_part, &job, n)
 
 
 def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] Hs,
@@ -415,7 +455,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the rows into this many parts, one per OpenMP thread (see ``OPENMP``).
+        Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     """
@@ -440,26 +480,32 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         prev = ends[i]
     if T == 0 or B == 0 or H == 0:
         return
-    cdef Py_ssize_t b0, b1, p, n, lo, hi
+    cdef Py_ssize_t b0, b1, n
     b0, b1 = _rows(rows, B)
     n = _n_parts(threads, b1 - b0)
-    cdef bint small = _pick((b1 - b0 + n - 1) // n, H, _path)
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
     cdef floating[:, ::1] dz = np.empty((b1 - b0, H), dtype=dtype)
-    cdef const int64_t *ends_p = &ends[0] if n_win else NULL
-    cdef const int64_t *starts_p = &bp_starts[0] if n_win else NULL
-    if n == 1:
-        with nogil:
-            _backward(T, b1 - b0, H, &G[0, b0, 0], B * H, &Hs[0, b0, 0], B * H, &W_hh[0, 0], n_win,
-                      ends_p, starts_p, act, &dZ[0, b0, 0], B * H, &carried[0, 0], &dz[0, 0], small)
-        return
-    for p in prange(n, nogil=True, num_threads=n, schedule="static", chunksize=1):
-        lo = _part_start(p, n, b1 - b0)
-        hi = _part_start(p + 1, n, b1 - b0)
-        _backward(T, hi - lo, H, &G[0, b0 + lo, 0], B * H, &Hs[0, b0 + lo, 0], B * H, &W_hh[0, 0],
-                  n_win, ends_p, starts_p, act, &dZ[0, b0 + lo, 0], B * H, &carried[lo, 0],
-                  &dz[lo, 0], small)
+    cdef _Job job
+    job.T = T
+    job.H = H
+    job.stride = B * H
+    job.b0 = b0
+    job.rows = b1 - b0
+    job.act = act
+    job.small = _pick((b1 - b0 + n - 1) // n, H, _path)
+    job.is_double = floating is double
+    job.G = &G[0, 0, 0]
+    job.Hs = <void *> &Hs[0, 0, 0]
+    job.W = &W_hh[0, 0]
+    job.dZ = &dZ[0, 0, 0]
+    job.carried = &carried[0, 0]
+    job.dz = &dz[0, 0]
+    job.n_win = n_win
+    job.ends = &ends[0] if n_win else NULL
+    job.bp_starts = &bp_starts[0] if n_win else NULL
+    with nogil:
+        run_parts(_backward_part, &job, n)
 
 
 def uses_small_loop(Py_ssize_t B, Py_ssize_t H):

@@ -21,9 +21,10 @@ docstring of :mod:`fastbptt.reference`; this module adds only speed:
   same in float32 arithmetic, ~0.8 ns, within 2.5 ulp. Neither is a
   low-order approximation: every step is accurate to the working precision.
 - No ``fastmath``: it would reassociate the sums and break tight parity.
-  Single-threaded: time is sequential, and the per-step products are too
-  small for Numba threads to pay on two cores (the BLAS pool is the caller's
-  to manage).
+- Each kernel runs on one thread, with the GIL released, on the batch
+  ``rows`` it is given: time is sequential, the batch is not, so
+  :mod:`fastbptt._core` runs one call per part of the batch on its own pool
+  of threads (Numba's threading layer is not used).
 - ``cache=True`` where Numba finds a writable cache directory; where none is
   (read-only install, no writable home, ``NUMBA_CACHE_DIR`` unusable) the
   kernels are defined with ``cache=False`` instead, silently:

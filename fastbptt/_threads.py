@@ -14,8 +14,8 @@ two recurrence kernels split the batch between the threads of the team
 (each sequence is independent), and the big GEMMs split their rows, each
 thread calling single-threaded BLAS on its part. A part runs on a thread of
 its own only when it is big enough to pay for the hand-off (``MIN_SPLIT_FLOPS``;
-the Cython backend hands parts to OpenMP threads, much cheaper:
-``MIN_SPLIT_FLOPS_OPENMP``).
+the Cython backend hands parts to its C thread team, much cheaper:
+``MIN_SPLIT_FLOPS_C_TEAM``).
 The team has one thread per core; ``fastbptt.set_num_threads(n)`` or the
 environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: one per core)
 sets its size, and 1 turns the splitting off.
@@ -34,10 +34,10 @@ ENV_VAR = "FASTBPTT_NUM_THREADS"
 # kernels (float32, tanh, one core vs two, best of 50): T=100, B=32, H=64 (2.6e7 flops):
 # 0.36 vs 0.29 ms; T=2000, B=16, H=128: 13.2 vs 7.7 ms.
 MIN_SPLIT_FLOPS = 1 << 24
-# The Cython backend splits on OpenMP threads, which spin between parallel regions: a hand-off
+# The Cython backend splits on its C thread team, which spins between jobs: a hand-off
 # costs ~1-5 µs, and 2^20 flops (~10 µs) pay. A whole step at T=100, B=32, D=16, H=64 (median of
 # 300): threshold 2^24: 1.40 ms, 2^22: 1.32, 2^20: 1.04, 2^18: 1.12; one thread: 1.70 ms.
-MIN_SPLIT_FLOPS_OPENMP = 1 << 20
+MIN_SPLIT_FLOPS_C_TEAM = 1 << 20
 
 _forced = None
 _scope = threading.local()          # .threads: the team size of the call running on this thread
@@ -146,13 +146,13 @@ def call_scope():
                 _restore.clear()
 
 
-def team_size(flops=None, openmp=False):
+def team_size(flops=None, c_team=False):
     """Threads for one phase of ``flops`` operations in the current call (1 outside a call).
 
-    ``openmp``: the phase would be split on OpenMP threads (a cheaper hand-off).
+    ``c_team``: the phase would be split on the Cython extension's C team (a cheaper hand-off).
     """
     n = getattr(_scope, "threads", 0) or 1
-    if flops is not None and flops < (MIN_SPLIT_FLOPS_OPENMP if openmp else MIN_SPLIT_FLOPS):
+    if flops is not None and flops < (MIN_SPLIT_FLOPS_C_TEAM if c_team else MIN_SPLIT_FLOPS):
         return 1
     return n
 

@@ -17,7 +17,7 @@ from helpers import RTOL, make_problem, rel_err
 @pytest.fixture
 def split_everything(monkeypatch):
     monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS", 0)
-    monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS_OPENMP", 0)
+    monkeypatch.setattr(_threads, "MIN_SPLIT_FLOPS_C_TEAM", 0)
 
     def use(n):
         fastbptt.set_num_threads(n)
@@ -66,12 +66,12 @@ def test_compiled_backends_split_the_batch(split_everything):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("via", ["python-threads", "openmp"])
+@pytest.mark.parametrize("via", ["python-threads", "c-team"])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2), (2, 2, 5)])
 def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
-    kernels = resolve_backend("cython") if via == "openmp" else None
-    assert via != "openmp" or (kernels.OPENMP and fastbptt._blas.pgemm is not None)
+    kernels = resolve_backend("cython") if via == "c-team" else None
+    assert via != "c-team" or (kernels.TEAM and fastbptt._blas.pgemm is not None)
     rng = np.random.default_rng(m * 100 + k * 10 + n)
     A = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
     B = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)

@@ -70,9 +70,9 @@ def test_outside_a_call_the_team_is_one_and_small_phases_never_split():
         assert _threads.team_size() == n
         assert _threads.team_size(_threads.MIN_SPLIT_FLOPS - 1) == 1
         assert _threads.team_size(_threads.MIN_SPLIT_FLOPS) == n
-        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS_OPENMP - 1, openmp=True) == 1
-        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS_OPENMP, openmp=True) == n
-        assert _threads.MIN_SPLIT_FLOPS_OPENMP < _threads.MIN_SPLIT_FLOPS
+        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS_C_TEAM - 1, c_team=True) == 1
+        assert _threads.team_size(_threads.MIN_SPLIT_FLOPS_C_TEAM, c_team=True) == n
+        assert _threads.MIN_SPLIT_FLOPS_C_TEAM < _threads.MIN_SPLIT_FLOPS
         with _threads.call_scope():            # nested: the outer call's team
             assert _threads.team_size() == n
     assert _threads.team_size() == 1

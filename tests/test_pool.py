@@ -1,0 +1,86 @@
+"""fastbptt's C thread team (_cython_pool): every part runs once, part 0 on the caller."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fastbptt import _cython_pool as pool
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_every_part_runs_once_part_zero_on_the_caller(parts):
+    threads, seen, caller = pool._run_probe(parts)
+    assert all(t != 0 for t in threads)              # every part ran
+    assert threads[0] == caller
+    assert len(set(threads)) == parts                # each on a thread of its own
+    assert seen == [parts] * parts                   # and all agree on the split
+    assert pool.workers() >= parts - 1
+
+
+def test_many_jobs_back_to_back_and_after_the_workers_slept():
+    for _ in range(2000):
+        threads, _, _ = pool._run_probe(2)
+        assert all(t != 0 for t in threads)
+    old = pool.set_spin_us(0)                        # workers go to sleep at once
+    try:
+        for _ in range(200):
+            threads, _, _ = pool._run_probe(3)
+            assert all(t != 0 for t in threads)
+    finally:
+        pool.set_spin_us(old)
+
+
+def test_jobs_from_several_python_threads_queue():
+    errors = []
+
+    def work():
+        for _ in range(300):
+            threads, seen, _ = pool._run_probe(2)
+            if not all(t != 0 for t in threads) or seen != [2, 2]:
+                errors.append((threads, seen))
+
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="parts: expected an int >= 1, got 0"):
+        pool._run_probe(0)
+    with pytest.raises(ValueError, match="us: expected a number >= 0, got -1"):
+        pool.set_spin_us(-1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork")
+def test_a_forked_child_starts_its_own_workers():
+    # in a fresh interpreter: this one may hold jax's threads, which fork does not suit
+    code = ("import os, sys\n"
+            "from fastbptt import _cython_pool as pool\n"
+            "pool._run_probe(3)\n"                                   # the parent has workers
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    threads, _, _ = pool._run_probe(3)\n"
+            "    os._exit(0 if all(t != 0 for t in threads) else 3)\n"
+            "_, status = os.waitpid(pid, 0)\n"
+            "print(os.waitstatus_to_exitcode(status))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_fastbptt_loads_no_openmp_runtime():
+    """A process holds one libgomp and torch brings its own (see the module docstring)."""
+    code = ("import numpy as np, fastbptt\n"
+            "p = fastbptt.RNNParams.init(3, 40, 2, seed=0)\n"
+            "X = np.ones((30, 8, 3), np.float32); Y = np.ones((30, 8, 2), np.float32)\n"
+            "for b in fastbptt.available_backends(): fastbptt.loss_and_grad(p, X, Y, backend=b)\n"
+            "print('libgomp' in open('/proc/self/maps').read())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
