@@ -19,7 +19,25 @@ from fastbptt import _cython_blas as CB  # noqa: E402
 RTOL = {np.float64: 1e-10, np.float32: 1e-5}
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
-PATHS = [pytest.param(-1, id="auto"), pytest.param(0, id="blas"), pytest.param(1, id="small")]
+# the small-shape loop: the portable one (level 0) and, where the CPU has it, the AVX-512 one
+_MV_START = K._set_matvec_level(2)
+K._set_matvec_level(_MV_START)
+PATHS = ([pytest.param(-1, id="auto"), pytest.param(0, id="blas"), pytest.param((1, 0), id="small-portable")]
+         + ([pytest.param((1, 2), id="small-avx512")] if _MV_START == 2 else []))
+
+
+@pytest.fixture(autouse=True)
+def _restore_matvec_level():
+    yield
+    K._set_matvec_level(_MV_START)
+
+
+def _use_path(path):
+    """``_path`` for the kernels, after setting the small loop's level when ``path`` is (1, level)."""
+    if isinstance(path, tuple):
+        assert K._set_matvec_level(path[1]) == path[1]
+        return path[0]
+    return path
 SHAPES = {  # T, B, H
     "T1": (1, 3, 5),
     "B1": (9, 1, 7),
@@ -79,7 +97,7 @@ def test_forward_parity(shape, dtype, act, path):
     A, W_hh, h0, _ = _problem(*shape, dtype)
     A_before, W_before = A.copy(), W_hh.copy()
     ref = _forward(R, A, W_hh, h0, act)
-    got = _forward(K, A, W_hh, h0, act, _path=path)
+    got = _forward(K, A, W_hh, h0, act, _path=_use_path(path))
     assert got.dtype == dtype
     np.testing.assert_array_equal(got[0], h0)
     assert rel_err(got, ref) <= RTOL[dtype]
@@ -101,7 +119,7 @@ def test_backward_parity(shape, dtype, act, truncation, path):
     ref = np.empty((T, B, H), dtype=dtype)
     R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, ref)
     got = np.full((T, B, H), np.nan, dtype=dtype)  # the kernel must overwrite, not add to, dZ
-    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, got, _path=path)
+    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, got, _path=_use_path(path))
     assert np.all(np.isfinite(got))
     assert rel_err(got, ref) <= RTOL[dtype]
     for x, x0 in zip((G, Hs, W_hh, ends, bp_starts), before):
@@ -118,8 +136,8 @@ def test_backward_custom_windows(dtype):
     ref = np.empty_like(G)
     got = np.empty_like(G)
     R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
-    for path in (0, 1):
-        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got, _path=path)
+    for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()):
+        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got, _path=_use_path(path))
         assert rel_err(got, ref) <= RTOL[dtype]
 
 
