@@ -212,6 +212,14 @@ NAME = "cython"
 SPLITS_BATCH = True
 
 
+#: a call on several threads splits the columns of every step, not the rows, from this hidden
+#: size with 16 rows per thread, and from twice it always (see ``_forward_cols``). Measured,
+#: float32, 2 threads, forward / backward ms by rows vs by columns: T=100, B=128, H=1024:
+#: 259 / 283 vs 212 / 265; T=200, B=64, H=512: 87 / 88 vs 74 / 60; T=100, B=8, H=1024:
+#: 47 / 56 vs 29 / 32; T=100, B=16, H=512: 15 / 22 vs 19 / 22; T=200, B=64, H=256:
+#: 22 / 22 vs 23 / 25; T=2000, B=16, H=128: 9 / 13 vs 24 / 32.
+MIN_H_FOR_COLUMN_SPLIT = 512
+
 #: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt._cython_pool`:
 #: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
 TEAM = True
@@ -403,6 +411,102 @@ cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G,
         loss_start = end
 
 
+# ---------------------------------------------------------------------------------------------
+# the column split: at large H each thread of the team computes some columns of every step
+# ---------------------------------------------------------------------------------------------
+# A batch split gives each thread (B/n, H)·(H, H) per step, and OpenBLAS packs the whole (H, H)
+# operand on every call for only B/n rows. Split by columns, each thread computes (B, H)·(H, H/n):
+# half the packing per row. Measured (one core, numpy's sgemm): (64, 1024)·(1024, 1024) 1788 µs
+# against (128, 1024)·(1024, 512) 1476 µs; (32, 256)·(256, 256) 52 µs against
+# (64, 256)·(256, 128) 47 µs. Every step then needs the whole h_t (or dz_t) of the others: one
+# barrier per step (the team's threads spin: ~0.1-0.3 µs).
+
+cdef extern from *:
+    """
+    typedef struct { long count; long sense; long n; } fb_barrier;
+    static void fb_barrier_wait(fb_barrier *b, long *local_sense) {
+        long s = !*local_sense;
+        *local_sense = s;
+        if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == b->n) {
+            __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&b->sense, s, __ATOMIC_RELEASE);
+        } else {
+            unsigned k = 0;
+            while (__atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != s) {
+    #if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+    #endif
+                if ((++k & 1023u) == 0) sched_yield();
+            }
+        }
+    }
+    """
+    ctypedef struct fb_barrier:
+        long count
+        long sense
+        long n
+    void fb_barrier_wait(fb_barrier *b, long *local_sense) noexcept nogil
+
+
+cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1,
+                        const floating *A, Py_ssize_t sA, const floating *W_hhT, floating *Hs,
+                        Py_ssize_t sH, int act, fb_barrier *barrier) noexcept nogil:
+    """Columns [j0, j1) of every step of :func:`_forward` (rows of A and Hs: H apart)."""
+    cdef Py_ssize_t t, b, w = j1 - j0
+    cdef long sense = 0
+    cdef floating *h
+    for t in range(T):
+        h = Hs + (t + 1) * sH
+        for b in range(B):
+            memcpy(h + b * H + j0, A + t * sA + b * H + j0, w * sizeof(floating))
+        _gemm(NoTrans, NoTrans, <int> B, <int> w, <int> H, <floating> 1.0, Hs + t * sH, <int> H,
+              W_hhT + j0, <int> H, <floating> 1.0, h + j0, <int> H)
+        for b in range(B):
+            _activate(w, act, h + b * H + j0)
+        fb_barrier_wait(barrier, &sense)        # h_t complete before anyone reads it
+
+
+cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1,
+                         const floating *G, Py_ssize_t sG, const floating *Hs, Py_ssize_t sH,
+                         const floating *W_hh, Py_ssize_t n_win, const int64_t *ends,
+                         const int64_t *bp_starts, int act, floating *dZ, Py_ssize_t sZ,
+                         floating *carried, floating *dz2, fb_barrier *barrier) noexcept nogil:
+    """Columns [j0, j1) of :func:`_backward`; ``dz2`` holds two (B, H) buffers, used in turn.
+
+    Step t writes its columns of dz into buffer t % 2, waits for the others', and reads all
+    of it for its columns of δ_{t-1}; a thread writes a buffer again only two steps later,
+    after a barrier every thread passed once done reading it (the last step of a window
+    has no product, so a window ends with a barrier of its own).
+    """
+    cdef Py_ssize_t w_ = j1 - j0, win, t, b, end, bp_start, loss_start = 0, k = 0
+    cdef bint has_carried
+    cdef long sense = 0
+    cdef floating *dz
+    for t in range(T):
+        for b in range(B):
+            memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
+    for win in range(n_win):
+        end = ends[win]
+        bp_start = bp_starts[win]
+        has_carried = False
+        t = end - 1
+        while t >= bp_start:
+            dz = dz2 + (k % 2) * B * H
+            k += 1
+            for b in range(B):
+                _dz_step(w_, act, carried + b * H + j0, has_carried, G + t * sG + b * H + j0,
+                         t >= loss_start, Hs + (t + 1) * sH + b * H + j0, dz + b * H + j0,
+                         dZ + t * sZ + b * H + j0)
+            if t > bp_start:
+                fb_barrier_wait(barrier, &sense)    # dz_t complete
+                _gemm(NoTrans, NoTrans, <int> B, <int> w_, <int> H, <floating> 1.0, dz, <int> H,
+                      W_hh + j0, <int> H, <floating> 0.0, carried + j0, <int> H)
+                has_carried = True
+            t -= 1
+        loss_start = end
+        fb_barrier_wait(barrier, &sense)    # the window's last products read before the next writes
+
+
 def _check_act(int act):
     if act != 0 and act != 1:
         raise ValueError(f"act: expected ACT_TANH (0) or ACT_RELU (1), got {act}")
@@ -424,10 +528,11 @@ cdef inline Py_ssize_t _part_start(Py_ssize_t p, Py_ssize_t n, Py_ssize_t rows) 
 
 
 cdef struct _Job:
-    # one kernel call, split by rows between the team's threads (see run_parts)
+    # one kernel call, split by rows (or, with cols, by columns) between the team's threads
     Py_ssize_t T, H, stride, b0, rows, n_win
     int act
-    bint small, is_double
+    bint small, is_double, cols
+    fb_barrier *barrier
     const void *A
     const void *W
     const void *G
@@ -442,7 +547,19 @@ cdef struct _Job:
 cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     """Part ``p`` of ``n`` of a forward job: its rows of the batch."""
     cdef _Job *j = <_Job *> arg
-    cdef Py_ssize_t lo = j.b0 + _part_start(p, n, j.rows), hi = j.b0 + _part_start(p + 1, n, j.rows)
+    cdef Py_ssize_t lo, hi
+    if j.cols:
+        lo = _part_start(p, n, j.H)
+        hi = _part_start(p + 1, n, j.H)
+        if j.is_double:
+            _forward_cols(j.T, j.rows, j.H, lo, hi, <const double *> j.A + j.b0 * j.H, j.stride,
+                          <const double *> j.W, <double *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
+        else:
+            _forward_cols(j.T, j.rows, j.H, lo, hi, <const float *> j.A + j.b0 * j.H, j.stride,
+                          <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
+        return
+    lo = j.b0 + _part_start(p, n, j.rows)
+    hi = j.b0 + _part_start(p + 1, n, j.rows)
     if j.is_double:
         _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
                  <double *> j.Hs + lo * j.H, j.stride, j.act, j.small)
@@ -454,8 +571,24 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
 cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     """Part ``p`` of ``n`` of a backward job: its rows of the batch (and of the work buffers)."""
     cdef _Job *j = <_Job *> arg
-    cdef Py_ssize_t r0 = _part_start(p, n, j.rows), r1 = _part_start(p + 1, n, j.rows)
-    cdef Py_ssize_t lo = j.b0 + r0
+    cdef Py_ssize_t r0, r1, lo
+    if j.cols:
+        r0 = _part_start(p, n, j.H)
+        r1 = _part_start(p + 1, n, j.H)
+        if j.is_double:
+            _backward_cols(j.T, j.rows, j.H, r0, r1, <const double *> j.G + j.b0 * j.H, j.stride,
+                           <const double *> j.Hs + j.b0 * j.H, j.stride, <const double *> j.W,
+                           j.n_win, j.ends, j.bp_starts, j.act, <double *> j.dZ + j.b0 * j.H,
+                           j.stride, <double *> j.carried, <double *> j.dz, j.barrier)
+        else:
+            _backward_cols(j.T, j.rows, j.H, r0, r1, <const float *> j.G + j.b0 * j.H, j.stride,
+                           <const float *> j.Hs + j.b0 * j.H, j.stride, <const float *> j.W,
+                           j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + j.b0 * j.H,
+                           j.stride, <float *> j.carried, <float *> j.dz, j.barrier)
+        return
+    r0 = _part_start(p, n, j.rows)
+    r1 = _part_start(p + 1, n, j.rows)
+    lo = j.b0 + r0
     if j.is_double:
         _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
                   <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W, j.n_win,
@@ -466,6 +599,17 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
                   <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W, j.n_win,
                   j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H, j.stride,
                   <float *> j.carried + r0 * j.H, <float *> j.dz + r0 * j.H, j.small)
+
+
+def _split_cols(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
+    """Whether a call on ``threads`` threads splits the columns of every step (else the rows)."""
+    if split not in (-1, 0, 1):
+        raise ValueError(f"_split: expected -1 (auto), 0 (rows) or 1 (columns), got {split}")
+    if threads < 2:
+        return False
+    if split != -1:
+        return split == 1
+    return H >= 2 * MIN_H_FOR_COLUMN_SPLIT or (H >= MIN_H_FOR_COLUMN_SPLIT and rows >= 16 * threads)
 
 
 def _n_parts(int threads, Py_ssize_t rows):
@@ -483,7 +627,8 @@ def _pick(Py_ssize_t B, Py_ssize_t H, int path):
 
 
 def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT,
-                       floating[:, :, ::1] Hs, int act, rows=None, int threads=1, int _path=-1):
+                       floating[:, :, ::1] Hs, int act, rows=None, int threads=1, int _path=-1,
+                       int _split=-1):
     """Fill ``Hs[1:]`` with h_t = f(A[t] + Hs[t]·W_hhT); see :mod:`fastbptt.reference`.
 
     Parameters
@@ -501,6 +646,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
+    _split : int, optional
+        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
+        rows, 1 the columns of every step (tests).
     """
     cdef Py_ssize_t T = A.shape[0], B = A.shape[1], H = A.shape[2]
     _check_act(act)
@@ -513,8 +661,12 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         return
     cdef Py_ssize_t b0, b1, n
     b0, b1 = _rows(rows, B)
-    n = _n_parts(threads, b1 - b0)
     cdef _Job job
+    cdef fb_barrier barrier
+    job.cols = _split_cols(threads, b1 - b0, H, _split)
+    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
+    barrier.count, barrier.sense, barrier.n = 0, 0, n
+    job.barrier = &barrier
     job.T = T
     job.H = H
     job.stride = B * H
@@ -533,7 +685,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
 def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] Hs,
                         const floating[:, ::1] W_hh, const int64_t[::1] ends,
                         const int64_t[::1] bp_starts, int act, floating[:, :, ::1] dZ,
-                        rows=None, int threads=1, int _path=-1):
+                        rows=None, int threads=1, int _path=-1, int _split=-1):
     """Overwrite ``dZ`` with the pre-activation gradients summed over windows.
 
     See the kernel contract in :mod:`fastbptt.reference`.
@@ -556,6 +708,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
+    _split : int, optional
+        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
+        rows, 1 the columns of every step (tests).
     """
     cdef Py_ssize_t T = G.shape[0], B = G.shape[1], H = G.shape[2]
     cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
@@ -580,11 +735,15 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         return
     cdef Py_ssize_t b0, b1, n
     b0, b1 = _rows(rows, B)
-    n = _n_parts(threads, b1 - b0)
+    cdef _Job job
+    cdef fb_barrier barrier
+    job.cols = _split_cols(threads, b1 - b0, H, _split)
+    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
+    barrier.count, barrier.sense, barrier.n = 0, 0, n
+    job.barrier = &barrier
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
-    cdef floating[:, ::1] dz = np.empty((b1 - b0, H), dtype=dtype)
-    cdef _Job job
+    cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
     job.T = T
     job.H = H
     job.stride = B * H

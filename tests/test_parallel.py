@@ -135,3 +135,63 @@ def test_kernel_rows_compute_only_their_rows(name, dtype):
             kernels.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, 0, rows=bad)
         with pytest.raises(ValueError, match=r"rows: expected \(b0, b1\)"):
             kernels.backward_accumulate(G, Hs_ref, W, ends, bps, 0, dZ, rows=bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("split", [0, 1], ids=["rows", "columns"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=str)
+@pytest.mark.parametrize("T,B,H", [(1, 3, 5), (7, 1, 9), (6, 2, 1), (9, 5, 13), (5, 4, 40)])
+def test_cython_kernels_split_rows_or_columns(T, B, H, truncation, threads, split, dtype):
+    """The C team's two splits against the reference kernels (columns: a barrier every step)."""
+    from fastbptt import reference as R
+    K = resolve_backend("cython")
+    rng = np.random.default_rng(T * 100 + B * 10 + H)
+    A = rng.normal(size=(T, B, H)).astype(dtype)
+    W = rng.normal(scale=1.0 / np.sqrt(H), size=(H, H)).astype(dtype)
+    G = rng.normal(size=(T, B, H)).astype(dtype)
+    ends, bps = _core.windows(T, truncation)
+    for act in (R.ACT_TANH, R.ACT_RELU):
+        Hs_ref = np.empty((T + 1, B, H), dtype)
+        Hs_ref[0] = rng.normal(size=(B, H))
+        Hs = Hs_ref.copy()
+        R.forward_recurrence(A, np.ascontiguousarray(W.T), Hs_ref, act)
+        K.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, act, threads=threads, _split=split)
+        assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
+        dZ_ref = np.empty_like(G)
+        R.backward_accumulate(G, Hs_ref, W, ends, bps, act, dZ_ref)
+        dZ = np.full_like(G, np.nan)
+        K.backward_accumulate(G, Hs_ref, W, ends, bps, act, dZ, threads=threads, _split=split)
+        assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
+
+
+def test_cython_split_rule_and_bad_split():
+    K = resolve_backend("cython")
+    assert K._split_cols(2, 128, 1024, -1) and K._split_cols(2, 8, 1024, -1)
+    assert K._split_cols(2, 64, 512, -1) and not K._split_cols(2, 16, 512, -1)
+    assert not K._split_cols(2, 64, 256, -1) and not K._split_cols(1, 128, 1024, -1)
+    A, W, Hs = np.zeros((2, 3, 4)), np.zeros((4, 4)), np.zeros((3, 3, 4))
+    with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\) or 1 \(columns\), got 7"):
+        K.forward_recurrence(A, W, Hs, 0, threads=2, _split=7)
+
+
+@pytest.mark.parametrize("split", [0, 1], ids=["rows", "columns"])
+def test_cython_split_repeated_calls_agree(split):
+    """Many calls on the team, windows included: a race in the hand-offs or barriers would show."""
+    K = resolve_backend("cython")
+    rng = np.random.default_rng(11)
+    T, B, H = 60, 6, 48
+    A = rng.normal(size=(T, B, H))
+    W = rng.normal(scale=1.0 / np.sqrt(H), size=(H, H))
+    G = rng.normal(size=(T, B, H))
+    ends, bps = _core.windows(T, (4, 9))
+    Hs_one = np.zeros((T + 1, B, H))
+    K.forward_recurrence(A, np.ascontiguousarray(W.T), Hs_one, 0)
+    dZ_one = np.empty_like(G)
+    K.backward_accumulate(G, Hs_one, W, ends, bps, 0, dZ_one)
+    for _ in range(50):
+        Hs = np.zeros_like(Hs_one)
+        K.forward_recurrence(A, np.ascontiguousarray(W.T), Hs, 0, threads=2, _split=split)
+        dZ = np.full_like(G, np.nan)
+        K.backward_accumulate(G, Hs, W, ends, bps, 0, dZ, threads=2, _split=split)
+        assert rel_err(Hs, Hs_one) <= 1e-12 and rel_err(dZ, dZ_one) <= 1e-12
