@@ -1,6 +1,7 @@
 """Shared set-up of the benchmark suite: threads, problems and the float64 oracle.
 
-Threads: 2 for everything (the machines have 2 cores). BLAS pools are capped
+Threads: 2 for everything (the machines have 2 cores): fastbptt's own team
+(``fastbptt.set_num_threads``; BLAS on one thread inside its calls). BLAS pools are capped
 with threadpoolctl, Numba with ``numba.set_num_threads`` and torch with
 ``torch.set_num_threads`` for the whole session. XLA's CPU pool cannot be
 resized once jax is imported; it uses all cores, which is 2 on these machines.

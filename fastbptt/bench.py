@@ -202,7 +202,8 @@ class _ThreadLimits:
     def describe(self):
         """How fastbptt's own threads are set during the run (for the results)."""
         return (f"a team of {self.threads} (fastbptt.set_num_threads), BLAS on 1 thread inside it; "
-                f"a phase is split from {_threads.MIN_SPLIT_FLOPS:.2g} flops")
+                f"a phase is split from {_threads.MIN_SPLIT_FLOPS_C_TEAM:.2g} flops on the Cython "
+                f"backend's C team, from {_threads.MIN_SPLIT_FLOPS:.2g} on the Python pool")
 
     def __enter__(self):
         from threadpoolctl import threadpool_limits
