@@ -13,7 +13,7 @@ own thread pool, separate from numpy's). ``pgemm``, the big GEMMs of
 ``use_cblas`` was given its entry points (``fastbptt._blas`` does that).
 """
 
-from fastbptt._cython_pool cimport run_parts
+from fastbptt._cython_pool cimport part_start, run_parts
 from libc.stdint cimport int64_t, intptr_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -42,6 +42,18 @@ cdef void _gemm(BLAS_Trans ta, BLAS_Trans tb, int m, int n, int k,
               <double *> A, &lda, &beta, C, &ldc)
 
 
+def _op_shapes(name, bint trans_a, bint trans_b, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0,
+               Py_ssize_t b1, Py_ssize_t c0, Py_ssize_t c1):
+    """``(m, k, n)`` of ``C (m, n) = op(A) (m, k) · op(B) (k, n)``; a ValueError if they do not fit."""
+    m, k = (a1, a0) if trans_a else (a0, a1)
+    kb, n = (b1, b0) if trans_b else (b0, b1)
+    if kb != k or c0 != m or c1 != n:
+        raise ValueError(
+            f"{name}: op(A) is ({m}, {k}) and op(B) is ({kb}, {n}), expected op(B) of shape "
+            f"({k}, {n}) and C of shape ({m}, {n}), got C of shape ({c0}, {c1})")
+    return m, k, n
+
+
 def gemm(bint trans_a, bint trans_b, double alpha, const floating[:, ::1] A,
          const floating[:, ::1] B, double beta, floating[:, ::1] C):
     """``C := alpha·op(A)·op(B) + beta·C`` in place; the test entry point of ``_gemm``.
@@ -56,14 +68,9 @@ def gemm(bint trans_a, bint trans_b, double alpha, const floating[:, ::1] A,
     B : C-contiguous ndarray of shape (k, n), or (n, k) if ``trans_b``
     C : C-contiguous ndarray of shape (m, n), same dtype; overwritten.
     """
-    cdef int m = A.shape[1] if trans_a else A.shape[0]
-    cdef int k = A.shape[0] if trans_a else A.shape[1]
-    cdef int kb = B.shape[1] if trans_b else B.shape[0]
-    cdef int n = B.shape[0] if trans_b else B.shape[1]
-    if kb != k or C.shape[0] != m or C.shape[1] != n:
-        raise ValueError(
-            f"gemm: op(A) is ({m}, {k}) and op(B) is ({kb}, {n}), expected op(B) of shape "
-            f"({k}, {n}) and C of shape ({m}, {n}), got C of shape ({C.shape[0]}, {C.shape[1]})")
+    cdef int m, k, n
+    m, k, n = _op_shapes("gemm", trans_a, trans_b, A.shape[0], A.shape[1], B.shape[0], B.shape[1],
+                         C.shape[0], C.shape[1])
     if m == 0 or n == 0:
         return
     if k == 0:  # BLAS then only scales C; keep it simple and identical here
@@ -125,11 +132,6 @@ cdef void _any_gemm(bint ta, bint tb, int64_t m, int64_t n, int64_t k, const flo
           <floating> 1.0, A, <int> lda, B, <int> ldb, <floating> 0.0, C, <int> ldc)
 
 
-cdef inline int64_t _start(int64_t p, int64_t n, int64_t size) noexcept nogil:
-    """First index of part ``p`` of ``n`` near-equal parts of ``size`` (as ``fastbptt._threads.parts``)."""
-    return p * (size // n) + (p if p < size % n else size % n)
-
-
 cdef struct _GemmJob:
     # one pgemm call: by rows of C (split_k false) or by the contraction (split_k true)
     bint trans_b, split_k, is_double
@@ -144,8 +146,8 @@ cdef void _gemm_part(void *arg, Py_ssize_t p, Py_ssize_t parts) noexcept nogil:
     cdef _GemmJob *j = <_GemmJob *> arg
     cdef int64_t lo, hi
     if j.split_k:
-        lo = _start(p, parts, j.k)
-        hi = _start(p + 1, parts, j.k)
+        lo = part_start(p, parts, j.k)
+        hi = part_start(p + 1, parts, j.k)
         if j.is_double:
             _any_gemm(True, False, j.m, j.n, hi - lo, <const double *> j.A + lo * j.lda, j.lda,
                       <const double *> j.B + lo * j.ldb, j.ldb,
@@ -155,8 +157,8 @@ cdef void _gemm_part(void *arg, Py_ssize_t p, Py_ssize_t parts) noexcept nogil:
                       <const float *> j.B + lo * j.ldb, j.ldb,
                       <float *> j.C if p == 0 else <float *> j.sums + (p - 1) * j.m * j.n, j.n)
     else:
-        lo = _start(p, parts, j.m)
-        hi = _start(p + 1, parts, j.m)
+        lo = part_start(p, parts, j.m)
+        hi = part_start(p + 1, parts, j.m)
         if j.is_double:
             _any_gemm(False, j.trans_b, hi - lo, j.n, j.k, <const double *> j.A + lo * j.lda, j.lda,
                       <const double *> j.B, j.ldb, <double *> j.C + lo * j.n, j.n)
@@ -182,14 +184,9 @@ def pgemm(bint trans_a, bint trans_b, const floating[:, ::1] A, const floating[:
     C : C-contiguous (m, n), same dtype; overwritten
     threads : int >= 1
     """
-    cdef int64_t m = A.shape[1] if trans_a else A.shape[0]
-    cdef int64_t k = A.shape[0] if trans_a else A.shape[1]
-    cdef int64_t kb = B.shape[1] if trans_b else B.shape[0]
-    cdef int64_t n = B.shape[0] if trans_b else B.shape[1]
-    if kb != k or C.shape[0] != m or C.shape[1] != n:
-        raise ValueError(
-            f"pgemm: op(A) is ({m}, {k}) and op(B) is ({kb}, {n}), expected op(B) of shape "
-            f"({k}, {n}) and C of shape ({m}, {n}), got C of shape ({C.shape[0]}, {C.shape[1]})")
+    cdef int64_t m, k, n
+    m, k, n = _op_shapes("pgemm", trans_a, trans_b, A.shape[0], A.shape[1], B.shape[0], B.shape[1],
+                         C.shape[0], C.shape[1])
     if threads < 1:
         raise ValueError(f"threads: expected an int >= 1, got {threads}")
     if m == 0 or n == 0:

@@ -20,7 +20,7 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from cython cimport floating
-from fastbptt._cython_pool cimport run_parts
+from fastbptt._cython_pool cimport part_start, run_parts
 
 from fastbptt._cython_blas cimport BLAS_Trans, NoTrans, _gemm
 
@@ -522,11 +522,6 @@ def _rows(rows, Py_ssize_t B):
     return b0, b1
 
 
-cdef inline Py_ssize_t _part_start(Py_ssize_t p, Py_ssize_t n, Py_ssize_t rows) noexcept nogil:
-    """First row of part ``p`` of ``n`` near-equal parts of ``rows`` rows (as ``_threads.parts``)."""
-    return p * (rows // n) + (p if p < rows % n else rows % n)
-
-
 cdef struct _Job:
     # one kernel call, split by rows (or, with cols, by columns) between the team's threads
     Py_ssize_t T, H, stride, b0, rows, n_win
@@ -549,8 +544,8 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t lo, hi
     if j.cols:
-        lo = _part_start(p, n, j.H)
-        hi = _part_start(p + 1, n, j.H)
+        lo = part_start(p, n, j.H)
+        hi = part_start(p + 1, n, j.H)
         if j.is_double:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const double *> j.A + j.b0 * j.H, j.stride,
                           <const double *> j.W, <double *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
@@ -558,8 +553,8 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const float *> j.A + j.b0 * j.H, j.stride,
                           <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
         return
-    lo = j.b0 + _part_start(p, n, j.rows)
-    hi = j.b0 + _part_start(p + 1, n, j.rows)
+    lo = j.b0 + part_start(p, n, j.rows)
+    hi = j.b0 + part_start(p + 1, n, j.rows)
     if j.is_double:
         _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
                  <double *> j.Hs + lo * j.H, j.stride, j.act, j.small)
@@ -573,8 +568,8 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t r0, r1, lo
     if j.cols:
-        r0 = _part_start(p, n, j.H)
-        r1 = _part_start(p + 1, n, j.H)
+        r0 = part_start(p, n, j.H)
+        r1 = part_start(p + 1, n, j.H)
         if j.is_double:
             _backward_cols(j.T, j.rows, j.H, r0, r1, <const double *> j.G + j.b0 * j.H, j.stride,
                            <const double *> j.Hs + j.b0 * j.H, j.stride, <const double *> j.W,
@@ -586,8 +581,8 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
                            j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + j.b0 * j.H,
                            j.stride, <float *> j.carried, <float *> j.dz, j.barrier)
         return
-    r0 = _part_start(p, n, j.rows)
-    r1 = _part_start(p + 1, n, j.rows)
+    r0 = part_start(p, n, j.rows)
+    r1 = part_start(p + 1, n, j.rows)
     lo = j.b0 + r0
     if j.is_double:
         _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
@@ -599,6 +594,28 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
                   <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W, j.n_win,
                   j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H, j.stride,
                   <float *> j.carried + r0 * j.H, <float *> j.dz + r0 * j.H, j.small)
+
+
+cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,
+                           Py_ssize_t b0, Py_ssize_t b1, int act, int threads, int path, int split,
+                           bint is_double) except -1:
+    """Fill the shape and split of a kernel job (the arrays are the caller's); returns the part count."""
+    cdef Py_ssize_t n
+    job.cols = _split_cols(threads, b1 - b0, H, split)
+    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
+    barrier.count = 0
+    barrier.sense = 0
+    barrier.n = n
+    job.barrier = barrier
+    job.T = T
+    job.H = H
+    job.stride = B * H
+    job.b0 = b0
+    job.rows = b1 - b0
+    job.act = act
+    job.small = _pick((b1 - b0 + n - 1) // n, H, path)
+    job.is_double = is_double
+    return n
 
 
 def _split_cols(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
@@ -663,18 +680,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
-    job.cols = _split_cols(threads, b1 - b0, H, _split)
-    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
-    barrier.count, barrier.sense, barrier.n = 0, 0, n
-    job.barrier = &barrier
-    job.T = T
-    job.H = H
-    job.stride = B * H
-    job.b0 = b0
-    job.rows = b1 - b0
-    job.act = act
-    job.small = _pick((b1 - b0 + n - 1) // n, H, _path)
-    job.is_double = floating is double
+    n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     job.A = &A[0, 0, 0]
     job.W = &W_hhT[0, 0]
     job.Hs = &Hs[0, 0, 0]
@@ -737,21 +743,10 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
-    job.cols = _split_cols(threads, b1 - b0, H, _split)
-    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
-    barrier.count, barrier.sense, barrier.n = 0, 0, n
-    job.barrier = &barrier
+    n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
     cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
-    job.T = T
-    job.H = H
-    job.stride = B * H
-    job.b0 = b0
-    job.rows = b1 - b0
-    job.act = act
-    job.small = _pick((b1 - b0 + n - 1) // n, H, _path)
-    job.is_double = floating is double
     job.G = &G[0, 0, 0]
     job.Hs = <void *> &Hs[0, 0, 0]
     job.W = &W_hh[0, 0]

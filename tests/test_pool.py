@@ -56,6 +56,13 @@ def test_bad_arguments():
         pool.set_spin_us(-1)
 
 
+def _python(code):
+    """Run ``code`` in a fresh interpreter; its stripped output."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")
 def test_a_forked_child_starts_its_own_workers():
     # in a fresh interpreter: this one may hold jax's threads, which fork does not suit
@@ -68,9 +75,7 @@ def test_a_forked_child_starts_its_own_workers():
             "    os._exit(0 if all(t != 0 for t in threads) else 3)\n"
             "_, status = os.waitpid(pid, 0)\n"
             "print(os.waitstatus_to_exitcode(status))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0"
+    assert _python(code) == "0"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
@@ -81,6 +86,4 @@ def test_fastbptt_loads_no_openmp_runtime():
             "X = np.ones((30, 8, 3), np.float32); Y = np.ones((30, 8, 2), np.float32)\n"
             "for b in fastbptt.available_backends(): fastbptt.loss_and_grad(p, X, Y, backend=b)\n"
             "print('libgomp' in open('/proc/self/maps').read())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert _python(code) == "False"
