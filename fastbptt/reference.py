@@ -47,7 +47,9 @@ A backend whose module sets ``SPLITS_BATCH = True`` releases the GIL in both
 kernels and takes one more keyword, ``rows=(b0, b1)``: compute (and write)
 only the sequences ``b0 .. b1-1`` of the batch. Each sequence is independent,
 so :mod:`fastbptt._core` runs such calls on disjoint rows from several
-threads at once; this reference does not split.
+threads at once; this reference does not split. A backend that sets ``TEAM =
+True`` as well (the Cython one) also takes ``threads=n`` and splits a call
+itself, on its own C threads.
 
 Full BPTT is ``ends = [T], bp_starts = [0]``; ``truncation=k`` gives disjoint
 windows; ``(k1, k2)`` overlapping ones (see :func:`fastbptt._core.windows`).
