@@ -144,7 +144,7 @@ def _pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
 
 
 def _batch_parts(kernels, T, B, H):
-    """How the recurrence kernels split the batch between the call's threads: ``[(b0, b1), ...]``.
+    """How a pool of Python threads splits the batch for the recurrence kernels: ``[(b0, b1), ...]``.
 
     Each sequence of a batch is independent, so each thread can run a kernel
     on its own ``rows``. Only backends whose kernels release the GIL say they
@@ -157,13 +157,22 @@ def _batch_parts(kernels, T, B, H):
 
 
 def _recurrence(kernels, T, B, H, kernel, *args):
-    """``kernel(*args)`` on the call's threads: split by the kernel itself on the C team where it
-    can (``kernels.TEAM``), else one call per batch part (``rows=``) on :func:`_threads.run`."""
+    """``kernel(*args)`` on the call's threads.
+
+    A backend with a C team (``kernels.TEAM``) splits the call itself
+    (``threads=``: by batch rows, or by columns at large H, even at batch 1);
+    otherwise one call per batch part (``rows=``) runs on :func:`_threads.run`.
+    """
+    if getattr(kernels, "TEAM", False):
+        team = team_size(2 * T * B * H * H, c_team=True)
+        if team > 1:
+            kernel(*args, threads=team)
+        else:
+            kernel(*args)
+        return
     ranges = _batch_parts(kernels, T, B, H)
     if len(ranges) == 1:
         kernel(*args)
-    elif getattr(kernels, "TEAM", False):
-        kernel(*args, threads=len(ranges))
     else:
         run([partial(kernel, *args, rows=r) for r in ranges])
 

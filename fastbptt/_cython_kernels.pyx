@@ -660,7 +660,8 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
@@ -711,7 +712,8 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the rows into this many parts, one per thread of fastbptt's C team (see ``TEAM``).
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        one per thread of fastbptt's C team (see ``TEAM``).
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
