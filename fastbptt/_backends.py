@@ -83,6 +83,9 @@ def _nearest(grid, value):
     return int(np.argmin(np.abs(np.log2(np.asarray(grid, dtype=float)) - np.log2(max(value, 1)))))
 
 
+_chosen = {}                # (B, H, dtype, available backends) -> (table, backend name)
+
+
 def _choose_auto(T, B, H, dtype):
     """The backend "auto" takes for this shape.
 
@@ -93,13 +96,21 @@ def _choose_auto(T, B, H, dtype):
     """
     names = available_backends()
     table = _calibration()
+    key = (B, H, dtype, tuple(names))
+    seen = _chosen.get(key)
+    if seen is not None and seen[0] is table:   # the lookup below takes ~15 µs, a step at batch 1 ~300
+        return seen[1]
+    choice = names[0]
     if table is not None:
         name = np.dtype(dtype if dtype is not None else np.float32).name
         winner = table["winner"].get(name, table["winner"]["float32"])
         best = winner[_nearest(table["grid_B"], B)][_nearest(table["grid_H"], H)]
         if best in names:
-            return best
-    return names[0]
+            choice = best
+    if len(_chosen) > 1024:
+        _chosen.clear()
+    _chosen[key] = (table, choice)
+    return choice
 
 
 def resolve_backend(backend, *, T=1, B=1, H=1, dtype=None):

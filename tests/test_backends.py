@@ -69,3 +69,17 @@ def test_environment_variable_overrides_auto(fake_table, monkeypatch):
     assert _backends.resolve_backend("auto", B=1, H=32, dtype=np.float32).NAME == "numba"
     # an explicit name is not overridden
     assert _backends.resolve_backend("cython").NAME == "cython"
+
+
+def test_auto_choice_follows_a_new_table(monkeypatch):
+    """The per-shape choice is remembered, but never across a change of table or of backends."""
+    one = {"grid_B": [1], "grid_H": [32], "winner": {"float32": [["cython"]], "float64": [["cython"]]}}
+    two = {"grid_B": [1], "grid_H": [32], "winner": {"float32": [["numba"]], "float64": [["numba"]]}}
+    monkeypatch.setattr(_backends, "_table", one)
+    assert _backends._choose_auto(10, 3, 30, np.float32) == "cython"
+    assert _backends._choose_auto(10, 3, 30, np.float32) == "cython"
+    monkeypatch.setattr(_backends, "_table", two)
+    assert _backends._choose_auto(10, 3, 30, np.float32) == "numba"
+    monkeypatch.setitem(_backends._failed, "numba", "ImportError: test")
+    monkeypatch.delitem(_backends._loaded, "numba", raising=False)
+    assert _backends._choose_auto(10, 3, 30, np.float32) == "cython"
