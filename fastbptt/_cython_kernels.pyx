@@ -362,7 +362,12 @@ cdef void _forward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *A, 
 cdef inline void _dz_step(Py_ssize_t n, int act, const floating *carried, bint has_carried,
                           const floating *g, bint inject, const floating *h,
                           floating *dz, floating *dZt) noexcept nogil:
-    """δ = [carried] + [G[t]];  dz = δ ⊙ f'(from h);  dZ[t] += dz."""
+    """δ = [carried] + [G[t]];  dz = δ ⊙ f'(from h);  dZ[t] += dz, or dZ[t] = dz on a loss step.
+
+    A window's own loss steps (``inject``) lie in no earlier window, so dZ[t] is
+    written there, not added to (no pass to zero dZ first); other steps it
+    reaches were written by an earlier window already.
+    """
     cdef Py_ssize_t e
     cdef floating d, hv
     for e in range(n):
@@ -380,7 +385,10 @@ cdef inline void _dz_step(Py_ssize_t n, int act, const floating *carried, bint h
         else:
             d = d if hv > 0 else 0
         dz[e] = d
-        dZt[e] += d
+        if inject:
+            dZt[e] = d
+        else:
+            dZt[e] += d
 
 
 cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G, Py_ssize_t sG,
@@ -394,11 +402,11 @@ cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G,
     """
     cdef Py_ssize_t BH = B * H, w, t, end, bp_start, loss_start = 0
     cdef bint has_carried
-    for t in range(T):
-        memset(dZ + t * sZ, 0, BH * sizeof(floating))
     for w in range(n_win):
         end = ends[w]
         bp_start = bp_starts[w]
+        for t in range(loss_start, bp_start):       # steps in no window: zero
+            memset(dZ + t * sZ, 0, BH * sizeof(floating))
         has_carried = False
         t = end - 1
         while t >= bp_start:
@@ -409,6 +417,8 @@ cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G,
                 has_carried = True
             t -= 1
         loss_start = end
+    for t in range(loss_start, T):                  # after the last window (none by contract)
+        memset(dZ + t * sZ, 0, BH * sizeof(floating))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,12 +492,12 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
     cdef bint has_carried
     cdef long sense = 0
     cdef floating *dz
-    for t in range(T):
-        for b in range(B):
-            memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
     for win in range(n_win):
         end = ends[win]
         bp_start = bp_starts[win]
+        for t in range(loss_start, bp_start):       # steps in no window: zero
+            for b in range(B):
+                memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
         has_carried = False
         t = end - 1
         while t >= bp_start:
@@ -505,6 +515,9 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
             t -= 1
         loss_start = end
         fb_barrier_wait(barrier, &sense)    # the window's last products read before the next writes
+    for t in range(loss_start, T):                  # after the last window (none by contract)
+        for b in range(B):
+            memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
 
 
 def _check_act(int act):

@@ -131,14 +131,17 @@ def test_backward_custom_windows(dtype):
     """Windows the public truncations never make: loss steps before a window's bp_start."""
     A, W_hh, h0, G = _problem(12, 2, 6, dtype, seed=3)
     Hs = _forward(R, A, W_hh, h0, R.ACT_TANH)
-    ends = np.array([5, 6, 12], dtype=np.int64)
-    bp_starts = np.array([3, 0, 9], dtype=np.int64)
-    ref = np.empty_like(G)
-    got = np.empty_like(G)
-    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
-    for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()):
-        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got, _path=_use_path(path))
-        assert rel_err(got, ref) <= RTOL[dtype]
+    # gaps before a window, and steps after the last one (ends[-1] < T): dZ is zero there
+    for ends, bp_starts in (([5, 6, 12], [3, 0, 9]), ([4, 9], [2, 7])):
+        ends, bp_starts = np.array(ends, dtype=np.int64), np.array(bp_starts, dtype=np.int64)
+        ref = np.empty_like(G)
+        R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
+        for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()):
+            for threads, split in ((1, 0), (2, 0), (2, 1)):
+                got = np.full_like(G, np.nan)
+                K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got,
+                                      _path=_use_path(path), threads=threads, _split=split)
+                assert rel_err(got, ref) <= RTOL[dtype]
 
 
 def test_read_only_inputs_accepted():
