@@ -59,5 +59,5 @@ def _load_pgemm():
     return pgemm
 
 
-#: ``pgemm(trans_a, trans_b, A, B, C, threads, partial)`` or None (see ``_cython_blas.pyx``)
+#: ``pgemm(trans_a, trans_b, A, B, C, threads)`` or None (see ``_cython_blas.pyx``)
 pgemm = _load_pgemm()

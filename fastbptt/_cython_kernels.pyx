@@ -553,7 +553,7 @@ cdef struct _Job:
 
 
 cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
-    """Part ``p`` of ``n`` of a forward job: its rows of the batch."""
+    """Part ``p`` of ``n`` of a forward job: its rows of the batch, or its columns of every step."""
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t lo, hi
     if j.cols:
@@ -577,7 +577,8 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
 
 
 cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
-    """Part ``p`` of ``n`` of a backward job: its rows of the batch (and of the work buffers)."""
+    """Part ``p`` of ``n`` of a backward job: its rows of the batch (and of the work buffers), or its
+    columns of every step."""
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t r0, r1, lo
     if j.cols:

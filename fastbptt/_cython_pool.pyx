@@ -179,7 +179,6 @@ def set_spin_us(double us):
 cdef struct _Probe:
     long *thread_of_part
     long *parts_seen
-    long counter
 
 
 cdef extern from *:
@@ -209,7 +208,6 @@ def _run_probe(Py_ssize_t parts):
     cdef _Probe probe
     probe.thread_of_part = &threads[0]
     probe.parts_seen = &seen[0]
-    probe.counter = 0
     with nogil:
         run_parts(_probe_part, &probe, parts)
     return list(threads), list(seen), fb_thread_id()

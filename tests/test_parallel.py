@@ -89,6 +89,12 @@ def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
     assert got.dtype == dtype and rel_err(got, want) <= tol and rel_err(out, want) <= tol
 
 
+def test_pgemm_runs_on_numpys_blas():
+    from fastbptt import _cython_blas
+    assert fastbptt._blas.numpy_cblas() is not None      # numpy's wheels ship their ILP64 cblas
+    assert _cython_blas.using_cblas()
+
+
 def test_pgemm_checks_its_arguments_and_handles_empty_products():
     from fastbptt._cython_blas import pgemm
     A, B = np.ones((3, 4)), np.ones((4, 2))
