@@ -3,7 +3,7 @@
 Compiler directives are set once here. ``FASTBPTT_CYTHON_DEBUG=1`` turns the
 bounds and wraparound checks back on for a debug build. On x86-64 Linux the
 kernels' tanh uses glibc's vector math library (libmvec, see
-``fastbptt/_cython_kernels.pyx``); ``FASTBPTT_NO_LIBMVEC=1`` builds with
+``fastbptt/backends/cython/kernels.pyx``); ``FASTBPTT_NO_LIBMVEC=1`` builds with
 libm's scalar tanh instead.
 """
 
@@ -32,7 +32,7 @@ LIBMVEC = (sys.platform.startswith("linux") and platform.machine() in ("x86_64",
 
 extensions = [
     Extension(
-        f"fastbptt.{pyx.stem}",
+        ".".join(pyx.with_suffix("").parts),
         [str(pyx)],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
@@ -40,7 +40,7 @@ extensions = [
         libraries=["mvec"] if LIBMVEC else [],
         extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
-    for pyx in sorted(Path("fastbptt").glob("*.pyx"))
+    for pyx in sorted(Path("fastbptt").rglob("*.pyx"))
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=DIRECTIVES))

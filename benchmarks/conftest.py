@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from fastbptt import bench
+from fastbptt.tools import bench
 
 THREADS = int(os.environ.get("FASTBPTT_BENCH_THREADS", "2"))
 

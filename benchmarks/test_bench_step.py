@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from fastbptt import bench
+from fastbptt.tools import bench
 
 SHAPES = list(bench.SHAPES)
 IMPLS = list(bench.ALL_IMPLS)

@@ -22,8 +22,8 @@ import os
 import numpy as np
 import pytest
 
-from fastbptt import tbptt_study as S
-from fastbptt._params import RNNParams
+from fastbptt.tools import tbptt_study as S
+from fastbptt.params import RNNParams
 
 CFG = S.StudyConfig.quick() if os.environ.get("FASTBPTT_BENCH_QUICK") else S.StudyConfig()
 VARIANTS = list(S.VARIANTS)

@@ -1,11 +1,11 @@
 """fastbptt: fast, exact backpropagation through time for Elman RNNs on the CPU."""
 
 from . import datasets, diagnostics, optim
-from ._backends import available_backends
-from ._clip import clip_grad_norm, clip_grad_value
-from ._core import forward, loss_and_grad
-from ._params import RNNParams
-from ._threads import get_num_threads, set_num_threads
+from .backends import available_backends
+from .clip import clip_grad_norm, clip_grad_value
+from .engine.core import forward, loss_and_grad
+from .params import RNNParams
+from .engine.threads import get_num_threads, set_num_threads
 from .estimator import RNN
 
 __version__ = "0.1.0"

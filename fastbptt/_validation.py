@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from ._params import RNNParams
+from .params import RNNParams
 
 ACTIVATIONS = ("tanh", "relu")
 OUTPUTS = ("sequence", "last")

@@ -19,11 +19,11 @@ once per epoch by ``RNN.fit(..., diagnostics=True)``.
 import numpy as np
 
 from . import _validation as V
-from ._backends import resolve_backend
-from ._threads import call_scope
-from ._core import _ACT_CODES, _logits, _run_forward, windows
-from ._losses import LOSS_FUNCS, LOSSES
-from ._params import RNNParams
+from .backends import resolve_backend
+from .engine.threads import call_scope
+from .engine.core import _ACT_CODES, _logits, _run_forward, windows
+from .engine.losses import LOSS_FUNCS, LOSSES
+from .params import RNNParams
 
 __all__ = ["hidden_grad_norms", "spectral_radius", "max_singular_value", "recurrent_spectrum"]
 

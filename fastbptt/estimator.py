@@ -60,13 +60,13 @@ import time
 import numpy as np
 
 from . import _validation as V
-from ._backends import _MODULES, resolve_backend
+from .backends import _MODULES, resolve_backend
 from ._io import atomic_write
-from ._threads import call_scope
-from ._clip import clip_grad_norm
-from ._core import _ACT_CODES, _logits, _loss_and_grad, _run_forward, windows
-from ._losses import LOSS_FUNCS, LOSSES, predict_from_logits
-from ._params import RNNParams
+from .engine.threads import call_scope
+from .clip import clip_grad_norm
+from .engine.core import _ACT_CODES, _logits, _loss_and_grad, _run_forward, windows
+from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
+from .params import RNNParams
 from ._progress import make_progress
 from . import optim as _optim
 
@@ -338,7 +338,7 @@ class RNN:
     # ------------------------------------------------------------------ fit
     def _update_points(self, T):
         """``[(seg_start, loss_start, end)]``: forward/backprop over [seg_start, end), loss on
-        [loss_start, end) (0-based steps); the windows of :func:`fastbptt._core.windows`."""
+        [loss_start, end) (0-based steps); the windows of :func:`fastbptt.engine.core.windows`."""
         ends, bp_starts = windows(T, self.truncation)
         loss_starts = [0, *ends[:-1]]
         return [(int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends)]

@@ -38,7 +38,7 @@ import numbers
 
 import numpy as np
 
-from ._params import RNNParams
+from .params import RNNParams
 
 __all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS"]
 

@@ -6,7 +6,7 @@ A compiled backend that fails to load makes its tests fail (not skip): after
 
 import pytest
 
-from fastbptt._backends import _MODULES, resolve_backend
+from fastbptt.backends import _MODULES, resolve_backend
 
 ALL_BACKENDS = list(_MODULES)                     # ["cython", "numba", "numpy"]
 

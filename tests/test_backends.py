@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import _backends
-from fastbptt._calibrate import DEFAULT_PATH
+from fastbptt import backends as _backends
+from fastbptt.backends import DEFAULT_PATH
 
 
 def test_calibration_table_ships_and_covers_the_grid():

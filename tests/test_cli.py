@@ -30,7 +30,7 @@ def test_info_lists_versions_backends_and_threads(tmp_path):
     assert f"numpy {np.__version__}" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("backends available"))
     assert line.split(": ", 1)[1].split(", ") == fastbptt.available_backends()
-    from fastbptt._backends import unavailable_backends
+    from fastbptt.backends import unavailable_backends
     for name in unavailable_backends():
         assert f"backend {name} missing:" in out
     assert "thread pools" in out and "OMP_NUM_THREADS=" in out
@@ -54,7 +54,7 @@ def test_bench_quick_tiny_shapes_json_plot_compare(tmp_path):
     res = json.loads(out_json.read_text())
     impls = {c["impl"] for c in res["results"]}
     assert set(fastbptt.available_backends()) <= impls
-    from fastbptt._peers import available_peers
+    from fastbptt.tools.peers import available_peers
     assert set(available_peers()) <= impls          # every installed peer is compared
     assert {(c["T"], c["B"], c["D"], c["H"]) for c in res["results"]} == {(20, 2, 3, 4), (30, 3, 4, 5)}
     assert len(res["results"]) == 2 * len(impls)
@@ -102,7 +102,7 @@ def test_tbptt_tiny(tmp_path):
         for row in state["cos"].values():
             assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in row.values())
         assert state["cos"]["k=5"]["W_hy"] == pytest.approx(1.0)   # output layer: no time recursion
-    from fastbptt.tbptt_study import estimator_unavailable_reason
+    from fastbptt.tools.tbptt_study import estimator_unavailable_reason
     if estimator_unavailable_reason() is None:
         learned = res["learning"]["adding50"]
         assert set(learned) == set(res["variants"])

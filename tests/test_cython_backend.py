@@ -1,7 +1,7 @@
 """The Cython backend: its kernels against the NumPy reference kernels, and its BLAS wrapper.
 
 Kernel parity is checked directly (same inputs into ``fastbptt.reference`` and
-``fastbptt._cython_kernels``), on both sides of the small-shape crossover and
+``fastbptt.backends.cython.kernels``), on both sides of the small-shape crossover and
 with each per-step product path forced, then end to end through
 ``loss_and_grad(..., backend="cython")``.
 """
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import reference as R
-from fastbptt._core import windows
+from fastbptt.backends import reference as R
+from fastbptt.engine.core import windows
 
-import fastbptt._cython_kernels as K  # noqa: E402  (must load: a missing build fails here)
-from fastbptt import _cython_blas as CB  # noqa: E402
+import fastbptt.backends.cython.kernels as K  # noqa: E402  (must load: a missing build fails here)
+import fastbptt.backends.cython.blas as CB  # noqa: E402
 
 RTOL = {np.float64: 1e-10, np.float32: 1e-5}
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]

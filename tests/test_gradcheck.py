@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt._core import windows
+from fastbptt.engine.core import windows
 from helpers import make_problem, rel_err
 from textbook import finite_difference_grad, full_loss, truncated_objectives
 

@@ -1,7 +1,7 @@
 """Kernel-level tests of the Numba backend against the NumPy reference kernels.
 
 The backend-parametrized functional suite lives elsewhere; this file checks
-what is specific to :mod:`fastbptt._numba_kernels`: the three routes of the
+what is specific to :mod:`fastbptt.backends.numba`: the three routes of the
 per-step product (hand-written loop, np.dot, NumPy's cblas gemm) at shapes on
 both sides of the loop/gemm crossover, the vectorised tanh, the window loop,
 the on-disk cache with its fallback where nothing is writable, and cached
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import _numba_kernels as NK
-from fastbptt import reference as REF
-from fastbptt._core import windows
+from fastbptt.backends import numba as NK
+from fastbptt.backends import reference as REF
+from fastbptt.engine.core import windows
 from helpers import make_problem, rel_err
 
 DTYPES = [np.float64, np.float32]
@@ -204,8 +204,8 @@ def test_single_sequence_through_the_public_api():
 _CHILD = textwrap.dedent("""
     import warnings, numpy as np
     warnings.simplefilter("error")            # any warning (e.g. from numba's cache) fails the child
-    import fastbptt._numba_kernels as K
-    from fastbptt import reference as R
+    import fastbptt.backends.numba as K
+    from fastbptt.backends import reference as R
     rng = np.random.default_rng(0)
     A = rng.normal(size=(5, 2, 3)); W = rng.normal(size=(3, 3)) / 3
     Hs = np.zeros((6, 2, 3)); Hs_ref = Hs.copy()
@@ -245,7 +245,7 @@ def test_kernels_fall_back_to_no_cache_where_nothing_is_writable(tmp_path):
     parent = _copy_package(tmp_path)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a regular file: no directory can be created under it, even by root")
-    (parent / "fastbptt" / "__pycache__").write_text("blocks the in-tree cache")
+    (parent / "fastbptt" / "backends" / "__pycache__").write_text("blocks the in-tree cache")
     env = {"NUMBA_CACHE_DIR": str(blocker / "numba"), "XDG_CACHE_HOME": str(blocker / "xdg"),
            "HOME": str(blocker / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
     out = _run_child(parent, env)

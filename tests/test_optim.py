@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from fastbptt._clip import clip_grad_norm, clip_grad_value
-from fastbptt._params import RNNParams
+from fastbptt.clip import clip_grad_norm, clip_grad_value
+from fastbptt.params import RNNParams
 from fastbptt.optim import SGD, Adagrad, Adam, RMSprop, from_state_dict, get_optimizer
 
 N_STEPS = 12

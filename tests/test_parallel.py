@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import _core, _threads
-from fastbptt._backends import resolve_backend
+from fastbptt.engine import core as _core, threads as _threads
+from fastbptt.backends import resolve_backend
 from helpers import RTOL, make_problem, rel_err
 
 
@@ -75,7 +75,7 @@ def test_compiled_backends_split_the_batch(split_everything):
 @pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2), (2, 2, 5)])
 def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
     kernels = resolve_backend("cython") if via == "c-team" else None
-    assert via != "c-team" or (kernels.TEAM and fastbptt._blas.pgemm is not None)
+    assert via != "c-team" or (kernels.TEAM and fastbptt.engine.blas.pgemm is not None)
     rng = np.random.default_rng(m * 100 + k * 10 + n)
     A = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
     B = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
@@ -90,13 +90,13 @@ def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
 
 
 def test_pgemm_runs_on_numpys_blas():
-    from fastbptt import _cython_blas
-    assert fastbptt._blas.numpy_cblas() is not None      # numpy's wheels ship their ILP64 cblas
+    from fastbptt.backends.cython import blas as _cython_blas
+    assert fastbptt.engine.blas.numpy_cblas() is not None      # numpy's wheels ship their ILP64 cblas
     assert _cython_blas.using_cblas()
 
 
 def test_pgemm_checks_its_arguments_and_handles_empty_products():
-    from fastbptt._cython_blas import pgemm
+    from fastbptt.backends.cython.blas import pgemm
     A, B = np.ones((3, 4)), np.ones((4, 2))
     with pytest.raises(ValueError, match=r"pgemm: op\(A\) is \(3, 4\) and op\(B\) is \(4, 2\)"):
         pgemm(False, False, A, B, np.zeros((2, 2)), 2)
@@ -154,7 +154,7 @@ def test_kernel_rows_compute_only_their_rows(name, dtype):
 @pytest.mark.parametrize("T,B,H", [(1, 3, 5), (7, 1, 9), (6, 2, 1), (9, 5, 13), (5, 4, 40)])
 def test_cython_kernels_split_rows_or_columns(T, B, H, truncation, threads, split, dtype):
     """The C team's two splits against the reference kernels (columns: a barrier every step)."""
-    from fastbptt import reference as R
+    from fastbptt.backends import reference as R
     K = resolve_backend("cython")
     rng = np.random.default_rng(T * 100 + B * 10 + H)
     A = rng.normal(size=(T, B, H)).astype(dtype)

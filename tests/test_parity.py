@@ -103,4 +103,4 @@ def test_property_parity(backend, T, B, D, H, O, truncation, loss, output, activ
 def test_all_backends_load():
     """After ``pip install .`` both compiled backends must be there: a missing one fails CI."""
     assert fastbptt.available_backends() == ["cython", "numba", "numpy"], \
-        fastbptt._backends.unavailable_backends()
+        fastbptt.backends.unavailable_backends()

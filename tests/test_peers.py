@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt._peers import make_peer_step, peer_unavailable_reason
+from fastbptt.tools.peers import make_peer_step, peer_unavailable_reason
 from helpers import RTOL, make_problem, rel_err
 
 CASES = [("mse", "sequence"), ("bce", "sequence"), ("ce", "sequence"), ("mse", "last"), ("ce", "last")]
@@ -75,7 +75,7 @@ _JAX64_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, sys.argv[1])               # tests/ for helpers
     import fastbptt
-    from fastbptt._peers import make_peer_step
+    from fastbptt.tools.peers import make_peer_step
     from helpers import make_problem, rel_err
     out = []
     for loss, output, act in [("mse", "sequence", "tanh"), ("bce", "sequence", "tanh"),

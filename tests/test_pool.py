@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from fastbptt import _cython_pool as pool
+from fastbptt.backends.cython import pool
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
@@ -69,7 +69,7 @@ def _python(code):
 def test_a_forked_child_starts_its_own_workers():
     # in a fresh interpreter: this one may hold jax's threads, which fork does not suit
     code = ("import os, sys\n"
-            "from fastbptt import _cython_pool as pool\n"
+            "from fastbptt.backends.cython import pool\n"
             "pool._run_probe(3)\n"                                   # the parent has workers
             "pid = os.fork()\n"
             "if pid == 0:\n"

@@ -8,7 +8,8 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import fastbptt
-from fastbptt import _threads, reference
+from fastbptt.backends import reference
+from fastbptt.engine import threads as _threads
 from helpers import make_problem
 
 

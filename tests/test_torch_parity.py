@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt._core import windows
+from fastbptt.engine.core import windows
 from helpers import make_problem, rel_err
 
 torch = pytest.importorskip("torch")

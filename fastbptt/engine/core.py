@@ -3,7 +3,7 @@
 Everything that is not sequential lives here, shared by every backend, as one
 large BLAS call each: the input projection for all steps, the output layer,
 the loss, and the weight-gradient sums. The two sequential loops are the
-backend's (see the kernel contract in :mod:`fastbptt.reference`).
+backend's (see the kernel contract in :mod:`fastbptt.backends.reference`).
 """
 
 import math
@@ -12,12 +12,13 @@ from functools import partial
 
 import numpy as np
 
-from . import _blas, _validation as V
-from ._threads import call_scope, parts, run, team_size
-from ._backends import resolve_backend
-from ._losses import LOSS_FUNCS, LOSSES
-from ._params import RNNParams
-from .reference import ACT_RELU, ACT_TANH
+from .. import _validation as V
+from . import blas as _blas
+from .threads import call_scope, parts, run, team_size
+from ..backends import resolve_backend
+from .losses import LOSS_FUNCS, LOSSES
+from ..params import RNNParams
+from ..backends.reference import ACT_RELU, ACT_TANH
 
 _ACT_CODES = {"tanh": ACT_TANH, "relu": ACT_RELU}
 
@@ -114,7 +115,7 @@ def _pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     For a backend whose kernels split on fastbptt's C thread team
     (``kernels.TEAM``: the Cython backend) the split runs on that team too
     (``_blas.pgemm``: a hand-off there costs ~1 µs against ~20-100 µs on a
-    pool of Python threads); otherwise on :func:`fastbptt._threads.run`, so
+    pool of Python threads); otherwise on :func:`fastbptt.engine.threads.run`, so
     that a call never has the team's spinning threads beside its own pool
     (they slowed the Numba backend by 1.5x).
     """

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from ._params import RNNParams
+from ..params import RNNParams
 
 PEERS = ("torch", "jax")
 _LOSSES = ("mse", "bce", "ce")

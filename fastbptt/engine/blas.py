@@ -6,7 +6,7 @@ one); its sgemm ran the shapes of a training step 10-25% faster here (e.g.
 entry points are found by symbol name in the loaded library: the Numba
 kernels call them for the per-step product, and :func:`pgemm` (the Cython
 extension's GEMM split on fastbptt's C thread team) for the big GEMMs of
-:mod:`fastbptt._core`.
+:mod:`fastbptt.engine.core`.
 """
 
 import ctypes
@@ -50,7 +50,7 @@ def numpy_cblas():
 def _load_pgemm():
     """The Cython extension's ``pgemm``, pointed at NumPy's cblas where found; None without the extension."""
     try:
-        from ._cython_blas import pgemm, use_cblas
+        from ..backends.cython.blas import pgemm, use_cblas
     except ImportError:
         return None
     found = numpy_cblas()
@@ -59,5 +59,5 @@ def _load_pgemm():
     return pgemm
 
 
-#: ``pgemm(trans_a, trans_b, A, B, C, threads)`` or None (see ``_cython_blas.pyx``)
+#: ``pgemm(trans_a, trans_b, A, B, C, threads)`` or None (see ``backends/cython/blas.pyx``)
 pgemm = _load_pgemm()

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._core import loss_and_grad
-from ._params import RNNParams
+from ..engine.core import loss_and_grad
+from ..params import RNNParams
 
 #: The variants of the study, in table order.
 VARIANTS = (None, 5, 10, 25, 50, (5, 10), (10, 20), (10, 50))
@@ -104,7 +104,7 @@ class StudyConfig:
 def estimator_unavailable_reason():
     """``None`` if :class:`fastbptt.estimator.RNN` imports, else why not."""
     try:
-        from .estimator import RNN  # noqa: F401
+        from ..estimator import RNN  # noqa: F401
     except Exception as exc:
         return f"fastbptt.estimator.RNN is not available ({type(exc).__name__}: {exc})"
     return None
@@ -116,7 +116,7 @@ def make_task(name, cfg):
 
     ``spec`` holds the model's sizes and loss: ``D, O, H, T, loss, output, epochs``.
     """
-    from . import datasets
+    from .. import datasets
 
     if name in ("adding50", "adding100"):
         T = int(name[len("adding"):])
@@ -149,7 +149,7 @@ def _time_major(X, Y, output, D):
 
     Integer token ids X (N, T) are one-hot encoded to D classes.
     """
-    from .datasets import one_hot
+    from ..datasets import one_hot
 
     if X.ndim == 2:
         X = one_hot(X, D)
@@ -225,7 +225,7 @@ def _with_radius(params, rho):
 
 def learn(task_spec, train, val, variant, cfg):
     """Train one variant with the estimator; the validation curve, final loss and throughput."""
-    from .estimator import RNN
+    from ..estimator import RNN
 
     model = RNN(task_spec["D"], task_spec["H"], task_spec["O"], loss=task_spec["loss"],
                 output=task_spec["output"], optimizer="adam", lr=task_spec["lr"], truncation=variant,

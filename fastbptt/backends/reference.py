@@ -13,7 +13,7 @@ The kernel contract
 Every backend (this one, ``numba``, ``cython``) implements the same two
 sequential loops; everything that is not sequential -- the input projection
 ``A = X·W_xhᵀ + b_h`` for all steps, the output layer and the weight-gradient
-sums -- is shared code in :mod:`fastbptt._core`, one big BLAS call each.
+sums -- is shared code in :mod:`fastbptt.engine.core`, one big BLAS call each.
 
 Rows are the batch axis (row-major), so for a batch of row vectors
 ``h_{t-1}`` (B, H) the product ``W_hh h_{t-1}`` is ``Hs[t] @ W_hhᵀ`` and
@@ -46,13 +46,13 @@ Rows are the batch axis (row-major), so for a batch of row vectors
 A backend whose module sets ``SPLITS_BATCH = True`` releases the GIL in both
 kernels and takes one more keyword, ``rows=(b0, b1)``: compute (and write)
 only the sequences ``b0 .. b1-1`` of the batch. Each sequence is independent,
-so :mod:`fastbptt._core` runs such calls on disjoint rows from several
+so :mod:`fastbptt.engine.core` runs such calls on disjoint rows from several
 threads at once; this reference does not split. A backend that sets ``TEAM =
 True`` as well (the Cython one) also takes ``threads=n`` and splits a call
 itself, on its own C threads.
 
 Full BPTT is ``ends = [T], bp_starts = [0]``; ``truncation=k`` gives disjoint
-windows; ``(k1, k2)`` overlapping ones (see :func:`fastbptt._core.windows`).
+windows; ``(k1, k2)`` overlapping ones (see :func:`fastbptt.engine.core.windows`).
 Kernels allocate nothing inside the time loop and never write their inputs.
 """
 

@@ -1,7 +1,7 @@
 """The backend registry: lazy loading, availability with reasons, and "auto".
 
 A backend is a module implementing the kernel contract of
-:mod:`fastbptt.reference` (``forward_recurrence`` and ``backward_accumulate``).
+:mod:`fastbptt.backends.reference` (``forward_recurrence`` and ``backward_accumulate``).
 Backends are imported on first use; one that fails records why, and
 importing :mod:`fastbptt` never fails because a backend is missing.
 """
@@ -10,18 +10,21 @@ import importlib
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 # name -> (module, how to get it when missing); order is the order of preference
 _MODULES = {
-    "cython": ("fastbptt._cython_kernels",
+    "cython": ("fastbptt.backends.cython.kernels",
                "the Cython extension is built by 'pip install .' (needs a C compiler, "
                "Cython, numpy and scipy at build time); reinstall and read the build log"),
-    "numba": ("fastbptt._numba_kernels", "install numba: pip install numba"),
-    "numpy": ("fastbptt.reference", "numpy is always available"),
+    "numba": ("fastbptt.backends.numba", "install numba: pip install numba"),
+    "numpy": ("fastbptt.backends.reference", "numpy is always available"),
 }
 ENV_VAR = "FASTBPTT_BACKEND"
+#: the calibration table "auto" reads (written by ``python -m fastbptt.tools.calibrate``)
+DEFAULT_PATH = Path(__file__).with_name("calibration.json")
 
 _loaded = {}    # name -> module
 _failed = {}    # name -> reason
@@ -64,10 +67,9 @@ _table = None
 
 
 def _calibration():
-    """The table written by ``python -m fastbptt._calibrate`` (None if absent or unreadable)."""
+    """The table written by ``python -m fastbptt.tools.calibrate`` (None if absent or unreadable)."""
     global _table
     if _table is None:
-        from ._calibrate import DEFAULT_PATH
         try:
             table = json.loads(DEFAULT_PATH.read_text())
             ok = all(len(row) == len(table["grid_H"])
@@ -90,7 +92,7 @@ def _choose_auto(T, B, H, dtype):
     """The backend "auto" takes for this shape.
 
     The fastest compiled backend at the nearest point (log B, log H) of the
-    calibration table measured by :mod:`fastbptt._calibrate`; if that one is
+    calibration table measured by :mod:`fastbptt.tools.calibrate`; if that one is
     not available (or there is no table), the first available in order of
     preference.
     """

@@ -1,6 +1,6 @@
 """Measure which compiled backend is fastest per shape; write the table "auto" reads.
 
-Run ``python -m fastbptt._calibrate`` (or ``fastbptt calibrate``) on a quiet
+Run ``python -m fastbptt.tools.calibrate`` (or ``fastbptt calibrate``) on a quiet
 machine: it times one training step (forward + full BPTT, ``loss_and_grad``)
 of every compiled backend on a grid of batch sizes B and hidden sizes H, for
 both dtypes, best of repeats taken in turn for at least a second per cell, and writes the winner per grid point to
@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import write_json
+from .._io import write_json
+from ..backends import DEFAULT_PATH
 
 GRID_B = (1, 4, 16, 64, 256)
 GRID_H = (8, 32, 64, 128, 256, 512, 1024)
-DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "calibration.json"
 
 
 def _time_steps(backends, params, X, Y, min_repeats, min_seconds):
     """Best time of one step per backend, the backends timed in turn (drift hits all alike)."""
-    from . import loss_and_grad
+    from .. import loss_and_grad
     for b in backends:
         loss_and_grad(params, X, Y, backend=b)              # warm (JIT, caches)
     best = dict.fromkeys(backends, np.inf)
@@ -43,7 +43,7 @@ def _time_steps(backends, params, X, Y, min_repeats, min_seconds):
 def calibrate(backends=("cython", "numba"), grid_B=GRID_B, grid_H=GRID_H, T=64, D=16, O=8,
               repeats=5, min_seconds=1.0, log=print):
     """Time every backend on the grid; return the table as a JSON-able dict."""
-    from . import RNNParams
+    from .. import RNNParams
     table = {"grid_B": list(grid_B), "grid_H": list(grid_H), "T": T, "D": D, "O": O,
              "backends": list(backends), "winner": {}, "seconds": {},
              "machine": {"cpus": os.cpu_count(), "numpy": np.__version__}}
@@ -75,14 +75,14 @@ def write_table(table, path=DEFAULT_PATH):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastbptt._calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fastbptt.tools.calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_PATH), help="where to write the table (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="least timed repeats per cell, best kept (default: 5)")
     parser.add_argument("--seconds", type=float, default=1.0, help="least time per cell (default: 1.0)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats: expected an int >= 1, got {args.repeats}")
-    from . import available_backends
+    from .. import available_backends
     compiled = [b for b in available_backends() if b != "numpy"]
     if len(compiled) < 2:
         print(f"fastbptt: error: calibration needs two compiled backends, have {compiled}", file=sys.stderr)

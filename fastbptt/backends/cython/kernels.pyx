@@ -1,4 +1,4 @@
-"""The Cython backend: the two sequential kernels of the contract in :mod:`fastbptt.reference`.
+"""The Cython backend: the two sequential kernels of the contract in :mod:`fastbptt.backends.reference`.
 
 ``forward_recurrence`` and ``backward_accumulate`` are ``def`` entry points
 that check shapes, allocate the per-call work buffers and release the GIL
@@ -6,7 +6,7 @@ around ``cdef ... noexcept nogil`` kernels. One fused ``floating`` source
 serves float32 and float64.
 
 Each step's (B, H)·(H, H) product goes either to BLAS (scipy's, through
-:mod:`fastbptt._cython_blas`) or, at small shapes where the BLAS call overhead
+:mod:`fastbptt.backends.cython.blas`) or, at small shapes where the BLAS call overhead
 dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
 for the rule and the measurements behind it. tanh is glibc's: its vector
 (libmvec) entry points where the build found them, else libm's scalar
@@ -20,9 +20,9 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from cython cimport floating
-from fastbptt._cython_pool cimport part_start, run_parts
+from fastbptt.backends.cython.pool cimport part_start, run_parts
 
-from fastbptt._cython_blas cimport BLAS_Trans, NoTrans, _gemm
+from fastbptt.backends.cython.blas cimport BLAS_Trans, NoTrans, _gemm
 
 # tanh over a contiguous run, in C. Where the build found glibc's libmvec
 # (glibc >= 2.35 on x86-64: setup.py defines FASTBPTT_LIBMVEC and links -lmvec)
@@ -207,7 +207,7 @@ fastbptt_mv_init()
 
 NAME = "cython"
 
-#: the kernels release the GIL, so :mod:`fastbptt._core` may run them on disjoint batch ``rows``
+#: the kernels release the GIL, so :mod:`fastbptt.engine.core` may run them on disjoint batch ``rows``
 #: from several threads at once
 SPLITS_BATCH = True
 
@@ -220,7 +220,7 @@ SPLITS_BATCH = True
 #: 22 / 22 vs 23 / 25; T=2000, B=16, H=128: 9 / 13 vs 24 / 32.
 MIN_H_FOR_COLUMN_SPLIT = 512
 
-#: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt._cython_pool`:
+#: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt.backends.cython.pool`:
 #: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
 TEAM = True
 
@@ -660,7 +660,7 @@ def _pick(Py_ssize_t B, Py_ssize_t H, int path):
 def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT,
                        floating[:, :, ::1] Hs, int act, rows=None, int threads=1, int _path=-1,
                        int _split=-1):
-    """Fill ``Hs[1:]`` with h_t = f(A[t] + Hs[t]·W_hhT); see :mod:`fastbptt.reference`.
+    """Fill ``Hs[1:]`` with h_t = f(A[t] + Hs[t]·W_hhT); see :mod:`fastbptt.backends.reference`.
 
     Parameters
     ----------
@@ -709,7 +709,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
                         rows=None, int threads=1, int _path=-1, int _split=-1):
     """Overwrite ``dZ`` with the pre-activation gradients summed over windows.
 
-    See the kernel contract in :mod:`fastbptt.reference`.
+    See the kernel contract in :mod:`fastbptt.backends.reference`.
 
     Parameters
     ----------

@@ -9,11 +9,11 @@ their transpose flags and ``m``/``n``. (Modelled on scikit-learn's
 
 The BLAS behind ``_gemm`` is scipy's bundled one (its own OpenBLAS with its
 own thread pool, separate from numpy's). ``pgemm``, the big GEMMs of
-``fastbptt._core`` split between the threads of fastbptt's C team, runs on NumPy's BLAS when
-``use_cblas`` was given its entry points (``fastbptt._blas`` does that).
+``fastbptt.engine.core`` split between the threads of fastbptt's C team, runs on NumPy's BLAS when
+``use_cblas`` was given its entry points (``fastbptt.engine.blas`` does that).
 """
 
-from fastbptt._cython_pool cimport part_start, run_parts
+from fastbptt.backends.cython.pool cimport part_start, run_parts
 from libc.stdint cimport int64_t, intptr_t
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -89,7 +89,7 @@ def gemm(bint trans_a, bint trans_b, double alpha, const floating[:, ::1] A,
 # pgemm: one GEMM split between the threads of the C team, on NumPy's BLAS where it was found
 # ---------------------------------------------------------------------------------------------
 
-# NumPy's ILP64 cblas gemm (see fastbptt._blas): order and transposes are C enums (int), sizes int64
+# NumPy's ILP64 cblas gemm (see fastbptt.engine.blas): order and transposes are C enums (int), sizes int64
 ctypedef void (*_cblas_sgemm_t)(int, int, int, int64_t, int64_t, int64_t, float, const float *,
                                 int64_t, const float *, int64_t, float, float *, int64_t) noexcept nogil
 ctypedef void (*_cblas_dgemm_t)(int, int, int, int64_t, int64_t, int64_t, double, const double *,
@@ -99,7 +99,7 @@ cdef _cblas_dgemm_t _np_dgemm = NULL
 cdef int _ROW_MAJOR = 101, _NO_TRANS = 111, _TRANS = 112
 
 
-#: ``pgemm`` splits on fastbptt's C thread team (:mod:`fastbptt._cython_pool`)
+#: ``pgemm`` splits on fastbptt's C thread team (:mod:`fastbptt.backends.cython.pool`)
 TEAM = True
 
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ._io import write_json
+from .._io import write_json
 
 PROG = "fastbptt"
 TRAIN_TASKS = ("char", "adding", "echo", "copy", "sine")
@@ -68,8 +68,8 @@ def _say(text):
 
 # --------------------------------------------------------------------- info
 def cmd_info(args):
-    from . import __version__
-    from ._backends import ENV_VAR, available_backends, unavailable_backends
+    from .. import __version__
+    from ..backends import ENV_VAR, available_backends, unavailable_backends
     from .bench import machine_info
 
     info = machine_info()
@@ -94,7 +94,7 @@ def cmd_info(args):
         for p in pools:
             print(f"  {p['internal_api']} {p['version']} ({p['user_api']}), {p['num_threads']} threads"
                   f"{', ' + p['architecture'] if p.get('architecture') else ''}: {p['prefix']}")
-    from ._threads import ENV_VAR as THREADS_VAR, MIN_SPLIT_FLOPS, MIN_SPLIT_FLOPS_C_TEAM, get_num_threads
+    from ..engine.threads import ENV_VAR as THREADS_VAR, MIN_SPLIT_FLOPS, MIN_SPLIT_FLOPS_C_TEAM, get_num_threads
     print("thread settings:")
     print(f"  fastbptt threads per call: {get_num_threads()} (BLAS on 1 thread inside a call; a phase "
           f"is split from {MIN_SPLIT_FLOPS_C_TEAM:.2g} flops on the C team, {MIN_SPLIT_FLOPS:.2g} on the Python pool)")
@@ -188,7 +188,7 @@ def cmd_tbptt(args):
 # -------------------------------------------------------------------- train
 def _task_data(task):
     """Training and validation data for a task description (a dict); returns (spec, train, val)."""
-    from . import datasets
+    from .. import datasets
 
     name, T, n, seed = task["name"], task["T"], task["n"], task["seed"]
     n_val = max(1, n // 10)
@@ -242,8 +242,8 @@ def _read_text(path):
 
 def _sample_text(params, vocab_chars, start, length, seed, temperature=0.8):
     """Sample ``length`` characters from a character model, one step at a time."""
-    from ._core import forward
-    from ._losses import predict_from_logits
+    from ..engine.core import forward
+    from ..engine.losses import predict_from_logits
 
     index = {c: i for i, c in enumerate(vocab_chars)}
     rng = np.random.default_rng(seed)
@@ -278,7 +278,7 @@ def cmd_train(args):
     reason = estimator_unavailable_reason()
     if reason:
         raise UserError(f"train needs the trainer: {reason}")
-    from .estimator import RNN
+    from ..estimator import RNN
 
     given = [f"--{name.replace('_', '-')}" for name in _MODEL_OPTIONS if getattr(args, name) is not None]
     if args.resume:
@@ -313,7 +313,7 @@ def cmd_train(args):
                 "n": args.n, "seed": args.seed, "text": os.path.abspath(args.text) if args.text else None,
                 "chars": args.chars, "vocab": None}
         if name == "char":
-            from . import datasets
+            from .. import datasets
             if args.text:
                 text = _read_text(args.text)
             else:
@@ -359,7 +359,7 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------- parser
 def build_parser():
-    from . import __version__
+    from .. import __version__
     from .bench import ALL_IMPLS, QUICK_MIN_T, QUICK_T_DIVISOR, SHAPES
     from .tbptt_study import TASKS
 

@@ -4,7 +4,7 @@ One *training step* is what :func:`fastbptt.loss_and_grad` computes: the
 forward pass and the full-BPTT gradient of all five parameters (mse loss on
 every step, ``O = 8`` outputs). Each implementation -- every fastbptt backend
 that loads here and, when installed, the PyTorch and JAX peers
-(:mod:`fastbptt._peers`) -- runs the same step on the same data:
+(:mod:`fastbptt.tools.peers`) -- runs the same step on the same data:
 
 - the step is built and called once before timing (``compile_s`` is that
   build + first call: Numba's JIT or its disk cache, JAX's ahead-of-time
@@ -18,7 +18,7 @@ that loads here and, when installed, the PyTorch and JAX peers
 
 Threads: ``threads`` (default 2) caps the BLAS pools (threadpoolctl), Numba's
 pool and torch's intra-op pool; XLA's pool is fixed when jax is imported (see
-:func:`fastbptt._peers.set_threads`).
+:func:`fastbptt.tools.peers.set_threads`).
 """
 
 import datetime
@@ -30,12 +30,13 @@ import time
 
 import numpy as np
 
-from . import __version__, _threads
-from ._backends import available_backends, unavailable_backends
-from ._io import atomic_write
-from ._core import loss_and_grad
-from ._params import RNNParams
-from ._peers import PEERS, make_peer_step, peer_unavailable_reason, peer_version, set_threads
+from .. import __version__
+from ..engine import threads as _threads
+from ..backends import available_backends, unavailable_backends
+from .._io import atomic_write
+from ..engine.core import loss_and_grad
+from ..params import RNNParams
+from .peers import PEERS, make_peer_step, peer_unavailable_reason, peer_version, set_threads
 
 OUTPUT_SIZE = 8
 
@@ -188,7 +189,7 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
 class _ThreadLimits:
     """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl).
 
-    fastbptt's own team of threads (:mod:`fastbptt._threads`: BLAS on one thread
+    fastbptt's own team of threads (:mod:`fastbptt.engine.threads`: BLAS on one thread
     inside a call, the batch and the big GEMMs split between the team's threads
     where a phase is big enough) is set to ``threads`` for the run.
     """

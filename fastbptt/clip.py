@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from ._params import RNNParams
+from .params import RNNParams
 
 __all__ = ["clip_grad_norm", "clip_grad_value"]
 

@@ -1,7 +1,7 @@
-"""The Numba backend: the two sequential kernels of :mod:`fastbptt.reference`, jitted.
+"""The Numba backend: the two sequential kernels of :mod:`fastbptt.backends.reference`, jitted.
 
 The contract (shapes, what is read and written, the windows) is the module
-docstring of :mod:`fastbptt.reference`; this module adds only speed:
+docstring of :mod:`fastbptt.backends.reference`; this module adds only speed:
 
 - One fused pass per step. Forward: ``Hs[t+1] = Hs[t] @ W_hhT``, then
   ``Hs[t+1] = f(Hs[t+1] + A[t])`` in place. Backward, per window and step:
@@ -23,7 +23,7 @@ docstring of :mod:`fastbptt.reference`; this module adds only speed:
 - No ``fastmath``: it would reassociate the sums and break tight parity.
 - Each kernel runs on one thread, with the GIL released, on the batch
   ``rows`` it is given: time is sequential, the batch is not, so
-  :mod:`fastbptt._core` runs one call per part of the batch on its own pool
+  :mod:`fastbptt.engine.core` runs one call per part of the batch on its own pool
   of threads (Numba's threading layer is not used).
 - ``cache=True`` where Numba finds a writable cache directory; where none is
   (read-only install, no writable home, ``NUMBA_CACHE_DIR`` unusable) the
@@ -42,7 +42,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ._blas import numpy_cblas
+from ..engine.blas import numpy_cblas
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
 NAME = "numba"
@@ -198,7 +198,7 @@ def _matmul_rows(x, W, out):
 
 
 # gemm of NumPy's own BLAS. Numba's np.dot calls SciPy's OpenBLAS; NumPy's wheels bundle another
-# (newer) OpenBLAS, which also runs the big GEMMs of fastbptt._core. Calling NumPy's keeps the whole
+# (newer) OpenBLAS, which also runs the big GEMMs of fastbptt.engine.core. Calling NumPy's keeps the whole
 # training step on one BLAS thread pool (two pools on two cores fight: PERF_NOTES), and its sgemm
 # was ~10% faster at (64, 256)·(256, 256) and (128, 1024)·(1024, 1024) (OpenBLAS 0.3.31 vs 0.3.30,
 # one thread), with less overhead per call (0.44 vs 0.53 µs at (1, 64)·(64, 64)).
@@ -232,7 +232,7 @@ def _register_cblas():
 
 HAVE_NUMPY_CBLAS, _placeholders = _register_cblas()
 
-#: the kernels release the GIL, so :mod:`fastbptt._core` may run them on disjoint batch ``rows``
+#: the kernels release the GIL, so :mod:`fastbptt.engine.core` may run them on disjoint batch ``rows``
 #: from several threads at once
 SPLITS_BATCH = True
 
@@ -386,14 +386,14 @@ def _rows(rows, B):
 
 
 def forward_recurrence(A, W_hhT, Hs, act, rows=None):
-    """Fill ``Hs[1:]`` (of batch ``rows``); see the kernel contract in :mod:`fastbptt.reference`."""
+    """Fill ``Hs[1:]`` (of batch ``rows``); see the kernel contract in :mod:`fastbptt.backends.reference`."""
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
     b0, b1 = _rows(rows, A.shape[1])
     _forward(A, W_hhT, Hs, int(act), _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1)
 
 
 def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, rows=None):
-    """Overwrite ``dZ`` (of batch ``rows``) with Σ_windows dz_t; see :mod:`fastbptt.reference`."""
+    """Overwrite ``dZ`` (of batch ``rows``) with Σ_windows dz_t; see :mod:`fastbptt.backends.reference`."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
     b0, b1 = _rows(rows, G.shape[1])
     _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ,
