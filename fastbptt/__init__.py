@@ -3,13 +3,13 @@
 from . import datasets, diagnostics, optim
 from .backends import available_backends
 from .clip import clip_grad_norm, clip_grad_value
-from .engine.core import forward, loss_and_grad
-from .params import RNNParams
+from .functional import forward, loss_and_grad, rnn, rnn_vjp
+from .params import RNNLayer, RNNParams
 from .engine.threads import get_num_threads, set_num_threads
 from .estimator import RNN
 
 __version__ = "0.1.0"
 
-__all__ = ["RNNParams", "forward", "loss_and_grad", "available_backends", "RNN", "optim",
+__all__ = ["RNNParams", "RNNLayer", "forward", "loss_and_grad", "rnn", "rnn_vjp", "available_backends", "RNN", "optim",
            "clip_grad_norm", "clip_grad_value", "datasets", "diagnostics", "get_num_threads",
            "set_num_threads", "__version__"]

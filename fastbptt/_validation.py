@@ -1,30 +1,69 @@
-"""Input checks shared by every public function.
+"""Input checks shared by every public function and class: the one set of validators.
 
 Each check raises a ``ValueError`` or ``TypeError`` naming the argument, what
 was expected and what was given. Checks return new arrays (converted,
 C-contiguous) and never write to the caller's.
 """
 
+import math
 import numbers
 
 import numpy as np
 
-from .params import RNNParams
-
 ACTIVATIONS = ("tanh", "relu")
 OUTPUTS = ("sequence", "last")
+
+
+def is_int(v):
+    """An integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_int(name, value, low=1, *, allow_none=False):
+    """An int >= ``low`` (or None when allowed); returns it as a Python int."""
+    if value is None and allow_none:
+        return None
+    what = ("a positive int" if low == 1 else f"an int >= {low}") + (" or None" if allow_none else "")
+    if not is_int(value):
+        raise TypeError(f"{name}: expected {what}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_positive(name, value, *, allow_none=False):
+    """A finite real number > 0 (or None when allowed); returns it as a float."""
+    if value is None and allow_none:
+        return None
+    what = "a finite number > 0" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected {what}, got {value!r}")
+    if not (math.isfinite(value) and value > 0):     # also refuses NaN
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def check_dtype(name, dtype):
+    """float32 or float64, as a numpy dtype."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype!r}")
+    return dt
 
 
 def check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
-
-
-def check_params(params):
-    if not isinstance(params, RNNParams):
-        raise TypeError(f"params: expected an RNNParams, got {type(params).__name__}")
-    return params
 
 
 def _as_real_array(name, value):
@@ -44,6 +83,14 @@ def check_finite(name, arr):
     return arr
 
 
+def as_float_array(name, value, shape, dtype):
+    """``value`` as a new C-contiguous array of ``shape`` and ``dtype``, finite."""
+    arr = _as_real_array(name, value)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
+    return check_finite(name, np.array(arr, dtype=dtype, order="C", copy=True))
+
+
 def check_X(X, params):
     """Return ``(X3, single)``: X as a C-contiguous (T, B, D) array of the params' dtype."""
     arr = _as_real_array("X", X)
@@ -61,16 +108,26 @@ def check_X(X, params):
     return X3, single
 
 
-def check_h0(h0, params, B, single):
-    H = params.hidden_size
+def state_shape(params, B, single):
+    """The shape of ``h0`` / ``h_last`` as users see it: (B, H) for one unidirectional layer,
+    else (num_layers·dirs, B, H), torch's order; without the B axis for one sequence."""
+    H, n = params.hidden_size, len(params.layers)
+    lead = () if n == 1 else (n,)
+    return lead + ((H,) if single else (B, H))
+
+
+def check_h0(h0, params, B, single, name="h0"):
+    """Return the initial states as (num_layers·dirs, B, H), C-contiguous, of the params' dtype."""
+    H, n = params.hidden_size, len(params.layers)
     if h0 is None:
-        return np.zeros((B, H), dtype=params.dtype)
-    arr = _as_real_array("h0", h0)
-    expected = (H,) if single else (B, H)
+        return np.zeros((n, B, H), dtype=params.dtype)
+    arr = _as_real_array(name, h0)
+    expected = state_shape(params, B, single)
     if arr.shape != expected:
-        raise ValueError(f"h0: expected shape {expected}, got {arr.shape}")
-    arr = np.array(arr.reshape(B, H), dtype=params.dtype, order="C", copy=True)
-    return check_finite("h0", arr)
+        stack = "" if n == 1 else f" (num_layers·dirs={n}, torch's h_0 order)"
+        raise ValueError(f"{name}: expected shape {expected}{stack}, got {arr.shape}")
+    arr = np.array(arr.reshape(n, B, H), dtype=params.dtype, order="C", copy=True)
+    return check_finite(name, arr)
 
 
 def check_Y(Y, params, T, B, single, loss, output):
@@ -103,19 +160,19 @@ def check_Y(Y, params, T, B, single, loss, output):
     return arr
 
 
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def check_truncation(truncation):
+def check_truncation(truncation, bidirectional=False):
     """None, k >= 1 or (k1, k2) with 1 <= k1 <= k2; returns None, int or (int, int)."""
     if truncation is None:
         return None
-    if _is_int(truncation):
+    if bidirectional:
+        raise ValueError(f"truncation: a bidirectional model takes truncation=None only (its reverse "
+                         f"direction runs from the last step back to the first, across every window), "
+                         f"got {truncation!r}")
+    if is_int(truncation):
         if truncation < 1:
             raise ValueError(f"truncation: expected k >= 1, got {truncation}")
         return int(truncation)
-    if isinstance(truncation, (tuple, list)) and len(truncation) == 2 and all(_is_int(k) for k in truncation):
+    if isinstance(truncation, (tuple, list)) and len(truncation) == 2 and all(is_int(k) for k in truncation):
         k1, k2 = (int(k) for k in truncation)
         if not 1 <= k1 <= k2:
             raise ValueError(f"truncation: expected (k1, k2) with 1 <= k1 <= k2, got {tuple(truncation)}")

@@ -52,23 +52,24 @@ good step. Bad input raises before anything is changed.
 
 import hashlib
 import json
-import math
-import numbers
 import os
 import time
 
 import numpy as np
 
 from . import _validation as V
-from .backends import _MODULES, resolve_backend
-from ._io import atomic_write
-from .engine.threads import call_scope
-from .clip import clip_grad_norm
-from .engine.core import _ACT_CODES, _logits, _loss_and_grad, _run_forward, windows
-from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
-from .params import RNNParams
-from ._progress import make_progress
 from . import optim as _optim
+from ._io import atomic_write
+from ._progress import make_progress
+from .backends import BACKENDS, resolve_backend
+from .engine.core import ACT_CODES
+from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
+from .engine.model import hidden_grad_norms
+from .engine.stack import head_logits, stack_forward
+from .engine.threads import call_scope
+from .engine.training import train_batch
+from .diagnostics import recurrent_spectrum
+from .params import INITS, RNNParams
 
 __all__ = ["RNN"]
 
@@ -76,16 +77,6 @@ _FORMAT = "fastbptt.RNN"
 _FORMAT_VERSION = 1
 _META_KEY = "__meta__"
 _PREDICT_CHUNK = 1024
-
-
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
 
 
 def _sha256(arr):
@@ -101,7 +92,8 @@ class RNN:
         D, H and O.
     activation : {"tanh", "relu"}
     loss : {"mse", "bce", "ce"}
-        With torch's ``mean`` reductions; see DESIGN.md, "Losses".
+        With torch's ``mean`` reductions (``F.mse_loss``,
+        ``F.binary_cross_entropy_with_logits``, ``F.cross_entropy``).
     output : {"sequence", "last"}
         A target per step, or one per sequence (many-to-one).
     optimizer : {"adam", "sgd", "rmsprop", "adagrad"} or fastbptt.optim.Optimizer
@@ -121,6 +113,11 @@ class RNN:
     seed : int >= 0 or None
         ``params`` are ``RNNParams.init(..., seed=seed)``; the shuffling
         generator is seeded from ``seed`` too.
+    num_layers : int >= 1
+    bidirectional : bool
+        A bidirectional model takes ``truncation=None`` only.
+    init : {"uniform", "identity", "orthogonal"}
+        See :meth:`RNNParams.init`.
 
     Attributes
     ----------
@@ -134,45 +131,35 @@ class RNN:
         With ``fit(..., diagnostics=True)`` also ``grad_norm_by_t`` (a list of
         T+1 norms ‖∂L/∂h_t‖, t = 0..T, per epoch), ``spectral_radius`` and
         ``max_singular_value`` of W_hh (NaN/None for epochs without).
-    state_ : ndarray of shape (N, H) or None
+    state_ : ndarray of shape (N, H), (L·dirs, N, H) for a stack, or None
         The hidden state carried between ``fit(..., stateful=True)`` calls.
     """
 
     def __init__(self, input_size, hidden_size, output_size, *, activation="tanh", loss="mse",
                  output="sequence", optimizer="adam", lr=None, truncation=None, clip_norm=None,
-                 batch_size=32, dtype=np.float32, backend="auto", seed=None):
+                 batch_size=32, dtype=np.float32, backend="auto", seed=None, num_layers=1,
+                 bidirectional=False, init="uniform"):
         V.check_choice("activation", activation, V.ACTIVATIONS)
         V.check_choice("loss", loss, LOSSES)
         V.check_choice("output", output, V.OUTPUTS)
-        truncation = V.check_truncation(truncation)
-        if clip_norm is not None:
-            if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real):
-                raise TypeError(f"clip_norm: expected None or a number > 0, got {clip_norm!r}")
-            if not (math.isfinite(clip_norm) and clip_norm > 0):
-                raise ValueError(f"clip_norm: expected None or a finite number > 0, got {clip_norm!r}")
-            clip_norm = float(clip_norm)
-        if not _is_int(batch_size):
-            raise TypeError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-        if not isinstance(backend, str) or (backend != "auto" and backend not in _MODULES):
-            raise ValueError(f"backend: expected one of {['auto', *_MODULES]}, got {backend!r}")
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise ValueError(f"seed: expected None or an int >= 0, got {seed!r}")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            dt = None
-        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype: expected float32 or float64, got {dtype!r}")
+        bidirectional = V.check_bool("bidirectional", bidirectional)
+        truncation = V.check_truncation(truncation, bidirectional)
+        clip_norm = V.check_positive("clip_norm", clip_norm, allow_none=True)
+        batch_size = V.check_int("batch_size", batch_size)
+        V.check_choice("backend", backend, ("auto", *BACKENDS))
+        seed = V.check_int("seed", seed, 0, allow_none=True)
+        dt = V.check_dtype("dtype", dtype)
+        V.check_choice("init", init, INITS)
         opt = _optim.get_optimizer(optimizer, lr)        # validates optimizer and lr
-        params = RNNParams.init(input_size, hidden_size, output_size, dtype=dt, seed=seed)
+        params = RNNParams.init(input_size, hidden_size, output_size, num_layers=num_layers,
+                                bidirectional=bidirectional, init=init, dtype=dt, seed=seed)
 
         self.input_size, self.hidden_size, self.output_size = int(input_size), int(hidden_size), int(output_size)
         self.activation, self.loss, self.output = activation, loss, output
         self.optimizer, self.lr = optimizer, lr
         self.truncation, self.clip_norm, self.batch_size = truncation, clip_norm, int(batch_size)
         self.dtype, self.backend, self.seed = dt, backend, seed
+        self.num_layers, self.bidirectional, self.init = int(num_layers), bidirectional, init
 
         self.params = params
         self.optimizer_ = opt
@@ -188,7 +175,8 @@ class RNN:
                 "output": self.output, "optimizer": self.optimizer, "lr": self.lr,
                 "truncation": self.truncation, "clip_norm": self.clip_norm,
                 "batch_size": self.batch_size, "dtype": self.dtype, "backend": self.backend,
-                "seed": self.seed}
+                "seed": self.seed, "num_layers": self.num_layers, "bidirectional": self.bidirectional,
+                "init": self.init}
 
     def __repr__(self):
         cfg = self.get_params()
@@ -199,6 +187,22 @@ class RNN:
     def reset_state(self):
         """Forget the hidden state carried by ``fit(..., stateful=True)``."""
         self.state_ = None
+
+    # ``state_`` is (N, H) for one unidirectional layer, else (L·dirs, N, H); the engine takes (L·dirs, b, H)
+    def _state_rows(self):
+        return self.state_.shape[-2]
+
+    def _user_state(self, h):
+        return h[0] if len(self.params.layers) == 1 else h
+
+    def _internal_state(self, idx):
+        return self.state_[None, idx] if self.state_.ndim == 2 else self.state_[:, idx]
+
+    def _set_state(self, idx, h):
+        if self.state_.ndim == 2:
+            self.state_[idx] = h[0]
+        else:
+            self.state_[:, idx] = h
 
     # ----------------------------------------------------------- data checks
     def _check_X(self, X, name="X"):
@@ -273,14 +277,39 @@ class RNN:
         return resolve_backend(self.backend, T=T, B=B, H=self.hidden_size, dtype=self.dtype)
 
     def _forward_chunks(self, kind, Xt, kernels):
-        """Yield ``(rows, Hs)`` for chunks of rows, from zero state."""
-        T, N = Xt.shape[:2]
-        act = _ACT_CODES[self.activation]
+        """Yield ``(rows, logits)`` for chunks of rows, from zero state: (T, b, O) or (b, O) by ``output``."""
+        N = Xt.shape[1]
+        act = ACT_CODES[self.activation]
         for s in range(0, N, _PREDICT_CHUNK):
             idx = np.arange(s, min(s + _PREDICT_CHUNK, N))
             Xb = self._batch_X(kind, Xt, idx)
-            h0 = np.zeros((len(idx), self.hidden_size), dtype=self.dtype)
-            yield idx, Xb, _run_forward(kernels, self.params, Xb, h0, act)
+            fwd = stack_forward(kernels, self.params, Xb, self._zero_state(len(idx)), act)
+            rows = fwd.out[1:] if self.output == "sequence" else fwd.last_output()
+            yield idx, head_logits(self.params, rows, kernels)
+
+    def _zero_state(self, b):
+        return np.zeros((len(self.params.layers), b, self.hidden_size), dtype=self.dtype)
+
+    def hidden_grad_norms(self, X, Y):
+        """‖∂L/∂h_t‖ for t = 0..T under full BPTT, from zero state (see :mod:`fastbptt.diagnostics`).
+
+        Parameters
+        ----------
+        X, Y : array_like, samples first, as for ``fit``
+
+        Returns
+        -------
+        ndarray of shape (T + 1,)
+        """
+        if len(self.params.layers) != 1:
+            raise ValueError("hidden_grad_norms: expected a one-layer unidirectional model, got "
+                             f"num_layers={self.num_layers}, bidirectional={self.bidirectional}")
+        kind, Xt, Yt = self._check_data(X, Y)
+        Xb = self._batch_X(kind, Xt, np.arange(Xt.shape[1]))
+        kernels = self._kernels(Xb.shape[0], Xb.shape[1])
+        with call_scope():
+            return hidden_grad_norms(kernels, self.params, Xb, Yt, None, self.loss, self.output,
+                                     ACT_CODES[self.activation])
 
     def predict(self, X):
         """Outputs from a zero initial state (logits for mse, probabilities for bce/ce).
@@ -299,23 +328,15 @@ class RNN:
         seq = self.output == "sequence"
         out = np.empty((N, T, self.output_size) if seq else (N, self.output_size), dtype=self.dtype)
         with call_scope():
-            for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
-                if seq:
-                    out[idx] = np.swapaxes(_logits(self.params, Hs[1:], kernels), 0, 1)
-                else:
-                    out[idx] = _logits(self.params, Hs[T], kernels)
+            for idx, o in self._forward_chunks(kind, Xt, kernels):
+                out[idx] = np.swapaxes(o, 0, 1) if seq else o
         return predict_from_logits(out, self.loss)
 
     def _evaluate(self, kind, Xt, Yt, kernels):
         total, weight = 0.0, 0
-        T = Xt.shape[0]
         with call_scope():
-            for idx, _, Hs in self._forward_chunks(kind, Xt, kernels):
-                if self.output == "sequence":
-                    o, y = _logits(self.params, Hs[1:], kernels), Yt[:, idx]
-                else:
-                    o, y = _logits(self.params, Hs[T], kernels), Yt[idx]
-                value, _ = LOSS_FUNCS[self.loss](o, y)
+            for idx, o in self._forward_chunks(kind, Xt, kernels):
+                value, _ = LOSS_FUNCS[self.loss](o, Yt[:, idx] if self.output == "sequence" else Yt[idx])
                 total += value * len(idx)
                 weight += len(idx)
         return total / weight
@@ -336,63 +357,6 @@ class RNN:
         return self._evaluate(kind, Xt, Yt, self._kernels(Xt.shape[0], min(Xt.shape[1], _PREDICT_CHUNK)))
 
     # ------------------------------------------------------------------ fit
-    def _update_points(self, T):
-        """``[(seg_start, loss_start, end)]``: forward/backprop over [seg_start, end), loss on
-        [loss_start, end) (0-based steps); the windows of :func:`fastbptt.engine.core.windows`."""
-        ends, bp_starts = windows(T, self.truncation)
-        loss_starts = [0, *ends[:-1]]
-        return [(int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends)]
-
-    def _train_batch(self, kernels, Xb, Yb, h0, act, epoch, counter):
-        """Train one time-major mini-batch; returns ``(h_T, loss_sum, weight)``."""
-        T, b, _ = Xb.shape
-        seq = self.output == "sequence"
-        points = self._update_points(T)
-        if len(points) == 1:
-            Hstore = None
-        else:
-            Hstore = np.empty((T + 1, b, self.hidden_size), dtype=self.dtype)
-            Hstore[0] = h0
-        loss_sum, weight, h_T = 0.0, 0, None
-        for s, tp, t in points:
-            if not seq and t < T:
-                # no loss before T with output="last": carry the state, no step
-                Hs = _run_forward(kernels, self.params, Xb[tp:t], Hstore[tp], act)
-                Hstore[tp + 1:t + 1] = Hs[1:]
-                continue
-            Xs = Xb[s:t]
-            h0s = h0 if Hstore is None else Hstore[s]
-            Ys = Yb[tp:t] if seq else Yb
-            wins = (np.array([t - s], dtype=np.int64), np.array([0], dtype=np.int64))
-            value, grads, Hs = _loss_and_grad(kernels, self.params, Xs, Ys, h0s, self.loss, self.output,
-                                              act, wins, loss_from=(tp - s) if seq else 0)
-            counter[0] += 1
-            where = (f"epoch {epoch}, update step {counter[0]} of the epoch "
-                     f"(steps {tp + 1}..{t} of a mini-batch)")
-            if not math.isfinite(value):
-                raise FloatingPointError(f"RNN.fit: the loss is {value} at {where}; training diverged. "
-                                         "The parameters are those of the last good step. Try a lower "
-                                         "lr or clip_norm=...")
-            for name, g in grads.items():
-                if not np.all(np.isfinite(g)):
-                    raise FloatingPointError(f"RNN.fit: non-finite gradient of {name} at {where}; training "
-                                             "diverged. The parameters are those of the last good step. "
-                                             "Try a lower lr or clip_norm=...")
-            if self.clip_norm is not None:
-                clip_grad_norm(grads, self.clip_norm)
-            try:
-                self.optimizer_.step(self.params, grads)
-            except FloatingPointError as exc:
-                raise FloatingPointError(f"RNN.fit: at {where}: {exc}") from None
-            w = (t - tp) * b if seq else b
-            loss_sum += value * w
-            weight += w
-            if Hstore is None:
-                h_T = Hs[T].copy()
-            else:
-                Hstore[tp + 1:t + 1] = Hs[tp - s + 1:]
-        return (h_T if Hstore is None else Hstore[T]), loss_sum, weight
-
     def fit(self, X, Y, *, epochs=1, validation_data=None, shuffle=True, stateful=False, progress=None,
             diagnostics=False):
         """Train, continuing from the current parameters and optimizer state.
@@ -436,13 +400,12 @@ class RNN:
         FloatingPointError
             When training diverges (see the module docstring).
         """
-        if not _is_int(epochs) or epochs < 1:
-            raise ValueError(f"epochs: expected an int >= 1, got {epochs!r}")
-        shuffle = _check_bool("shuffle", shuffle)
-        stateful = _check_bool("stateful", stateful)
-        diagnostics = _check_bool("diagnostics", diagnostics)
+        epochs = V.check_int("epochs", epochs)
+        shuffle = V.check_bool("shuffle", shuffle)
+        stateful = V.check_bool("stateful", stateful)
+        diagnostics = V.check_bool("diagnostics", diagnostics)
         if progress is not None:
-            _check_bool("progress", progress)
+            V.check_bool("progress", progress)
         kind, Xt, Yt = self._check_data(X, Y)
         T, N = Xt.shape[:2]
         val = None
@@ -451,21 +414,24 @@ class RNN:
                 raise TypeError("validation_data: expected a pair (X_val, Y_val), got "
                                 f"{type(validation_data).__name__}")
             val = self._check_data(*validation_data, xname="validation_data[0]", yname="validation_data[1]")
-        if stateful and self.state_ is not None and self.state_.shape != (N, self.hidden_size):
-            raise ValueError(f"X: stateful=True continues the {self.state_.shape[0]} rows of the previous "
+        if stateful and self.state_ is not None and self._state_rows() != N:
+            raise ValueError(f"X: stateful=True continues the {self._state_rows()} rows of the previous "
                              f"stateful fit, got N={N} rows; call reset_state() to start afresh")
         B = min(self.batch_size, N)
         kernels = self._kernels(T, B)
         val_kernels = None if val is None else self._kernels(val[1].shape[0], min(val[1].shape[1], _PREDICT_CHUNK))
-        act = _ACT_CODES[self.activation]
+        act = ACT_CODES[self.activation]
         if diagnostics:
-            from .diagnostics import _hidden_grad_norms, recurrent_spectrum
+            if len(self.params.layers) != 1:
+                raise ValueError("diagnostics: expected a one-layer unidirectional model (the norms are "
+                                 f"those of its hidden state), got num_layers={self.num_layers}, "
+                                 f"bidirectional={self.bidirectional}")
             d_idx = np.arange(B)
             d_X, d_Y = self._batch_X(kind, Xt, d_idx), self._batch_Y(Yt, d_idx)
 
         # ---- everything is checked: from here on the model changes
         if stateful and self.state_ is None:
-            self.state_ = np.zeros((N, self.hidden_size), dtype=self.dtype)
+            self.state_ = self._user_state(self._zero_state(N))
         hist = self.history_
         with call_scope():
             bar = make_progress(progress, epochs * N, "fit")
@@ -478,10 +444,13 @@ class RNN:
                     for s in range(0, N, B):
                         idx = order[s:s + B]
                         Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
-                        h0 = self.state_[idx] if stateful else np.zeros((len(idx), self.hidden_size), self.dtype)
-                        h_T, ls, w = self._train_batch(kernels, Xb, Yb, h0, act, epoch, counter)
+                        h0s = self._internal_state(idx) if stateful else self._zero_state(len(idx))
+                        h_T, ls, w = train_batch(kernels, self.params, self.optimizer_, Xb, Yb, h0s,
+                                                 loss=self.loss, output=self.output, act=act,
+                                                 truncation=self.truncation, clip_norm=self.clip_norm,
+                                                 epoch=epoch, counter=counter)
                         if stateful:
-                            self.state_[idx] = h_T
+                            self._set_state(idx, h_T)
                         loss_sum += ls
                         weight += w
                         elapsed = time.perf_counter() - t0
@@ -498,9 +467,9 @@ class RNN:
                         for key in ("grad_norm_by_t", "spectral_radius", "max_singular_value"):
                             hist.setdefault(key, [None if key == "grad_norm_by_t" else float("nan")] * n_before)
                         if diagnostics:
-                            norms = _hidden_grad_norms(kernels, self.params, d_X, d_Y, None, self.loss,
-                                                       self.output, act)
-                            spec = recurrent_spectrum(self.params)
+                            norms = hidden_grad_norms(kernels, self.params, d_X, d_Y, None, self.loss,
+                                                      self.output, act)
+                            spec = recurrent_spectrum(self.params.W_hh)
                             hist["grad_norm_by_t"].append([float(v) for v in norms])
                             hist["spectral_radius"].append(spec["spectral_radius"])
                             hist["max_singular_value"].append(spec["max_singular_value"])
@@ -611,7 +580,7 @@ class RNN:
             raise bad(f"bad configuration or optimizer state ({type(exc).__name__}: {exc})") from None
 
         try:
-            params = RNNParams(**{n: files[f"params/{n}"] for n in RNNParams.field_names()})
+            params = model.params._like([files[f"params/{n}"] for n in model.params.names()])
         except (KeyError, TypeError, ValueError) as exc:
             raise bad(f"bad parameters ({type(exc).__name__}: {exc})") from None
         for (n, a), (_, ref) in zip(params.items(), model.params.items()):
@@ -621,16 +590,22 @@ class RNN:
             if not np.all(np.isfinite(a)):
                 raise bad(f"params/{n} holds non-finite values")
         for b, buf in opt.state_dict()["buffers"].items():
+            named = dict(params.items())
             for n, a in buf.items():
-                ref = getattr(params, n)
+                ref = named.get(n)
+                if ref is None:
+                    raise bad(f"optimizer buffer {b}/{n} names no parameter of this model")
                 if a.shape != ref.shape or a.dtype != ref.dtype:
                     raise bad(f"optimizer buffer {b}/{n} has shape {a.shape}, dtype {a.dtype}; "
                               f"params/{n} has {ref.shape}, {ref.dtype}")
         state = files.get("state")
-        if state is not None and (state.ndim != 2 or state.shape[1] != model.hidden_size
+        n_states = len(model.params.layers)
+        lead = (n_states,) if n_states > 1 else ()
+        if state is not None and (state.ndim != len(lead) + 2 or state.shape[:len(lead)] != lead
+                                  or state.shape[-1] != model.hidden_size
                                   or state.dtype != model.dtype or not np.all(np.isfinite(state))):
-            raise bad(f"state has shape {state.shape} and dtype {state.dtype}, expected (N, "
-                      f"{model.hidden_size}) finite {model.dtype}")
+            raise bad(f"state has shape {state.shape} and dtype {state.dtype}, expected {lead + ('N', model.hidden_size)} "
+                      f"finite {model.dtype}")
         try:
             model._rng.bit_generator.state = meta["rng_state"]
         except (TypeError, ValueError, KeyError) as exc:
@@ -639,7 +614,7 @@ class RNN:
         if (not isinstance(hist, dict) or not all(isinstance(v, list) for v in hist.values())
                 or "loss" not in hist or len({len(v) for v in hist.values()}) > 1):
             raise bad("bad history")
-        model.params = RNNParams(*(np.array(a, copy=True, order="C") for a in params.arrays()))
+        model.params = params.copy()
         model.state_ = None if state is None else np.array(state, copy=True, order="C")
         model.history_ = hist
         return model

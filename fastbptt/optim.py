@@ -42,8 +42,6 @@ from .params import RNNParams
 
 __all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS"]
 
-_FIELDS = RNNParams.field_names()
-
 
 def _check_number(owner, name, value, *, low=0.0, high=None, high_open=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -60,8 +58,10 @@ def _check_pair(owner, a, b):
         raise TypeError(f"{owner}.step: params must be an RNNParams, got {type(a).__name__}")
     if not isinstance(b, RNNParams):
         raise TypeError(f"{owner}.step: grads must be an RNNParams, got {type(b).__name__}")
-    for name in _FIELDS:
-        p, g = getattr(a, name), getattr(b, name)
+    if a.names() != b.names():
+        raise ValueError(f"{owner}.step: grads must match params field for field; expected "
+                         f"{list(a.names())}, got {list(b.names())}")
+    for (name, p), g in zip(a.items(), b.arrays()):
         if p.shape != g.shape or p.dtype != g.dtype:
             raise ValueError(f"{owner}.step: grads.{name} has shape {g.shape} and dtype {g.dtype}, "
                              f"expected {p.shape} and {p.dtype} as params.{name}")
@@ -123,9 +123,13 @@ class Optimizer:
         """
         owner = type(self).__name__
         _check_pair(owner, params, grads)
+        named_p, named_g = dict(params.items()), dict(grads.items())
         for bname, buf in self._buffers.items():
+            if buf and set(buf) != set(named_p):
+                raise ValueError(f"{owner}.step: buffer {bname} holds {sorted(buf)}, but params has "
+                                 f"{list(named_p)} (state loaded for another model?)")
             for name, arr in buf.items():
-                p = getattr(params, name)
+                p = named_p[name]
                 if arr.shape != p.shape or arr.dtype != p.dtype:
                     raise ValueError(f"{owner}.step: buffer {bname}.{name} has shape {arr.shape} and dtype "
                                      f"{arr.dtype}, but params.{name} has {p.shape} and {p.dtype} "
@@ -133,8 +137,8 @@ class Optimizer:
         self._step += 1
         try:
             new = {}
-            for name in _FIELDS:
-                p, g = getattr(params, name), getattr(grads, name)
+            for name, p in named_p.items():
+                g = named_g[name]
                 bufs = {b: self._buffers[b].get(name) for b in self._buffer_names}
                 new_p, new_bufs = self._update(p, g, bufs)
                 for label, arr in (("params", new_p), *new_bufs.items()):
@@ -147,7 +151,7 @@ class Optimizer:
             self._step -= 1
             raise
         for name, (new_p, new_bufs) in new.items():
-            np.copyto(getattr(params, name), new_p)
+            np.copyto(named_p[name], new_p)
             for b, arr in new_bufs.items():
                 self._buffers[b][name] = arr
 
@@ -193,11 +197,11 @@ class Optimizer:
                              f"got {sorted(buffers) if isinstance(buffers, dict) else buffers!r}")
         new_buffers = {}
         for bname, buf in buffers.items():
-            if not isinstance(buf, dict) or (buf and set(buf) != set(_FIELDS)):
-                raise ValueError(f"{owner}.load_state_dict: buffer {bname!r} must be empty or map each of "
-                                 f"{list(_FIELDS)} to an array")
+            if not isinstance(buf, dict) or not all(isinstance(n, str) for n in buf):
+                raise ValueError(f"{owner}.load_state_dict: buffer {bname!r} must be a dict mapping "
+                                 "parameter names to arrays")
             arrays = {}
-            for n in _FIELDS if buf else ():
+            for n in buf:
                 a = buf[n]
                 if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
                     raise TypeError(f"{owner}.load_state_dict: {bname}.{n} must be a float32/float64 ndarray, "
@@ -205,13 +209,10 @@ class Optimizer:
                 if not np.all(np.isfinite(a)):
                     raise ValueError(f"{owner}.load_state_dict: {bname}.{n} holds non-finite values")
                 arrays[n] = np.array(a, copy=True, order="C")
-            if arrays:
-                try:
-                    RNNParams(**arrays)    # checks that the shapes fit one model, one dtype
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{owner}.load_state_dict: buffer {bname!r} is inconsistent: {exc}") from None
+            if len({a.dtype for a in arrays.values()}) > 1:
+                raise ValueError(f"{owner}.load_state_dict: buffer {bname!r} mixes dtypes")
             new_buffers[bname] = arrays
-        shapes = {tuple(a.shape for a in b.values()) for b in new_buffers.values() if b}
+        shapes = {tuple((n, a.shape) for n, a in b.items()) for b in new_buffers.values() if b}
         if len(shapes) > 1:
             raise ValueError(f"{owner}.load_state_dict: buffers have different shapes: {sorted(shapes)}")
         if step == 0 and any(new_buffers.values()):

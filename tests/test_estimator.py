@@ -9,6 +9,7 @@ import pytest
 
 import fastbptt
 from fastbptt import datasets as ds
+from fastbptt.engine.training import update_points
 from fastbptt.estimator import RNN
 from fastbptt.optim import SGD, Adam
 
@@ -102,7 +103,7 @@ def test_online_updates_match_oracle(truncation):
     expected = oracle_fit(P, X, Y, truncation, 0.2)
     for n, a in m.params.items():
         np.testing.assert_allclose(a, expected[n], rtol=1e-10, atol=1e-12)
-    n_points = 1 if truncation is None else len(m._update_points(14))
+    n_points = 1 if truncation is None else len(update_points(14, truncation))
     assert m.optimizer_.step_count == n_points
 
 

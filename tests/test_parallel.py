@@ -82,9 +82,9 @@ def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
     want = (A.T if trans_a else A).astype(np.float64) @ (B.T if trans_b else B).astype(np.float64)
     split_everything(3)
     with _threads.call_scope():
-        got = _core._pmatmul(A, B, trans_a, trans_b, kernels=kernels)
+        got = _core.pmatmul(A, B, trans_a, trans_b, kernels=kernels)
         out = np.full((m, n), np.nan, dtype=dtype)
-        assert _core._pmatmul(A, B, trans_a, trans_b, out=out, kernels=kernels) is out
+        assert _core.pmatmul(A, B, trans_a, trans_b, out=out, kernels=kernels) is out
     tol = 1e-14 if dtype == np.float64 else 1e-6
     assert got.dtype == dtype and rel_err(got, want) <= tol and rel_err(out, want) <= tol
 

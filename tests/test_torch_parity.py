@@ -91,5 +91,5 @@ def test_from_torch_reads_both_biases():
     out, _ = rnn(torch.from_numpy(X))
     np.testing.assert_allclose(hs[1:], out.detach().numpy(), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(o, linear(out).detach().numpy(), rtol=1e-12, atol=1e-15)
-    with pytest.raises(ValueError, match="one-layer"):
-        fastbptt.RNNParams.from_torch(torch.nn.RNN(3, 4, num_layers=2), linear)
+    with pytest.raises(ValueError, match=r"W_hy: expected shape \(O, 8\)"):     # a head for H=4, not 2·H
+        fastbptt.RNNParams.from_torch(torch.nn.RNN(3, 4, bidirectional=True, dtype=torch.float64), linear)

@@ -23,6 +23,8 @@ _MODULES = {
     "numpy": ("fastbptt.backends.reference", "numpy is always available"),
 }
 ENV_VAR = "FASTBPTT_BACKEND"
+#: every backend's name, in order of preference
+BACKENDS = tuple(_MODULES)
 #: the calibration table "auto" reads (written by ``python -m fastbptt.tools.calibrate``)
 DEFAULT_PATH = Path(__file__).with_name("calibration.json")
 

@@ -34,7 +34,7 @@ from .. import __version__
 from ..engine import threads as _threads
 from ..backends import available_backends, unavailable_backends
 from .._io import atomic_write
-from ..engine.core import loss_and_grad
+from ..functional import loss_and_grad
 from ..params import RNNParams
 from .peers import PEERS, make_peer_step, peer_unavailable_reason, peer_version, set_threads
 

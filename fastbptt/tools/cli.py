@@ -242,7 +242,7 @@ def _read_text(path):
 
 def _sample_text(params, vocab_chars, start, length, seed, temperature=0.8):
     """Sample ``length`` characters from a character model, one step at a time."""
-    from ..engine.core import forward
+    from ..functional import forward
     from ..engine.losses import predict_from_logits
 
     index = {c: i for i, c in enumerate(vocab_chars)}

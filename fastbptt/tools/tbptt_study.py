@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..engine.core import loss_and_grad
+from ..functional import loss_and_grad
 from ..params import RNNParams
 
 #: The variants of the study, in table order.

@@ -1,0 +1,97 @@
+"""The whole model on validated arrays: the stack, the head and the loss, forward and backward.
+
+Shared by the functional API and the trainer. Everything here takes checked,
+C-contiguous arrays of the parameters' dtype and a resolved backend module.
+"""
+
+import numpy as np
+
+from ..params import RNNParams
+from .core import column_sums, matmul, pmatmul, scratch, windows
+from .losses import LOSS_FUNCS
+from .stack import head_logits, stack_backward, stack_forward
+
+
+def pack_grads(params, layer_grads, head=None):
+    """An :class:`RNNParams` of gradients in ``params``' structure (head zeros when not given)."""
+    arrays = [a for g in layer_grads for a in g]
+    if params.has_head:
+        arrays += list(head) if head is not None else [np.zeros_like(params.W_hy), np.zeros_like(params.b_y)]
+    return RNNParams._trusted_like(params, arrays)
+
+
+def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0):
+    """Loss and gradients of every parameter; returns ``(loss, grads, fwd)``.
+
+    ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H) and ``Y`` are checked and typed;
+    ``wins`` is ``(ends, bp_starts)``. With ``output="sequence"``, ``loss_from``
+    > 0 puts the loss on steps ``[loss_from, T)`` only (the trainer's (k1, k2)
+    updates: forward through k2 steps, loss on the last k1), and ``Y`` then
+    covers only those steps. ``fwd`` is the :class:`~fastbptt.engine.stack.StackForward`,
+    in work arrays valid until the next call on this thread.
+    """
+    T, B, _ = X3.shape
+    O = params.output_size
+    fwd = stack_forward(kernels, params, X3, h0s, act)
+    out = fwd.out
+    HD = out.shape[2]                                   # dirs·H
+
+    # output layer and loss: one GEMM over all loss steps (or the last one)
+    Tl = T - loss_from
+    H_out = out[1 + loss_from:].reshape(Tl * B, HD) if output == "sequence" else fwd.last_output()
+    O_logits = head_logits(params, H_out, kernels)
+    value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
+                                 O_logits.reshape(Y.shape), Y)
+    dO = dO.reshape(-1, O)
+    dW_hy = pmatmul(dO, H_out, trans_a=True, kernels=kernels)
+    db_y = column_sums(dO)
+
+    # dOut[t] = ∂L/∂output_t, the direct term from the head (zero where no loss)
+    dOut = scratch("dOut", (T, B, HD), params.dtype)
+    if output == "sequence":
+        dOut[:loss_from] = 0
+        pmatmul(dO, params.W_hy, out=dOut[loss_from:].reshape(Tl * B, HD), kernels=kernels)
+    elif not params.bidirectional:
+        dOut[:T - 1] = 0
+        matmul(dO, params.W_hy, out=dOut[T - 1])
+    else:                                               # [h_T^fwd ; h_1^bwd]: output[T-1, :H], output[0, H:]
+        H = params.hidden_size
+        dOut[:] = 0
+        dlast = matmul(dO, params.W_hy)
+        dOut[T - 1, :, :H] = dlast[:, :H]
+        dOut[0, :, H:] = dlast[:, H:]
+
+    layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
+    return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
+
+
+def hidden_grad_norms(kernels, params, X3, Y, h0s, loss, output, act):
+    """‖∂L/∂h_t‖ for t = 0..T under full BPTT, one unidirectional layer: (T+1,) float64.
+
+    ``X3`` (T, B, D), ``Y`` checked time-major, ``h0s`` (1, B, H) or None. The
+    backend's own backward loop (full BPTT) gives dz_t; the gradient reaching
+    h_t is then δ_t = G[t] + W_hhᵀ dz_{t+1}, one GEMM for all t.
+    """
+    T, B, _ = X3.shape
+    H = params.hidden_size
+    if h0s is None:
+        h0s = np.zeros((1, B, H), dtype=params.dtype)
+    fwd = stack_forward(kernels, params, X3, h0s, act, fresh=True)
+    Hs = fwd.out
+    G = np.zeros((T, B, H), dtype=params.dtype)
+    if output == "sequence":
+        _, dO = LOSS_FUNCS[loss](head_logits(params, Hs[1:], kernels), Y)
+        G[:] = (dO.reshape(T * B, -1) @ params.W_hy).reshape(T, B, H)
+    else:
+        _, dO = LOSS_FUNCS[loss](head_logits(params, Hs[T], kernels), Y)
+        G[T - 1] = dO @ params.W_hy
+    dZ = np.empty((T, B, H), dtype=params.dtype)
+    ends, bp_starts = windows(T, None)
+    kernels.backward_accumulate(G, Hs, np.ascontiguousarray(params.W_hh), ends, bp_starts, act, dZ)
+    carried = (dZ.reshape(T * B, H) @ params.W_hh).reshape(T, B, H)   # W_hhᵀ dz_t = part of δ_{t-1}
+    delta = G.astype(np.float64)                              # delta[t] = ∂L/∂h_{t+1} (0-based step t)
+    delta[:-1] += carried[1:]
+    norms = np.empty(T + 1, dtype=np.float64)
+    norms[1:] = np.sqrt(np.einsum("tbh,tbh->t", delta, delta))
+    norms[0] = np.linalg.norm(carried[0].astype(np.float64))  # ∂L/∂h_0
+    return norms

@@ -1,0 +1,237 @@
+"""The recurrent stack: layers and directions over the shared GEMMs and the backend's two loops.
+
+One (layer, direction) at a time, the layer contract is::
+
+    forward:   A = [X | 1]·[W_xh | b_h]ᵀ                 one GEMM over all T·B rows
+               Hs[t+1] = f(A[t] + Hs[t]·W_hhᵀ)            the backend's forward kernel
+    backward:  G[t] = ∂L/∂h_t arriving at every step (from the head or the layer above)
+               dZ = the backend's backward kernel over the truncation windows
+               [dW_xh | db_h] = dZᵀ·[X | 1],  dW_hh = dZᵀ·Hs[:-1]      two GEMMs
+               dX = dZ·W_xh  (the gradient of the layer's input)       one GEMM
+               dh0 = dZ[0]·W_hh  (of its initial state: only a window that starts at step 1
+                                  reaches it, and it does)
+
+A reverse direction runs the same kernels on its input taken in reverse
+order (one copy per call, not per step); its states come back reversed into
+the layer's output. Layer l > 0 takes ``[out_fwd | out_rev]`` of layer l-1.
+All arrays here are validated, typed and C-contiguous.
+"""
+
+import numpy as np
+
+from .core import matmul, pmatmul, recurrence, scratch, with_ones
+
+
+class StackForward:
+    """The saved forward of a stack: what its backward needs.
+
+    Attributes
+    ----------
+    X1 : list of (T·B, D_in+1) arrays, per (layer, direction): ``[input | 1]`` in that
+        direction's step order.
+    Hs : list of (T+1, B, H) arrays, per (layer, direction), in its step order.
+    out : (T+1, B, dirs·H) array: ``out[1:]`` is the top layer's output (torch's
+        ``output``), ``out[0]`` its initial states; for one unidirectional layer
+        it is ``Hs[0]`` itself.
+    """
+
+    __slots__ = ("params", "kernels", "act", "X1", "Hs", "out")
+
+    def __init__(self, params, kernels, act):
+        self.params, self.kernels, self.act = params, kernels, act
+        self.X1, self.Hs, self.out = [], [], None
+
+    @property
+    def h_n(self):
+        """(L·dirs, B, H): each (layer, direction)'s final state (torch's ``h_n``), a new array."""
+        return np.stack([Hs[-1] for Hs in self.Hs])
+
+    def last_output(self):
+        """(B, dirs·H): each direction's final state of the top layer, ``[h_T^fwd ; h_1^bwd]``."""
+        if not self.params.bidirectional:
+            return self.out[-1]
+        H = self.params.hidden_size
+        return np.concatenate([self.out[-1, :, :H], self.out[1, :, H:]], axis=1)
+
+
+def _input_rows_W1(layer):
+    """``[W_xh | b_h]`` (H, D_in+1)."""
+    H, D = layer.W_xh.shape
+    W1 = np.empty((H, D + 1), dtype=layer.W_xh.dtype)
+    W1[:, :D] = layer.W_xh
+    W1[:, D] = layer.b_h
+    return W1
+
+
+def layer_forward(kernels, layer, X1, h0, act, Hs):
+    """Fill ``Hs`` (T+1, B, H): ``Hs[0] = h0``, then the recurrence over ``A = X1·W1ᵀ``."""
+    T, B, H = Hs.shape[0] - 1, Hs.shape[1], Hs.shape[2]
+    A = scratch("A", (T, B, H), Hs.dtype)
+    pmatmul(X1, _input_rows_W1(layer), trans_b=True, out=A.reshape(T * B, H), kernels=kernels)
+    Hs[0] = h0
+    recurrence(kernels, T, B, H, kernels.forward_recurrence, A, np.ascontiguousarray(layer.W_hh.T), Hs, act)
+
+
+def stack_forward(kernels, params, X3, h0s, act, fresh=False):
+    """Run every (layer, direction) forward; returns a :class:`StackForward`.
+
+    ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H). With ``fresh`` every saved array
+    is new (the forward belongs to the caller, e.g. a ``vjp``); otherwise they
+    are this thread's work arrays, valid until the next call.
+    """
+    T, B, _ = X3.shape
+    H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
+    fwd = StackForward(params, kernels, act)
+
+    def array(name, shape):
+        return np.empty(shape, dtype=params.dtype) if fresh else scratch(name, shape, params.dtype)
+
+    inp = X3
+    for l in range(L):
+        for d in range(dirs):
+            i = l * dirs + d
+            X1 = with_ones(inp, reverse=bool(d), name=None if fresh else f"X1.{i}")
+            Hs = array(f"Hs.{i}", (T + 1, B, H))
+            layer_forward(kernels, params.layers[i], X1, h0s[i], act, Hs)
+            fwd.X1.append(X1)
+            fwd.Hs.append(Hs)
+        if dirs == 1:
+            out = fwd.Hs[-1]
+        else:
+            top = l == L - 1
+            out = np.empty((T + 1, B, 2 * H), dtype=params.dtype) if top else array(f"out.{l}", (T + 1, B, 2 * H))
+            Hf, Hr = fwd.Hs[-2], fwd.Hs[-1]
+            out[0, :, :H], out[0, :, H:] = Hf[0], Hr[0]
+            out[1:, :, :H] = Hf[1:]
+            out[1:, :, H:] = Hr[:0:-1]          # reverse step s is time T+1-s
+        inp = out[1:]
+    fwd.out = out
+    return fwd
+
+
+def _layer_grads(kernels, layer, X1, Hs, dZ, want_dX, want_dh0):
+    """The GEMMs after a layer's backward kernel: ``(dW_xh, dW_hh, db_h, dX or None, dh0 or None)``.
+
+    ``dX`` is (T·B, D_in) in the layer's step order, a new array.
+    """
+    T, B, H = dZ.shape
+    D = X1.shape[1] - 1
+    dZ2 = dZ.reshape(T * B, H)
+    dW1 = pmatmul(dZ2, X1, trans_a=True, kernels=kernels)
+    dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
+    dW_hh = pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True, kernels=kernels)
+    dX = pmatmul(dZ2, layer.W_xh, kernels=kernels) if want_dX else None
+    dh0 = matmul(dZ[0], layer.W_hh) if want_dh0 else None
+    return dW_xh, dW_hh, db_h, dX, dh0
+
+
+def _disjoint(ends, bp_starts):
+    """Whether no step is in two windows (full BPTT, ``k``, ``(k, k)``)."""
+    return bool(np.all(bp_starts[1:] >= ends[:-1]))
+
+
+def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False):
+    """Backpropagate ``dOut`` (T, B, dirs·H) on the top output and ``d_hn`` (L·dirs, B, H) on the
+    final states through the stack.
+
+    ``dOut`` is a work array the backward may overwrite. ``wins`` are the truncation
+    windows ``(ends, bp_starts)`` of :func:`fastbptt.engine.core.windows`: every layer
+    is cut at the same steps (as if every layer's state were detached at a window's
+    start); the head's gradient enters the top layer at each window's own loss steps.
+    A bidirectional stack takes one window (full BPTT).
+
+    Returns ``(layer_grads, dX, dh0)``: ``layer_grads`` a list of ``(dW_xh, dW_hh, db_h)``
+    per (layer, direction) in torch's order; ``dX`` (T, B, D) and ``dh0`` (L·dirs, B, H)
+    new arrays when asked for, else None.
+    """
+    params, kernels, act = fwd.params, fwd.kernels, fwd.act
+    H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
+    T, B = dOut.shape[0], dOut.shape[1]
+    ends, bp_starts = wins
+    grads = [None] * (L * dirs)
+    dh0 = np.empty((L * dirs, B, H), dtype=params.dtype) if want_dh0 else None
+    if L > 1 and not _disjoint(ends, bp_starts):
+        dX = _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX)
+        return grads, dX, dh0
+
+    W_hh = [np.ascontiguousarray(lay.W_hh) for lay in params.layers]
+    G_above = dOut                      # (T, B, dirs·H): ∂L/∂(this layer's output)
+    dX = None
+    for l in range(L - 1, -1, -1):
+        want = l > 0 or want_dX
+        d_in = None
+        for d in range(dirs):
+            i = l * dirs + d
+            if dirs == 1:
+                G = G_above
+            else:
+                G = scratch("G", (T, B, H), params.dtype)
+                G[:] = G_above[::-1, :, H:] if d else G_above[:, :, :H]
+            if d_hn is not None:
+                G[T - 1] += d_hn[i]
+            dZ = scratch("dZ", (T, B, H), params.dtype)
+            recurrence(kernels, T, B, H, kernels.backward_accumulate, G, fwd.Hs[i], W_hh[i],
+                       ends, bp_starts, act, dZ)
+            dW_xh, dW_hh, db_h, dX_i, dh0_i = _layer_grads(kernels, params.layers[i], fwd.X1[i], fwd.Hs[i],
+                                                          dZ, want, want_dh0)
+            grads[i] = (dW_xh, dW_hh, db_h)
+            if want_dh0:
+                dh0[i] = dh0_i
+            if want:
+                dX_i = dX_i.reshape(T, B, -1)
+                if d == 0:
+                    d_in = dX_i
+                else:
+                    d_in += dX_i[::-1]
+        G_above = d_in
+    if want_dX:
+        dX = G_above
+    return grads, dX, dh0
+
+
+def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
+    """A stacked unidirectional backward whose windows overlap (``(k1, k2)`` with k2 > k1).
+
+    A window's chain through a lower layer carries what that window's chain of the
+    layer above sent down, so each window runs through the whole stack on its own:
+    ``Σ_windows`` then gives each layer's dZ, and the GEMMs run once per layer.
+    """
+    params, kernels, act = fwd.params, fwd.kernels, fwd.act
+    H, L = params.hidden_size, params.num_layers
+    T, B = dOut.shape[0], dOut.shape[1]
+    ends, bp_starts = wins
+    W_hh = [np.ascontiguousarray(lay.W_hh) for lay in params.layers]
+    dZ = [np.zeros((T, B, H), dtype=params.dtype) for _ in range(L)]
+    one_window = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+    loss_start = 0
+    for end, start in zip(ends.tolist(), bp_starts.tolist()):
+        n = end - start
+        one_window[0][0] = n
+        G = np.array(dOut[start:end])
+        G[:loss_start - start] = 0              # this window's losses only: steps [loss_start, end)
+        dz = scratch("dZw", (n, B, H), params.dtype)
+        for l in range(L - 1, -1, -1):
+            recurrence(kernels, n, B, H, kernels.backward_accumulate, G, fwd.Hs[l][start:end + 1], W_hh[l],
+                       one_window[0], one_window[1], act, dz)
+            dZ[l][start:end] += dz
+            if l > 0:
+                G = pmatmul(dz.reshape(n * B, H), params.layers[l].W_xh, kernels=kernels).reshape(n, B, H)
+        loss_start = end
+    dX = None
+    for l in range(L - 1, -1, -1):
+        dW_xh, dW_hh, db_h, dX_l, dh0_l = _layer_grads(kernels, params.layers[l], fwd.X1[l], fwd.Hs[l], dZ[l],
+                                                       l == 0 and want_dX, dh0 is not None)
+        grads[l] = (dW_xh, dW_hh, db_h)
+        if dh0 is not None:
+            dh0[l] = dh0_l
+        if l == 0 and want_dX:
+            dX = dX_l.reshape(T, B, -1)
+    return dX
+
+
+def head_logits(params, rows, kernels=None):
+    """o = W_hy h + b_y for every row of ``rows`` (..., dirs·H) -> (..., O)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    O_rows = pmatmul(flat, params.W_hy, trans_b=True, kernels=kernels)
+    O_rows += params.b_y
+    return O_rows.reshape(rows.shape[:-1] + (params.output_size,))

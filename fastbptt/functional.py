@@ -1,0 +1,217 @@
+"""The functional API: ``forward``, ``loss_and_grad``, ``rnn`` and ``rnn_vjp``.
+
+Each function validates its input, then runs the engine (:mod:`fastbptt.engine`)
+on the backend that ``backend=`` names or ``"auto"`` picks.
+
+Shapes are time-major, as ``torch.nn.RNN``'s: ``X`` is (T, B, D), or (T, D)
+for one sequence (then the B axis is dropped from ``Y``, ``h0`` and every
+output). With L layers and dirs directions (2 if bidirectional), ``h0``,
+``h_last`` and ``h_n`` are (B, H) for one unidirectional layer and
+(L·dirs, B, H) otherwise, in torch's ``h_0``/``h_n`` order (layer 0
+forward, layer 0 reverse, layer 1 forward, ...).
+"""
+
+import numpy as np
+
+from . import _validation as V
+from .backends import resolve_backend
+from .engine.core import ACT_CODES, windows
+from .engine.losses import LOSSES
+from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
+from .engine.stack import head_logits, stack_backward, stack_forward
+from .engine.threads import call_scope
+from .params import RNNParams
+
+__all__ = ["forward", "loss_and_grad", "rnn", "rnn_vjp"]
+
+
+def _check_params(params, *, head):
+    if not isinstance(params, RNNParams):
+        raise TypeError(f"params: expected an RNNParams, got {type(params).__name__}")
+    if head and not params.has_head:
+        raise ValueError("params: expected parameters with a head (W_hy, b_y), got a stack without one "
+                         "(W_hy=None); use fastbptt.rnn / rnn_vjp for the stack alone, or give a head")
+    return params
+
+
+def _prepare(params, X, h0, *, head):
+    _check_params(params, head=head)
+    X3, single = V.check_X(X, params)
+    h0s = V.check_h0(h0, params, X3.shape[1], single)
+    return X3, h0s, single
+
+
+def _kernels(backend, params, X3):
+    T, B, _ = X3.shape
+    return resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
+
+
+def _user_states(h, params, single):
+    """(L·dirs, B, H) -> the user's shape (see the module docstring)."""
+    if len(params.layers) == 1:
+        h = h[0]
+    return h[..., 0, :] if single else h
+
+
+def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
+    """Run the RNN and its head forward over a batch of sequences.
+
+    Parameters
+    ----------
+    params : RNNParams
+        With a head.
+    X : array_like of shape (T, B, D), or (T, D) for one sequence
+    h0 : array_like of shape (B, H) or (L·dirs, B, H) (see the module docstring); zeros if None
+    activation : {"tanh", "relu"}
+    backend : {"auto", "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    O_logits : ndarray of shape (T, B, O)  (or (T, O) for 2-D X)
+    Hs : ndarray of shape (T+1, B, dirs·H)  (or (T+1, dirs·H))
+        ``Hs[1:]`` is the top layer's output (torch's ``output``: both
+        directions concatenated), ``Hs[0]`` its initial state(s).
+    """
+    V.check_choice("activation", activation, V.ACTIVATIONS)
+    X3, h0s, single = _prepare(params, X, h0, head=True)
+    kernels = _kernels(backend, params, X3)
+    with call_scope():
+        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True)
+        Hs = fwd.out
+        O_logits = head_logits(params, Hs[1:], kernels)
+    if single:
+        return O_logits[:, 0, :], Hs[:, 0, :]
+    return O_logits, Hs
+
+
+def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activation="tanh",
+                  truncation=None, backend="auto"):
+    """Loss and gradient of all parameters by (truncated) backpropagation through time.
+
+    Parameters
+    ----------
+    params : RNNParams
+        With a head.
+    X : array_like of shape (T, B, D), or (T, D) for one sequence
+    Y : array_like
+        Targets. ``output="sequence"``: (T, B, O) floats for mse/bce, (T, B)
+        int class ids for ce. ``output="last"``: (B, O), or (B,) for ce.
+        With 2-D X the B axis is dropped.
+    h0 : array_like of shape (B, H) or (L·dirs, B, H), optional; zeros if None
+    loss : {"mse", "bce", "ce"}
+        Means as torch's ``F.mse_loss``, ``F.binary_cross_entropy_with_logits``
+        (on logits) and ``F.cross_entropy`` (on logits, class ids).
+    output : {"sequence", "last"}
+        ``"last"`` uses each direction's final state of the top layer only,
+        ``[h_T^fwd ; h_1^bwd]``.
+    activation : {"tanh", "relu"}
+    truncation : None, int k >= 1, or (k1, k2) with 1 <= k1 <= k2
+        None: full BPTT. ``k``: the gradient does not cross steps k, 2k, ...
+        (as detaching h every k steps in torch). ``(k1, k2)``: Williams &
+        Peng's TBPTT(k1, k2): update points at k1, 2k1, ... and T; at each,
+        the losses since the previous one are backpropagated through its
+        last k2 steps only; the gradient is summed over update points. A
+        stacked model is cut at the same steps in every layer; a
+        bidirectional model takes None only.
+    backend : {"auto", "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    loss : float
+        The whole-sequence loss, whatever the truncation.
+    grads : RNNParams
+        Gradients, in the structure of ``params``.
+    h_last : ndarray of shape (B, H) or (L·dirs, B, H) (without B for 2-D X)
+        Each (layer, direction)'s final state.
+    """
+    V.check_choice("loss", loss, LOSSES)
+    V.check_choice("output", output, V.OUTPUTS)
+    V.check_choice("activation", activation, V.ACTIVATIONS)
+    _check_params(params, head=True)
+    truncation = V.check_truncation(truncation, params.bidirectional)
+    X3, h0s, single = _prepare(params, X, h0, head=True)
+    T, B, _ = X3.shape
+    Y_ = V.check_Y(Y, params, T, B, single, loss, output)
+    kernels = _kernels(backend, params, X3)
+    with call_scope():
+        value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
+                                                 ACT_CODES[activation], windows(T, truncation))
+        h_last = fwd.h_n
+    return value, grads, _user_states(h_last, params, single)
+
+
+def rnn(params, X, h0=None, *, activation="tanh", backend="auto"):
+    """The recurrent stack alone: ``torch.nn.RNN``'s forward (time-major), the head ignored.
+
+    Parameters
+    ----------
+    params : RNNParams
+        With or without a head.
+    X : array_like of shape (T, B, D), or (T, D) for one sequence
+    h0 : array_like of shape (B, H) or (L·dirs, B, H), optional; zeros if None
+    activation : {"tanh", "relu"}
+    backend : {"auto", "cython", "numba", "numpy"}
+
+    Returns
+    -------
+    output : ndarray of shape (T, B, dirs·H)  (or (T, dirs·H))
+        The top layer's states, both directions concatenated.
+    h_n : ndarray of shape (B, H) or (L·dirs, B, H)  (without B for 2-D X)
+    """
+    output, h_n, _ = _rnn(params, X, h0, activation, backend, fresh=False)
+    return output, h_n
+
+
+def rnn_vjp(params, X, h0=None, *, activation="tanh", backend="auto"):
+    """The stack's forward and its vector-Jacobian product, for custom losses and adapters.
+
+    Parameters
+    ----------
+    As :func:`rnn`.
+
+    Returns
+    -------
+    output, h_n : as :func:`rnn`
+    vjp : callable
+        ``vjp(d_output, d_h_n=None) -> (grads, dX, dh0)``: the gradients of
+        ``sum(output * d_output) + sum(h_n * d_h_n)`` with respect to the
+        params (an :class:`RNNParams` in their structure; head fields zero,
+        or None without a head), ``X`` (shaped as ``X``) and ``h0`` (shaped
+        as ``h0``; zeros included) -- what torch autograd gives for the same
+        expression. ``d_output`` is shaped as ``output``, ``d_h_n`` as ``h_n``
+        (None: zero). The forward it differentiates is its own: later calls
+        and in-place updates of ``params`` or ``X`` do not change it, and
+        ``vjp`` can be called more than once.
+    """
+    return _rnn(params, X, h0, activation, backend, fresh=True)
+
+
+def _rnn(params, X, h0, activation, backend, fresh):
+    V.check_choice("activation", activation, V.ACTIVATIONS)
+    X3, h0s, single = _prepare(params, X, h0, head=False)
+    kernels = _kernels(backend, params, X3)
+    if fresh:       # the vjp's own copy of the weights (an optimizer step writes params in place)
+        params = params.copy()
+    with call_scope():
+        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=fresh)
+        output = fwd.out[1:].copy()          # the caller's: the vjp keeps its own
+        h_n = fwd.h_n
+    output_u = output[:, 0, :] if single else output
+    h_n_u = _user_states(h_n, params, single)
+    if not fresh:
+        return output_u, h_n_u, None
+    T, B = X3.shape[:2]
+    full = windows(T, None)
+
+    def vjp(d_output, d_h_n=None):
+        d_out = V.as_float_array("d_output", d_output, output_u.shape, params.dtype)
+        d_hn = None
+        if d_h_n is not None:
+            d_hn = V.as_float_array("d_h_n", d_h_n, h_n_u.shape, params.dtype).reshape(h_n.shape)
+        d_out = d_out.reshape(output.shape)
+        with call_scope():
+            layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=True, want_dh0=True)
+        grads = pack_grads(params, layer_grads)
+        return grads, (dX[:, 0, :] if single else dX), _user_states(dh0, params, single)
+
+    return output_u, h_n_u, vjp
