@@ -45,13 +45,10 @@ def test_split_call_matches_one_thread(backend, split_everything, B, loss, outpu
     ref = _one_thread(params, X, Y, h0=h0, loss=loss, output=output, truncation=truncation)
     split_everything(threads)
     kernels = resolve_backend(backend)
+    seen = []
     with _threads.call_scope():
-        parts = _core._batch_parts(kernels, 9, B, 13)
-        team = _threads.team_size(1, c_team=True)
-    if getattr(kernels, "TEAM", False):
-        assert team == threads                      # the kernels split the call themselves
-    else:
-        assert len(parts) == (min(B, threads) if getattr(kernels, "SPLITS_BATCH", False) else 1)
+        _core.recurrence(kernels, 9, B, 13, lambda **kw: seen.append(kw["threads"]))
+    assert seen == [threads]                        # every backend is given the team and splits itself
     got = fastbptt.loss_and_grad(params, X, Y, h0=h0, loss=loss, output=output, truncation=truncation,
                                  backend=backend)
     rtol = RTOL[dtype]
@@ -61,12 +58,16 @@ def test_split_call_matches_one_thread(backend, split_everything, B, loss, outpu
     assert rel_err(got[2], ref[2]) <= rtol
 
 
-def test_compiled_backends_split_the_batch(split_everything):
-    split_everything(2)
-    with _threads.call_scope():
-        assert _core._batch_parts(resolve_backend("numba"), 4, 6, 8) == [(0, 3), (3, 6)]
-        assert _core._batch_parts(resolve_backend("numpy"), 4, 6, 8) == [(0, 6)]
-    assert resolve_backend("cython").TEAM and not getattr(resolve_backend("numba"), "TEAM", False)
+def test_numba_kernels_split_the_batch_on_the_python_pool(split_everything, monkeypatch):
+    import fastbptt.backends.numba as NK
+    calls = []
+    monkeypatch.setattr(NK, "run", lambda tasks: calls.append([t.args[-2:] for t in tasks]) or [t() for t in tasks])
+    T, B, H = 4, 6, 8
+    A, Hs = np.zeros((T, B, H)), np.zeros((T + 1, B, H))
+    NK.forward_recurrence(A, np.eye(H), Hs, 0, threads=2)
+    NK.forward_recurrence(A, np.eye(H), Hs, 0, threads=2, rows=(1, 6))
+    assert calls == [[(0, 3), (3, 6)], [(1, 4), (4, 6)]]
+    assert resolve_backend("cython").TEAM and not resolve_backend("numba").TEAM and not resolve_backend("numpy").TEAM
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

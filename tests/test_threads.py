@@ -23,9 +23,9 @@ def spy(monkeypatch):
     seen = []
     original = reference.forward_recurrence
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         seen.append((_blas_threads(), _threads.team_size()))
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(reference, "forward_recurrence", recording)
     return seen

@@ -21,10 +21,10 @@ docstring of :mod:`fastbptt.backends.reference`; this module adds only speed:
   same in float32 arithmetic, ~0.8 ns, within 2.5 ulp. Neither is a
   low-order approximation: every step is accurate to the working precision.
 - No ``fastmath``: it would reassociate the sums and break tight parity.
-- Each kernel runs on one thread, with the GIL released, on the batch
-  ``rows`` it is given: time is sequential, the batch is not, so
-  :mod:`fastbptt.engine.core` runs one call per part of the batch on its own pool
-  of threads (Numba's threading layer is not used).
+- A kernel runs with the GIL released on the batch ``rows`` it is given:
+  time is sequential, the batch is not, so ``threads=n`` runs one call per
+  part of the batch on fastbptt's pool of Python threads (Numba's threading
+  layer is not used).
 - ``cache=True`` where Numba finds a writable cache directory; where none is
   (read-only install, no writable home, ``NUMBA_CACHE_DIR`` unusable) the
   kernels are defined with ``cache=False`` instead, silently:
@@ -34,6 +34,7 @@ float32 and float64 inputs specialise the same jitted functions.
 """
 
 import ctypes
+from functools import partial
 import math
 
 import llvmlite.binding
@@ -43,6 +44,8 @@ from numba import types
 from numba.extending import overload
 
 from ..engine.blas import numpy_cblas
+from .._validation import is_int
+from ..engine.threads import parts, run
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
 NAME = "numba"
@@ -232,9 +235,9 @@ def _register_cblas():
 
 HAVE_NUMPY_CBLAS, _placeholders = _register_cblas()
 
-#: the kernels release the GIL, so :mod:`fastbptt.engine.core` may run them on disjoint batch ``rows``
-#: from several threads at once
-SPLITS_BATCH = True
+#: ``threads=n`` splits the batch rows between n Python threads (:func:`fastbptt.engine.threads.run`):
+#: the kernels release the GIL, and each sequence of a batch is independent
+TEAM = False
 
 
 def _cblas_type(ft):
@@ -385,16 +388,37 @@ def _rows(rows, B):
     return b0, b1
 
 
-def forward_recurrence(A, W_hhT, Hs, act, rows=None):
-    """Fill ``Hs[1:]`` (of batch ``rows``); see the kernel contract in :mod:`fastbptt.backends.reference`."""
+def _on_threads(kernel, B, threads, rows, args):
+    """Run ``kernel(*args, b0, b1)`` on the batch rows (or ``rows``), split between ``threads`` Python threads."""
+    if not is_int(threads) or threads < 1:
+        raise ValueError(f"threads: expected an int >= 1, got {threads!r}")
+    b0, b1 = _rows(rows, B)
+    if threads == 1 or b1 - b0 == 1:
+        kernel(*args, b0, b1)
+        return
+    run([partial(kernel, *args, b0 + r0, b0 + r1) for r0, r1 in parts(b1 - b0, threads)])
+
+
+def _forward_rows(A, W_hhT, Hs, act, b0, b1):
+    _forward(A, W_hhT, Hs, act, _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1)
+
+
+def _backward_rows(G, Hs, W_hh, ends, bp_starts, act, dZ, b0, b1):
+    _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, _gemm_route(b1 - b0, G.shape[2], G.itemsize), b0, b1)
+
+
+def forward_recurrence(A, W_hhT, Hs, act, threads=1, rows=None):
+    """Fill ``Hs[1:]``; see the kernel contract in :mod:`fastbptt.backends.reference`.
+
+    ``rows=(b0, b1)`` computes only those sequences of the batch (calls on
+    disjoint rows may run at once); ``threads`` splits the rows between threads.
+    """
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
-    b0, b1 = _rows(rows, A.shape[1])
-    _forward(A, W_hhT, Hs, int(act), _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1)
+    _on_threads(_forward_rows, A.shape[1], threads, rows, (A, W_hhT, Hs, int(act)))
 
 
-def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, rows=None):
-    """Overwrite ``dZ`` (of batch ``rows``) with Σ_windows dz_t; see :mod:`fastbptt.backends.reference`."""
+def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1, rows=None):
+    """Overwrite ``dZ`` with Σ_windows dz_t; see :mod:`fastbptt.backends.reference` (and ``rows``,
+    ``threads`` as for :func:`forward_recurrence`)."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
-    b0, b1 = _rows(rows, G.shape[1])
-    _backward(G, Hs, W_hh, ends, bp_starts, int(act), dZ,
-              _gemm_route(b1 - b0, G.shape[2], G.itemsize), b0, b1)
+    _on_threads(_backward_rows, G.shape[1], threads, rows, (G, Hs, W_hh, ends, bp_starts, int(act), dZ))

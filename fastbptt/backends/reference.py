@@ -19,14 +19,14 @@ Rows are the batch axis (row-major), so for a batch of row vectors
 ``h_{t-1}`` (B, H) the product ``W_hh h_{t-1}`` is ``Hs[t] @ W_hhᵀ`` and
 ``W_hhᵀ dz_t`` is ``dz_t @ W_hh``.
 
-``forward_recurrence(A, W_hhT, Hs, act)``
+``forward_recurrence(A, W_hhT, Hs, act, threads=1)``
     A     : ndarray (T, B, H), C-contiguous, = X·W_xhᵀ + b_h.  Read only.
     W_hhT : ndarray (H, H), C-contiguous copy of W_hhᵀ.       Read only.
     Hs    : ndarray (T+1, B, H), C-contiguous; the caller sets ``Hs[0] = h0``,
             the kernel writes ``Hs[t+1] = f(A[t] + Hs[t] @ W_hhT)``.
     act   : int, ``ACT_TANH`` (0) or ``ACT_RELU`` (1).
 
-``backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)``
+``backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1)``
     G         : ndarray (T, B, H), C-contiguous, the direct gradient
                 ∂L/∂h_t from the output layer (zero where no loss).  Read only.
     Hs        : ndarray (T+1, B, H) from the forward.                  Read only.
@@ -43,13 +43,13 @@ Rows are the batch axis (row-major), so for a batch of row vectors
     chain starts at zero at step ``ends[i]-1``, takes ``G[t]`` only at its own
     loss steps, and stops at ``bp_starts[i]`` (the gradient does not cross it).
 
-A backend whose module sets ``SPLITS_BATCH = True`` releases the GIL in both
-kernels and takes one more keyword, ``rows=(b0, b1)``: compute (and write)
-only the sequences ``b0 .. b1-1`` of the batch. Each sequence is independent,
-so :mod:`fastbptt.engine.core` runs such calls on disjoint rows from several
-threads at once; this reference does not split. A backend that sets ``TEAM =
-True`` as well (the Cython one) also takes ``threads=n`` and splits a call
-itself, on its own C threads.
+Both kernels take one more argument, ``threads`` (an int >= 1, default 1):
+the threads the call may use. A backend splits the batch rows between them
+(each sequence is independent) or, at large H, the columns of every step;
+this reference runs on one thread whatever it is given. ``TEAM = True`` says
+that the backend splits on a C thread team whose hand-off costs ~1 µs (the
+Cython one), so that :mod:`fastbptt.engine.core` splits smaller calls for it
+than for a pool of Python threads (~20-100 µs).
 
 Full BPTT is ``ends = [T], bp_starts = [0]``; ``truncation=k`` gives disjoint
 windows; ``(k1, k2)`` overlapping ones (see :func:`fastbptt.engine.core.windows`).
@@ -62,6 +62,7 @@ ACT_TANH = 0
 ACT_RELU = 1
 
 NAME = "numpy"
+TEAM = False
 
 
 def _f(z, act):
@@ -74,7 +75,7 @@ def _f_prime_from_h(h, act):
     return 1 - h * h if act == ACT_TANH else (h > 0).astype(h.dtype)
 
 
-def forward_recurrence(A, W_hhT, Hs, act):
+def forward_recurrence(A, W_hhT, Hs, act, threads=1):
     """Fill ``Hs[1:]``: h_t = f(W_xh x_t + b_h + W_hh h_{t-1}); see the module docstring."""
     T = A.shape[0]
     for t in range(T):
@@ -82,7 +83,7 @@ def forward_recurrence(A, W_hhT, Hs, act):
         Hs[t + 1] = _f(z_t, act)            # h_t = f(z_t)
 
 
-def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ):
+def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1):
     """Fill ``dZ`` with the pre-activation gradients of every window; see the module docstring."""
     dZ[...] = 0
     loss_start = 0

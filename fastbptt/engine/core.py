@@ -133,38 +133,14 @@ def pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     return out
 
 
-def _batch_parts(kernels, T, B, H):
-    """How a pool of Python threads splits the batch for the recurrence kernels: ``[(b0, b1), ...]``.
-
-    Each sequence of a batch is independent, so each thread can run a kernel
-    on its own ``rows``. Only backends whose kernels release the GIL say they
-    can (``SPLITS_BATCH``); the reference never does.
-    """
-    if not getattr(kernels, "SPLITS_BATCH", False):
-        return [(0, B)]
-    team = team_size(2 * T * B * H * H, c_team=getattr(kernels, "TEAM", False))
-    return [(0, B)] if team == 1 else parts(B, team)
-
-
 def recurrence(kernels, T, B, H, kernel, *args):
-    """``kernel(*args)`` on the call's threads.
+    """``kernel(*args, threads=n)`` with the threads this call gives a recurrence of this size.
 
-    A backend with a C team (``kernels.TEAM``) splits the call itself
-    (``threads=``: by batch rows, or by columns at large H, even at batch 1);
-    otherwise one call per batch part (``rows=``) runs on :func:`_threads.run`.
+    Every backend takes ``threads=`` and splits the call itself (by batch rows,
+    or by columns at large H, even at batch 1); ``kernels.TEAM`` says it splits
+    on a C team, whose cheaper hand-off pays from smaller calls.
     """
-    if getattr(kernels, "TEAM", False):
-        team = team_size(2 * T * B * H * H, c_team=True)
-        if team > 1:
-            kernel(*args, threads=team)
-        else:
-            kernel(*args)
-        return
-    ranges = _batch_parts(kernels, T, B, H)
-    if len(ranges) == 1:
-        kernel(*args)
-    else:
-        run([partial(kernel, *args, rows=r) for r in ranges])
+    kernel(*args, threads=team_size(2 * T * B * H * H, c_team=kernels.TEAM))
 
 
 def with_ones(X3, reverse=False, name="X1"):
