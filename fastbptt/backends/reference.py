@@ -1,4 +1,4 @@
-"""The NumPy reference backend: the equations of DESIGN.md, line for line.
+"""The NumPy reference backend: the equations of the model and of BPTT, line for line.
 
 This module is the oracle every other backend is tested against. It is
 written to be read beside the equations, never tuned for speed::

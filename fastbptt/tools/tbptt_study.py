@@ -1,7 +1,7 @@
 """The truncation study behind ``fastbptt tbptt``: what truncated BPTT costs and buys.
 
 For each variant -- full BPTT, ``k`` in {5, 10, 25, 50} and ``(k1, k2)`` in
-{(5, 10), (10, 20), (10, 50)} (see DESIGN.md, "Truncation") -- on the same data:
+{(5, 10), (10, 20), (10, 50)} (see ``fastbptt.loss_and_grad``, ``truncation``) -- on the same data:
 
 1. **gradient throughput**: time steps per second (T·B / seconds) of one
    :func:`fastbptt.loss_and_grad` call with that truncation on a character-
