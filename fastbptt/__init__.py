@@ -5,7 +5,7 @@ from .backends import available_backends
 from .clip import clip_grad_norm, clip_grad_value
 from .functional import forward, loss_and_grad, rnn, rnn_vjp
 from .params import RNNLayer, RNNParams
-from .engine.threads import get_num_threads, set_num_threads
+from ._threads import get_num_threads, set_num_threads
 from .estimator import RNN
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from .backends import resolve_backend
 from .engine.core import ACT_CODES
 from .engine.losses import LOSSES
 from .engine.model import hidden_grad_norms as _hidden_grad_norms
-from .engine.threads import call_scope
+from ._threads import call_scope
 from .params import RNNParams
 
 __all__ = ["hidden_grad_norms", "spectral_radius", "max_singular_value", "recurrent_spectrum"]

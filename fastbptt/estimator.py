@@ -66,7 +66,7 @@ from .engine.core import ACT_CODES
 from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from .engine.model import hidden_grad_norms
 from .engine.stack import head_logits, stack_forward
-from .engine.threads import call_scope
+from ._threads import call_scope
 from .engine.training import train_batch
 from .diagnostics import recurrent_spectrum
 from .params import INITS, RNNParams

@@ -19,7 +19,7 @@ from .engine.core import ACT_CODES, windows
 from .engine.losses import LOSSES
 from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
 from .engine.stack import head_logits, stack_backward, stack_forward
-from .engine.threads import call_scope
+from ._threads import call_scope
 from .params import RNNParams
 
 __all__ = ["forward", "loss_and_grad", "rnn", "rnn_vjp"]

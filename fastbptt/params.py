@@ -336,16 +336,14 @@ class RNNParams:
         def draw(*shape):
             return rng.uniform(-bound, bound, size=shape).astype(dt)
 
-        layers = []
-        for i in range(L * dirs):
-            W_xh, W_hh, b_h = draw(H, D if i < dirs else dirs * H), draw(H, H), draw(H)
+        layers = [[draw(H, D if i < dirs else dirs * H), draw(H, H), draw(H)] for i in range(L * dirs)]
+        head = (draw(O, dirs * H), draw(O)) if O is not None else (None, None)
+        for lay in layers:          # after every uniform draw, so that those do not depend on ``init``
             if init == "identity":
-                W_hh, b_h = np.eye(H, dtype=dt), np.zeros(H, dtype=dt)
+                lay[1:] = np.eye(H, dtype=dt), np.zeros(H, dtype=dt)
             elif init == "orthogonal":
                 q, r = np.linalg.qr(rng.standard_normal((H, H)))
-                W_hh, b_h = np.ascontiguousarray(q * np.sign(np.diag(r)), dtype=dt), np.zeros(H, dtype=dt)
-            layers.append((W_xh, W_hh, b_h))
-        head = (draw(O, dirs * H), draw(O)) if O is not None else (None, None)
+                lay[1:] = np.ascontiguousarray(q * np.sign(np.diag(r)), dtype=dt), np.zeros(H, dtype=dt)
         return cls(layers=layers, W_hy=head[0], b_y=head[1], bidirectional=bool(bidirectional))
 
     @classmethod

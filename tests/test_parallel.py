@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt.engine import core as _core, threads as _threads
+from fastbptt import _threads
+from fastbptt.engine import core as _core
 from fastbptt.backends import resolve_backend
 from helpers import RTOL, make_problem, rel_err
 

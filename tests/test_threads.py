@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_info
 
 import fastbptt
 from fastbptt.backends import reference
-from fastbptt.engine import threads as _threads
+from fastbptt import _threads
 from helpers import make_problem
 
 

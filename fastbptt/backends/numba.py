@@ -45,7 +45,7 @@ from numba.extending import overload
 
 from ..engine.blas import numpy_cblas
 from .._validation import is_int
-from ..engine.threads import parts, run
+from .._threads import parts, run
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
 NAME = "numba"
@@ -235,7 +235,7 @@ def _register_cblas():
 
 HAVE_NUMPY_CBLAS, _placeholders = _register_cblas()
 
-#: ``threads=n`` splits the batch rows between n Python threads (:func:`fastbptt.engine.threads.run`):
+#: ``threads=n`` splits the batch rows between n Python threads (:func:`fastbptt._threads.run`):
 #: the kernels release the GIL, and each sequence of a batch is independent
 TEAM = False
 

@@ -12,7 +12,7 @@ from functools import partial
 import numpy as np
 
 from . import blas as _blas
-from .threads import parts, run, team_size
+from .._threads import parts, run, team_size
 from ..backends.reference import ACT_RELU, ACT_TANH
 
 ACT_CODES = {"tanh": ACT_TANH, "relu": ACT_RELU}
@@ -104,7 +104,7 @@ def pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     For a backend whose kernels split on fastbptt's C thread team
     (``kernels.TEAM``: the Cython backend) the split runs on that team too
     (``_blas.pgemm``: a hand-off there costs ~1 µs against ~20-100 µs on a
-    pool of Python threads); otherwise on :func:`fastbptt.engine.threads.run`, so
+    pool of Python threads); otherwise on :func:`fastbptt._threads.run`, so
     that a call never has the team's spinning threads beside its own pool
     (they slowed the Numba backend by 1.5x).
     """

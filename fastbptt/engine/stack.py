@@ -44,6 +44,8 @@ class StackForward:
     @property
     def h_n(self):
         """(L·dirs, B, H): each (layer, direction)'s final state (torch's ``h_n``), a new array."""
+        if len(self.Hs) == 1:
+            return self.Hs[0][-1:].copy()
         return np.stack([Hs[-1] for Hs in self.Hs])
 
     def last_output(self):

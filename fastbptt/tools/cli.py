@@ -94,7 +94,7 @@ def cmd_info(args):
         for p in pools:
             print(f"  {p['internal_api']} {p['version']} ({p['user_api']}), {p['num_threads']} threads"
                   f"{', ' + p['architecture'] if p.get('architecture') else ''}: {p['prefix']}")
-    from ..engine.threads import ENV_VAR as THREADS_VAR, MIN_SPLIT_FLOPS, MIN_SPLIT_FLOPS_C_TEAM, get_num_threads
+    from .._threads import ENV_VAR as THREADS_VAR, MIN_SPLIT_FLOPS, MIN_SPLIT_FLOPS_C_TEAM, get_num_threads
     print("thread settings:")
     print(f"  fastbptt threads per call: {get_num_threads()} (BLAS on 1 thread inside a call; a phase "
           f"is split from {MIN_SPLIT_FLOPS_C_TEAM:.2g} flops on the C team, {MIN_SPLIT_FLOPS:.2g} on the Python pool)")
