@@ -1,28 +1,31 @@
-"""The Cython backend: its kernels against the NumPy reference kernels, and its BLAS wrapper.
+"""What is specific to the Cython backend: its product paths, debug checks, BLAS wrapper and tanh.
 
-Kernel parity is checked directly (same inputs into ``fastbptt.reference`` and
-``fastbptt.backends.cython.kernels``), on both sides of the small-shape crossover and
-with each per-step product path forced, then end to end through
-``loss_and_grad(..., backend="cython")``.
+The kernel contract itself (parity with the reference, windows, ``rows=``,
+``threads=``, inputs left alone) is tested once per backend in
+``test_kernels.py``, and the C team's row and column splits in
+``test_parallel.py``. Here: each per-step product path forced (BLAS, the
+small-shape loop portable and, where the CPU has it, AVX-512) on both sides of
+the crossover, the argument checks of the ``def`` entry points, the BLAS
+wrapper, and each tanh implementation.
 """
 
 import numpy as np
 import pytest
 
-import fastbptt
 from fastbptt.backends import reference as R
 from fastbptt.engine.core import windows
+from helpers import RTOL, TRUNCATIONS, kernel_problem, reference_kernels, rel_err
 
 import fastbptt.backends.cython.kernels as K  # noqa: E402  (must load: a missing build fails here)
 import fastbptt.backends.cython.blas as CB  # noqa: E402
 
-RTOL = {np.float64: 1e-10, np.float32: 1e-5}
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
 # the small-shape loop: the portable one (level 0) and, where the CPU has it, the AVX-512 one
 _MV_START = K._set_matvec_level(2)
 K._set_matvec_level(_MV_START)
-PATHS = ([pytest.param(-1, id="auto"), pytest.param(0, id="blas"), pytest.param((1, 0), id="small-portable")]
+# forced paths ("auto", the per-shape choice, is the contract's: test_kernels.py)
+PATHS = ([pytest.param(0, id="blas"), pytest.param((1, 0), id="small-portable")]
          + ([pytest.param((1, 2), id="small-avx512")] if _MV_START == 2 else []))
 
 
@@ -38,6 +41,8 @@ def _use_path(path):
         assert K._set_matvec_level(path[1]) == path[1]
         return path[0]
     return path
+
+
 SHAPES = {  # T, B, H
     "T1": (1, 3, 5),
     "B1": (9, 1, 7),
@@ -49,21 +54,6 @@ SHAPES = {  # T, B, H
     "blas_B3H40": (8, 3, 40),
     "odd_H70B17": (5, 17, 70),
 }
-TRUNCATIONS = [None, 1, 3, 4, (2, 2), (2, 5), (3, 7), (1, 40)]
-
-
-def rel_err(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
-
-
-def _problem(T, B, H, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    A = rng.normal(scale=0.8, size=(T, B, H)).astype(dtype)
-    W_hh = rng.uniform(-1, 1, size=(H, H)).astype(dtype) / np.sqrt(H).astype(dtype)
-    h0 = rng.uniform(-0.5, 0.5, size=(B, H)).astype(dtype)
-    G = rng.normal(size=(T, B, H)).astype(dtype)
-    return A, W_hh, h0, G
 
 
 def _forward(mod, A, W_hh, h0, act, **kw):
@@ -74,10 +64,8 @@ def _forward(mod, A, W_hh, h0, act, **kw):
     return Hs
 
 
-def test_name_and_codes():
-    assert K.NAME == "cython"
+def test_activation_codes_are_the_references():
     assert (K.ACT_TANH, K.ACT_RELU) == (R.ACT_TANH, R.ACT_RELU)
-    assert "cython" in fastbptt.available_backends()
 
 
 def test_crossover_rule_sides():
@@ -90,52 +78,30 @@ def test_crossover_rule_sides():
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_forward_parity(shape, dtype, act, path):
-    A, W_hh, h0, _ = _problem(*shape, dtype)
-    A_before, W_before = A.copy(), W_hh.copy()
-    ref = _forward(R, A, W_hh, h0, act)
-    got = _forward(K, A, W_hh, h0, act, _path=_use_path(path))
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(got[0], h0)
-    assert rel_err(got, ref) <= RTOL[dtype]
-    np.testing.assert_array_equal(A, A_before)
-    np.testing.assert_array_equal(W_hh, W_before)
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("truncation", TRUNCATIONS, ids=str)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_backward_parity(shape, dtype, act, truncation, path):
-    A, W_hh, h0, G = _problem(*shape, dtype, seed=1)
+def test_each_path_matches_reference(dtype, act, truncation, shape, path):
     T, B, H = shape
-    Hs = _forward(R, A, W_hh, h0, act)          # the same forward for both
+    A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
     ends, bp_starts = windows(T, truncation)
-    before = [x.copy() for x in (G, Hs, W_hh, ends, bp_starts)]
-    ref = np.empty((T, B, H), dtype=dtype)
-    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, ref)
-    got = np.full((T, B, H), np.nan, dtype=dtype)  # the kernel must overwrite, not add to, dZ
-    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, got, _path=_use_path(path))
-    assert np.all(np.isfinite(got))
-    assert rel_err(got, ref) <= RTOL[dtype]
-    for x, x0 in zip((G, Hs, W_hh, ends, bp_starts), before):
-        np.testing.assert_array_equal(x, x0)
+    Hs_ref, dZ_ref = reference_kernels(A, W_hh, h0, G, act, ends, bp_starts)
+    _path = _use_path(path)
+    assert rel_err(_forward(K, A, W_hh, h0, act, _path=_path), Hs_ref) <= RTOL[dtype]
+    dZ = np.full_like(G, np.nan)            # the kernel must overwrite, not add to, dZ
+    K.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, _path=_path)
+    assert np.all(np.isfinite(dZ))
+    assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_custom_windows(dtype):
-    """Windows the public truncations never make: loss steps before a window's bp_start."""
-    A, W_hh, h0, G = _problem(12, 2, 6, dtype, seed=3)
-    Hs = _forward(R, A, W_hh, h0, R.ACT_TANH)
-    # gaps before a window, and steps after the last one (ends[-1] < T): dZ is zero there
+def test_custom_windows_each_path_and_split(dtype):
+    """Windows the public truncations never make (see test_kernels.py), on every path and split."""
+    A, W_hh, h0, G = kernel_problem(12, 2, 6, dtype, seed=3)
     for ends, bp_starts in (([5, 6, 12], [3, 0, 9]), ([4, 9], [2, 7])):
         ends, bp_starts = np.array(ends, dtype=np.int64), np.array(bp_starts, dtype=np.int64)
-        ref = np.empty_like(G)
-        R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
+        Hs, ref = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
         for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()):
             for threads, split in ((1, 0), (2, 0), (2, 1)):
                 got = np.full_like(G, np.nan)
@@ -144,25 +110,8 @@ def test_backward_custom_windows(dtype):
                 assert rel_err(got, ref) <= RTOL[dtype]
 
 
-def test_read_only_inputs_accepted():
-    A, W_hh, h0, G = _problem(5, 2, 6, np.float64)
-    W_hhT = np.ascontiguousarray(W_hh.T)
-    for x in (A, W_hh, W_hhT, G):
-        x.flags.writeable = False
-    Hs = np.empty((6, 2, 6))
-    Hs[0] = h0
-    K.forward_recurrence(A, W_hhT, Hs, R.ACT_TANH)
-    Hs.flags.writeable = False
-    ends, bp_starts = windows(5, 2)
-    dZ = np.empty((5, 2, 6))
-    K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ)
-    ref = np.empty_like(dZ)
-    R.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, ref)
-    assert rel_err(dZ, ref) <= 1e-10
-
-
 def test_kernel_bad_input():
-    A, W_hh, h0, G = _problem(4, 2, 3, np.float64)
+    A, W_hh, h0, G = kernel_problem(4, 2, 3, np.float64, seed=0)
     Hs = _forward(R, A, W_hh, h0, R.ACT_TANH)
     ends, bp_starts = windows(4, None)
     dZ = np.empty_like(G)
@@ -189,36 +138,6 @@ def test_kernel_bad_input():
                               np.array([0, 0, 0], np.int64), R.ACT_TANH, dZ)
     with pytest.raises(ValueError, match="bp_starts"):
         K.backward_accumulate(G, Hs, W_hh, ends, np.array([0, 0], np.int64), R.ACT_TANH, dZ)
-
-
-LG_SHAPES = {  # T, B, D, H, O
-    "T1": (1, 3, 4, 5, 2),
-    "B1": (30, 1, 3, 8, 4),          # small loop
-    "H1": (6, 2, 3, 1, 2),
-    "H13": (11, 4, 5, 13, 3),        # BLAS
-    "H64B5": (9, 5, 6, 64, 3),
-}
-
-
-@pytest.mark.parametrize("truncation", [None, 4, (3, 5)], ids=str)
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", list(LG_SHAPES.values()), ids=list(LG_SHAPES))
-def test_loss_and_grad_vs_numpy(shape, dtype, activation, truncation):
-    T, B, D, H, O = shape
-    rng = np.random.default_rng(7)
-    params = fastbptt.RNNParams.init(D, H, O, dtype=dtype, seed=11)
-    X = rng.normal(size=(T, B, D))
-    Y = rng.normal(size=(T, B, O))
-    h0 = rng.uniform(-0.5, 0.5, size=(B, H))
-    kw = dict(h0=h0, activation=activation, truncation=truncation)
-    ref = fastbptt.loss_and_grad(params, X, Y, backend="numpy", **kw)
-    got = fastbptt.loss_and_grad(params, X, Y, backend="cython", **kw)
-    rtol = RTOL[dtype] * (10 if dtype == np.float32 else 1)   # float32 gradient sums over T·B rows
-    assert got[0] == pytest.approx(ref[0], rel=rtol)
-    for name, g_ref in ref[1].items():
-        assert rel_err(getattr(got[1], name), g_ref) <= rtol, name
-    assert rel_err(got[2], ref[2]) <= rtol
 
 
 # --- the BLAS wrapper -------------------------------------------------------------------------
@@ -293,5 +212,5 @@ def test_tanh_against_numpy(tanh_level, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_parity_each_tanh(tanh_level, dtype, act):
     for shape in (SHAPES["B1"], SHAPES["H13"], SHAPES["odd_H70B17"]):
-        A, W_hh, h0, _ = _problem(*shape, dtype)
+        A, W_hh, h0, _ = kernel_problem(*shape, dtype, seed=0)
         assert rel_err(_forward(K, A, W_hh, h0, act), _forward(R, A, W_hh, h0, act)) <= RTOL[dtype]

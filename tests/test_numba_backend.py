@@ -1,11 +1,11 @@
-"""Kernel-level tests of the Numba backend against the NumPy reference kernels.
+"""What is specific to the Numba backend (:mod:`fastbptt.backends.numba`).
 
-The backend-parametrized functional suite lives elsewhere; this file checks
-what is specific to :mod:`fastbptt.backends.numba`: the three routes of the
-per-step product (hand-written loop, np.dot, NumPy's cblas gemm) at shapes on
-both sides of the loop/gemm crossover, the vectorised tanh, the window loop,
-the on-disk cache with its fallback where nothing is writable, and cached
-kernels loading where NumPy's cblas is not found.
+The kernel contract itself (parity with the reference, windows, ``rows=``,
+inputs left alone) is tested once per backend in ``test_kernels.py``. Here:
+the three routes of the per-step product (hand-written loop, np.dot, NumPy's
+cblas gemm), each forced, at shapes on both sides of the loop/gemm crossover;
+the vectorised tanh; the on-disk cache with its fallback where nothing is
+writable, and cached kernels loading where NumPy's cblas is not found.
 """
 
 import os
@@ -21,12 +21,10 @@ import fastbptt
 from fastbptt.backends import numba as NK
 from fastbptt.backends import reference as REF
 from fastbptt.engine.core import windows
-from helpers import make_problem, rel_err
+from helpers import RTOL, TRUNCATIONS, kernel_problem, reference_kernels, rel_err
 
-DTYPES = [np.float64, np.float32]
-RTOL = {np.float64: 1e-10, np.float32: 2e-5}     # relative to the largest entry
-ACTS = {"tanh": REF.ACT_TANH, "relu": REF.ACT_RELU}
-TRUNCATIONS = {"full": None, "k3": 3, "k1": 1, "k1k2_2_5": (2, 5), "k1k2_3_2": (3, 2), "k1k2_4_4": (4, 4)}
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+ACTS = [pytest.param(REF.ACT_TANH, id="tanh"), pytest.param(REF.ACT_RELU, id="relu")]
 # (T, B, H): degenerate sizes, odd H, and B·H² on both sides of the loop/gemm crossover
 SHAPES = {
     "T1B1H1": (1, 1, 1),
@@ -59,37 +57,19 @@ def test_numpy_cblas_is_found_with_numpy_wheels():
     assert NK._gemm_route(1, 16, 8) == NK._gemm_route(8, 64, 4) == NK._GEMM_NUMPY_CBLAS
 
 
-def _problem(T, B, H, dtype, seed):
-    rng = np.random.default_rng(seed)
-    A = rng.normal(scale=0.8, size=(T, B, H)).astype(dtype)
-    W_hh = rng.normal(scale=1.2 / np.sqrt(H), size=(H, H)).astype(dtype)
-    h0 = rng.normal(scale=0.5, size=(B, H)).astype(dtype)
-    G = rng.normal(size=(T, B, H)).astype(dtype)
-    return A, W_hh, h0, G
-
-
-def _reference(A, W_hh, h0, G, act, ends, bp_starts):
-    T, B, H = A.shape
-    Hs = np.empty((T + 1, B, H), dtype=A.dtype)
-    Hs[0] = h0
-    REF.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, act)
-    dZ = np.empty_like(G)
-    REF.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)
-    return Hs, dZ
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("act", list(ACTS.values()), ids=list(ACTS))
-@pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("route", list(ROUTES.values()), ids=list(ROUTES))
-def test_kernels_match_reference(dtype, act, truncation, shape, route):
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("truncation", list(TRUNCATIONS.values()), ids=list(TRUNCATIONS))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_route_matches_reference(dtype, act, truncation, shape, route):
+    """The jitted kernels with the per-step product forced (the entry points pick one per shape)."""
     if route == NK._GEMM_NUMPY_CBLAS and not NK.HAVE_NUMPY_CBLAS:
         pytest.skip("NumPy's cblas gemm was not found here (np.dot is used instead)")
     T, B, H = shape
-    A, W_hh, h0, G = _problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
+    A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
     ends, bp_starts = windows(T, truncation)
-    Hs_ref, dZ_ref = _reference(A, W_hh, h0, G, act, ends, bp_starts)
+    Hs_ref, dZ_ref = reference_kernels(A, W_hh, h0, G, act, ends, bp_starts)
 
     Hs = np.full((T + 1, B, H), np.nan, dtype=dtype)
     Hs[0] = h0
@@ -102,55 +82,7 @@ def test_kernels_match_reference(dtype, act, truncation, shape, route):
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_contract_entry_points_match_reference_and_leave_inputs_alone(dtype, shape):
-    T, B, H = shape
-    act = REF.ACT_TANH
-    A, W_hh, h0, G = _problem(T, B, H, dtype, seed=7)
-    ends, bp_starts = windows(T, (2, 3))
-    Hs_ref, dZ_ref = _reference(A, W_hh, h0, G, act, ends, bp_starts)
-    W_hhT = np.ascontiguousarray(W_hh.T)
-    inputs = [A, W_hh, W_hhT, G, ends, bp_starts]
-    before = [x.copy() for x in inputs]
-
-    Hs = np.empty((T + 1, B, H), dtype=dtype)
-    Hs[0] = h0
-    NK.forward_recurrence(A, W_hhT, Hs, act)
-    Hs_after_forward = Hs.copy()
-    dZ = np.full_like(G, np.nan)
-    NK.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)
-
-    assert NK.NAME == "numba"
-    assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
-    assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
-    for x, x0 in zip(inputs, before):
-        np.testing.assert_array_equal(x, x0)
-    np.testing.assert_array_equal(Hs, Hs_after_forward)      # backward reads Hs only
-
-
-def test_backward_accumulates_overlapping_windows():
-    """(k1, k2) with k2 > k1: every step lies in several windows, and dZ is their sum."""
-    T, B, H = 12, 2, 6
-    A, W_hh, h0, G = _problem(T, B, H, np.float64, seed=3)
-    Hs_ref, _ = _reference(A, W_hh, h0, G, REF.ACT_TANH, *windows(T, None))
-    ends, bp_starts = windows(T, (2, 7))
-    total = np.zeros_like(G)
-    for i in range(len(ends)):              # one window at a time, each with the losses it owns
-        G_i = np.zeros_like(G)
-        lo = ends[i - 1] if i else 0
-        G_i[lo:ends[i]] = G[lo:ends[i]]
-        dZ_i = np.empty_like(G)
-        NK.backward_accumulate(G_i, Hs_ref, W_hh, ends[i:i + 1], bp_starts[i:i + 1],
-                               REF.ACT_TANH, dZ_i)
-        total += dZ_i
-    dZ = np.empty_like(G)
-    NK.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, REF.ACT_TANH, dZ)
-    assert rel_err(dZ, total) <= 1e-12
-    assert np.count_nonzero(dZ[: bp_starts[-1]]) > 0
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_vectorised_tanh_is_within_a_few_ulp_of_numpy(dtype):
     rng = np.random.default_rng(11)
     z = np.concatenate([
@@ -165,36 +97,6 @@ def test_vectorised_tanh_is_within_a_few_ulp_of_numpy(dtype):
     assert ulps.max() <= 4
     assert np.all(np.abs(h) <= 1)
     np.testing.assert_array_equal(np.sign(h), np.sign(z))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("activation", list(ACTS))
-@pytest.mark.parametrize("truncation", [None, 4, (3, 5)], ids=["full", "k4", "k1k2_3_5"])
-@pytest.mark.parametrize("loss,output", [("mse", "sequence"), ("bce", "sequence"), ("ce", "last")])
-@pytest.mark.parametrize("dims", [(15, 3, 4, 13, 5), (20, 1, 8, 32, 8), (9, 6, 5, 48, 3)],
-                         ids=["H13", "B1H32", "B6H48"])
-def test_loss_and_grad_matches_numpy_backend(dtype, activation, truncation, loss, output, dims):
-    T, B, D, H, O = dims
-    params, X, Y = make_problem(T, B, D, H, O, loss=loss, output=output, dtype=dtype, seed=H)
-    kw = dict(loss=loss, output=output, activation=activation, truncation=truncation)
-    value, grads, h_last = fastbptt.loss_and_grad(params, X, Y, backend="numba", **kw)
-    value_ref, grads_ref, h_last_ref = fastbptt.loss_and_grad(params, X, Y, backend="numpy", **kw)
-    assert abs(value - value_ref) <= RTOL[dtype] * max(abs(value_ref), 1.0)
-    for name, g in grads.items():
-        assert g.dtype == dtype, name
-        assert rel_err(g, getattr(grads_ref, name)) <= RTOL[dtype], name
-    assert rel_err(h_last, h_last_ref) <= RTOL[dtype]
-
-
-def test_single_sequence_through_the_public_api():
-    params, X, Y = make_problem(30, 1, 3, 7, 2, single=True, seed=5)
-    value, grads, h_last = fastbptt.loss_and_grad(params, X, Y, truncation=6, backend="numba")
-    value_ref, grads_ref, h_last_ref = fastbptt.loss_and_grad(params, X, Y, truncation=6, backend="numpy")
-    assert h_last.shape == (7,)
-    assert abs(value - value_ref) <= 1e-12 * abs(value_ref)
-    for name, g in grads.items():
-        assert rel_err(g, getattr(grads_ref, name)) <= 1e-10, name
-    assert rel_err(h_last, h_last_ref) <= 1e-10
 
 
 # --------------------------------------------------------------------------------------------

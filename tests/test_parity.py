@@ -74,7 +74,7 @@ def test_noncontiguous_and_fortran_inputs(backend):
     _compare(backend, p2, Xs, Ys, dtype=np.float64, truncation=(2, 3))
     ref = fastbptt.loss_and_grad(params, X, Y, truncation=(2, 3), backend="numpy")
     got = fastbptt.loss_and_grad(p2, Xs, Ys, truncation=(2, 3), backend=backend)
-    assert rel_err(got[1].flatten(), ref[1].flatten()) <= 1e-10
+    assert rel_err(got[1].flatten(), ref[1].flatten()) <= RTOL[np.float64]
 
 
 def test_parity_can_fail(backend):
