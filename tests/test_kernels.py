@@ -1,12 +1,14 @@
 """The kernel contract, once per compiled backend, against the NumPy reference kernels.
 
 The contract is the docstring of :mod:`fastbptt.backends.reference`:
-``forward_recurrence(A, W_hhT, Hs, act)`` and ``backward_accumulate(G, Hs,
-W_hh, ends, bp_starts, act, dZ)``, plus ``rows=(b0, b1)`` where the module
-sets ``SPLITS_BATCH`` and ``threads=n`` where it sets ``TEAM``. Every test here
-takes the ``kernels`` fixture (the backend's module), so a new backend is
-tested by adding it to the registry. A compiled backend that does not load
-fails its tests (CI requires both): it is never skipped.
+``forward_recurrence(A, W_hhT, Hs, act, threads=1)`` and
+``backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1)``,
+and a module flag ``TEAM`` the engine reads. Both compiled backends also take
+``rows=(b0, b1)``, the part of the batch a call computes (what ``threads``
+splits a call into; calls on disjoint rows may run at once): tested here too.
+Every test takes the ``kernels`` fixture (the backend's module), so a new
+backend is tested by adding it to the registry. A compiled backend that does
+not load fails its tests (CI requires both): it is never skipped.
 
 What one backend does that the other does not (forced product routes or
 paths, tanh implementations, caches, argument checks) is tested in
@@ -32,27 +34,6 @@ def kernels(request):
     """The backend's module; a compiled backend that does not load fails here, with its reason."""
     return resolve_backend(request.param)
 
-
-def _with_flag(flag):
-    """The compiled backends whose module sets ``flag``, for ``indirect`` parametrisation.
-
-    One that does not load is listed too: its tests then fail in the fixture.
-    """
-    names = []
-    for name in COMPILED:
-        try:
-            module = resolve_backend(name)
-        except ValueError:
-            names.append(name)
-            continue
-        if getattr(module, flag, False):
-            names.append(name)
-    return names
-
-
-# the backends whose kernels take rows= (SPLITS_BATCH) and threads= (TEAM), as the contract says
-ROWS_BACKENDS = _with_flag("SPLITS_BATCH")
-THREADS_BACKENDS = _with_flag("TEAM")
 
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
@@ -88,6 +69,7 @@ def test_module_follows_the_registry(kernels):
     assert kernels.__name__ == _MODULES[kernels.NAME][0]
     assert kernels.NAME in fastbptt.available_backends()
     assert callable(kernels.forward_recurrence) and callable(kernels.backward_accumulate)
+    assert kernels.TEAM in (True, False)            # read by fastbptt.engine.core.recurrence
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -168,15 +150,16 @@ CUSTOM_WINDOWS = {
 }
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("windows_", list(CUSTOM_WINDOWS.values()), ids=list(CUSTOM_WINDOWS))
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_custom_windows_match_reference(kernels, dtype, act, windows_):
+def test_custom_windows_match_reference(kernels, dtype, act, windows_, threads):
     A, W_hh, h0, G = kernel_problem(12, 2, 6, dtype, seed=3)
     ends, bp_starts = (np.array(x, dtype=np.int64) for x in windows_)
     Hs, dZ_ref = reference_kernels(A, W_hh, h0, G, act, ends, bp_starts)
     dZ = np.full_like(G, np.nan)
-    kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ)
+    kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=threads)
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
     assert np.all(dZ[ends[-1]:] == 0)
 
@@ -198,7 +181,7 @@ def test_read_only_inputs_are_accepted(kernels):
     assert rel_err(Hs, Hs_ref) <= RTOL[np.float64] and rel_err(dZ, dZ_ref) <= RTOL[np.float64]
 
 
-# --- rows=(b0, b1): backends that set SPLITS_BATCH ------------------------------------------------
+# --- rows=(b0, b1) ------------------------------------------------------------------------------
 
 # (T, B, H, the parts of the batch, in the order they are computed)
 ROW_SPLITS = {
@@ -213,7 +196,6 @@ ROW_SPLITS = {
 @pytest.mark.parametrize("truncation", [None, 3, (2, 5), (3, 2)], ids=["full", "k3", "k1k2_2_5", "k1k2_3_2"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", ROWS_BACKENDS, indirect=True)
 def test_rows_compute_only_their_rows(kernels, dtype, act, truncation, split):
     T, B, H, parts = split
     A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=_seed(T, B, H))
@@ -233,7 +215,6 @@ def test_rows_compute_only_their_rows(kernels, dtype, act, truncation, split):
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("kernels", ROWS_BACKENDS, indirect=True)
 def test_rows_calls_run_at_once_from_several_threads(kernels):
     """The kernels release the GIL: calls on disjoint rows from three threads at once, many times."""
     T, B, H = 40, 6, 24
@@ -255,7 +236,6 @@ def test_rows_calls_run_at_once_from_several_threads(kernels):
 
 
 @pytest.mark.parametrize("bad", [(3, 3), (-1, 2), (0, 6), (4, 2)], ids=str)
-@pytest.mark.parametrize("kernels", ROWS_BACKENDS, indirect=True)
 def test_rows_out_of_range_are_refused(kernels, bad):
     T, B, H = 4, 5, 3
     A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
@@ -268,7 +248,7 @@ def test_rows_out_of_range_are_refused(kernels, bad):
         kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty_like(G), rows=bad)
 
 
-# --- threads=n: backends that set TEAM -----------------------------------------------------------
+# --- threads=n ---------------------------------------------------------------------------------
 
 THREAD_SHAPES = {"T1B3H5": (1, 3, 5), "T7B1H9": (7, 1, 9), "T6B2H1": (6, 2, 1), "T9B5H13": (9, 5, 13),
                  "T5B4H40": (5, 4, 40)}
@@ -279,7 +259,6 @@ THREAD_SHAPES = {"T1B3H5": (1, 3, 5), "T7B1H9": (7, 1, 9), "T6B2H1": (6, 2, 1), 
 @pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=["full", "k1", "k3", "k1k2_2_5"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", THREADS_BACKENDS, indirect=True)
 def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape):
     """A call split on the backend's own threads, alone and on a part of the batch (``rows``)."""
     T, B, H = shape
@@ -295,7 +274,7 @@ def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape
     kernels.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, threads=threads)
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
-    if getattr(kernels, "SPLITS_BATCH", False) and B > 1:
+    if B > 1:
         Hs = np.full_like(Hs_ref, np.nan)
         Hs[0] = h0
         dZ = np.full_like(G, np.nan)
@@ -306,16 +285,17 @@ def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape
         assert rel_err(Hs, Hs_ref) <= RTOL[dtype] and rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("windows_", list(CUSTOM_WINDOWS.values()), ids=list(CUSTOM_WINDOWS))
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernels", THREADS_BACKENDS, indirect=True)
-def test_threads_on_custom_windows(kernels, dtype, windows_):
-    A, W_hh, h0, G = kernel_problem(12, 2, 6, dtype, seed=3)
-    ends, bp_starts = (np.array(x, dtype=np.int64) for x in windows_)
-    Hs, dZ_ref = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
-    dZ = np.full_like(G, np.nan)
-    kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ, threads=2)
-    assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
+@pytest.mark.parametrize("bad", [0, -1])
+def test_threads_below_one_are_refused(kernels, bad):
+    T, B, H = 4, 3, 5
+    A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
+    ends, bp_starts = windows(T, 2)
+    Hs, _ = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
+    msg = f"threads: expected an int >= 1, got {bad}"
+    with pytest.raises(ValueError, match=msg):
+        kernels.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs.copy(), R.ACT_TANH, threads=bad)
+    with pytest.raises(ValueError, match=msg):
+        kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty_like(G), threads=bad)
 
 
 # --- the kernels inside loss_and_grad ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What is specific to the Numba backend (:mod:`fastbptt.backends.numba`).
 
-The kernel contract itself (parity with the reference, windows, ``rows=``,
+The kernel contract itself (parity with the reference, windows, ``threads=``, ``rows=``,
 inputs left alone) is tested once per backend in ``test_kernels.py``. Here:
 the three routes of the per-step product (hand-written loop, np.dot, NumPy's
 cblas gemm), each forced, at shapes on both sides of the loop/gemm crossover;
