@@ -73,11 +73,11 @@ def test_each_route_matches_reference(dtype, act, truncation, shape, route):
 
     Hs = np.full((T + 1, B, H), np.nan, dtype=dtype)
     Hs[0] = h0
-    NK._forward(A, np.ascontiguousarray(W_hh.T), Hs, act, route, 0, B)
+    NK._forward(A, np.ascontiguousarray(W_hh.T), Hs, act, route, 0, B, NK._ALL_ROWS)
     assert rel_err(Hs, Hs_ref) <= RTOL[dtype]
 
     dZ = np.full_like(G, np.nan)            # every entry must be written, gaps included
-    NK._backward(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, route, 0, B)
+    NK._backward(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, route, 0, B, NK._ALL_ROWS)
     assert np.all(np.isfinite(dZ))
     assert rel_err(dZ, dZ_ref) <= RTOL[dtype]
 

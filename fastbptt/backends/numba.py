@@ -281,18 +281,33 @@ def _step_product(x, W, out, gemm):
 # the kernels
 # --------------------------------------------------------------------------------------------
 
+@_jit(inline="always")
+def _n_active(bs, t, b0, b1):
+    """Rows of [b0, b1) active at step t: [b0, b0 + n) (``bs`` empty: all of them)."""
+    if bs.shape[0] == 0:
+        return b1 - b0
+    n = min(bs[t], b1) - b0
+    return n if n > 0 else 0
+
+
 @_jit(error_model="numpy", nogil=True)
-def _forward(A, W_hhT, Hs, act, gemm, b0, b1):
-    """The forward of batch rows [b0, b1): each step's rows ``Hs[t, b0:b1]`` are a C-contiguous block."""
+def _forward(A, W_hhT, Hs, act, gemm, b0, b1, bs):
+    """The forward of batch rows [b0, b1): each step's rows ``Hs[t, b0:b1]`` are a C-contiguous block.
+
+    ``bs`` holds the steps' active row counts (empty: every row, every step).
+    """
     T = A.shape[0]
     for t in range(T):
-        h_next = Hs[t + 1, b0:b1]
-        _step_product(Hs[t, b0:b1], W_hhT, h_next, gemm)   # Hs[t+1] = h_{t-1} @ W_hhᵀ
-        _activate_step(h_next, A[t, b0:b1], act)            # Hs[t+1] = f(Hs[t+1] + A[t])
+        n = _n_active(bs, t, b0, b1)
+        if n == 0:
+            break
+        h_next = Hs[t + 1, b0:b0 + n]
+        _step_product(Hs[t, b0:b0 + n], W_hhT, h_next, gemm)   # Hs[t+1] = h_{t-1} @ W_hhᵀ
+        _activate_step(h_next, A[t, b0:b0 + n], act)            # Hs[t+1] = f(Hs[t+1] + A[t])
 
 
 @_jit(error_model="numpy", nogil=True)
-def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm, b0, b1):
+def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm, b0, b1, bs):
     """The backward of batch rows [b0, b1) (see ``_forward``)."""
     T, H = G.shape[0], G.shape[2]
     B = b1 - b0
@@ -309,13 +324,15 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm, b0, b1):
         # not added to. Steps in [loss_start, bp_start) lie in no window at all: zeroed.
         for t in range(loss_start, bp_start):
             dZ[t, b0:b1, :] = 0
+        n_carried = 0           # rows whose δ was carried from step t+1 (0 at the window's last step)
         for t in range(end - 1, bp_start - 1, -1):
-            h = Hs[t + 1, b0:b1]
-            g_t = G[t, b0:b1]
-            dz_t = dZ[t, b0:b1]
-            carried = t < end - 1               # at the window's last step δ starts at zero
+            n = _n_active(bs, t, b0, b1)
+            h = Hs[t + 1, b0:b0 + n]
+            g_t = G[t, b0:b0 + n]
+            dz_t = dZ[t, b0:b0 + n]
             own_step = t >= loss_start
-            for b in range(B):
+            for b in range(n):
+                carried = b < n_carried          # a row's chain starts at zero at its last step
                 for j in range(H):
                     d = delta[b, j] if carried else zero
                     if own_step:
@@ -330,8 +347,10 @@ def _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, gemm, b0, b1):
                         dz_t[b, j] = g
                     else:
                         dz_t[b, j] += g
-            if t > bp_start:
-                _step_product(dz, W_hh, delta, gemm)       # δ_{t-1} = W_hhᵀ dz_t
+            n_carried = 0
+            if t > bp_start and n > 0:
+                _step_product(dz[:n], W_hh, delta[:n], gemm)       # δ_{t-1} = W_hhᵀ dz_t
+                n_carried = n
         loss_start = end
     for t in range(loss_start, T):      # none: ends[-1] = T by contract (the reference zeroes them)
         dZ[t, b0:b1, :] = 0
@@ -399,26 +418,40 @@ def _on_threads(kernel, B, threads, rows, args):
     run([partial(kernel, *args, b0 + r0, b0 + r1) for r0, r1 in parts(b1 - b0, threads)])
 
 
-def _forward_rows(A, W_hhT, Hs, act, b0, b1):
-    _forward(A, W_hhT, Hs, act, _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1)
+def _forward_rows(A, W_hhT, Hs, act, bs, b0, b1):
+    _forward(A, W_hhT, Hs, act, _gemm_route(b1 - b0, A.shape[2], A.itemsize), b0, b1, bs)
 
 
-def _backward_rows(G, Hs, W_hh, ends, bp_starts, act, dZ, b0, b1):
-    _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, _gemm_route(b1 - b0, G.shape[2], G.itemsize), b0, b1)
+def _backward_rows(G, Hs, W_hh, ends, bp_starts, act, dZ, bs, b0, b1):
+    _backward(G, Hs, W_hh, ends, bp_starts, act, dZ, _gemm_route(b1 - b0, G.shape[2], G.itemsize), b0, b1, bs)
 
 
-def forward_recurrence(A, W_hhT, Hs, act, threads=1, rows=None):
+_ALL_ROWS = np.empty(0, dtype=np.int64)
+
+
+def _batch_sizes(batch_sizes, T, B):
+    if batch_sizes is None:
+        return _ALL_ROWS
+    bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    if bs.shape != (T,) or (T and (bs[0] > B or bs[-1] < 0 or np.any(bs[1:] > bs[:-1]))):
+        raise ValueError(f"batch_sizes: expected {T} non-increasing counts in [0, {B}], got {batch_sizes!r}")
+    return bs
+
+
+def forward_recurrence(A, W_hhT, Hs, act, threads=1, batch_sizes=None, rows=None):
     """Fill ``Hs[1:]``; see the kernel contract in :mod:`fastbptt.backends.reference`.
 
     ``rows=(b0, b1)`` computes only those sequences of the batch (calls on
     disjoint rows may run at once); ``threads`` splits the rows between threads.
     """
     assert A.dtype == W_hhT.dtype == Hs.dtype and Hs.shape[0] == A.shape[0] + 1
-    _on_threads(_forward_rows, A.shape[1], threads, rows, (A, W_hhT, Hs, int(act)))
+    bs = _batch_sizes(batch_sizes, A.shape[0], A.shape[1])
+    _on_threads(_forward_rows, A.shape[1], threads, rows, (A, W_hhT, Hs, int(act), bs))
 
 
-def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1, rows=None):
+def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1, batch_sizes=None, rows=None):
     """Overwrite ``dZ`` with Σ_windows dz_t; see :mod:`fastbptt.backends.reference` (and ``rows``,
     ``threads`` as for :func:`forward_recurrence`)."""
     assert G.dtype == Hs.dtype == W_hh.dtype == dZ.dtype and ends.shape == bp_starts.shape
-    _on_threads(_backward_rows, G.shape[1], threads, rows, (G, Hs, W_hh, ends, bp_starts, int(act), dZ))
+    bs = _batch_sizes(batch_sizes, G.shape[0], G.shape[1])
+    _on_threads(_backward_rows, G.shape[1], threads, rows, (G, Hs, W_hh, ends, bp_starts, int(act), dZ, bs))

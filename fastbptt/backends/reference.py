@@ -19,14 +19,14 @@ Rows are the batch axis (row-major), so for a batch of row vectors
 ``h_{t-1}`` (B, H) the product ``W_hh h_{t-1}`` is ``Hs[t] @ W_hhᵀ`` and
 ``W_hhᵀ dz_t`` is ``dz_t @ W_hh``.
 
-``forward_recurrence(A, W_hhT, Hs, act, threads=1)``
+``forward_recurrence(A, W_hhT, Hs, act, threads=1, batch_sizes=None)``
     A     : ndarray (T, B, H), C-contiguous, = X·W_xhᵀ + b_h.  Read only.
     W_hhT : ndarray (H, H), C-contiguous copy of W_hhᵀ.       Read only.
     Hs    : ndarray (T+1, B, H), C-contiguous; the caller sets ``Hs[0] = h0``,
             the kernel writes ``Hs[t+1] = f(A[t] + Hs[t] @ W_hhT)``.
     act   : int, ``ACT_TANH`` (0) or ``ACT_RELU`` (1).
 
-``backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1)``
+``backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1, batch_sizes=None)``
     G         : ndarray (T, B, H), C-contiguous, the direct gradient
                 ∂L/∂h_t from the output layer (zero where no loss).  Read only.
     Hs        : ndarray (T+1, B, H) from the forward.                  Read only.
@@ -42,6 +42,14 @@ Rows are the batch axis (row-major), so for a batch of row vectors
     (``ends[-1]`` read as 0) through steps ``[bp_starts[i], ends[i])``: its δ
     chain starts at zero at step ``ends[i]-1``, takes ``G[t]`` only at its own
     loss steps, and stops at ``bp_starts[i]`` (the gradient does not cross it).
+
+Variable-length sequences: both kernels take ``batch_sizes=None`` or an
+int64 ndarray (T,) of non-increasing counts ``n_t <= B``: the rows are sorted
+by length, longest first, and step t runs on rows ``0 .. n_t-1`` only (the
+rows still active, as in torch's ``PackedSequence``). The kernels never read
+nor write the other rows of ``A``, ``G``, ``Hs[t+1]`` or ``dZ[t]`` (their
+values there are undefined); a row's δ chain starts at zero at its own last
+step ``t`` (``n_{t+1} <= b < n_t``) and takes ``G[t]`` there as at any loss step.
 
 Both kernels take one more argument, ``threads`` (an int >= 1, default 1):
 the threads the call may use. A backend splits the batch rows between them
@@ -75,24 +83,32 @@ def _f_prime_from_h(h, act):
     return 1 - h * h if act == ACT_TANH else (h > 0).astype(h.dtype)
 
 
-def forward_recurrence(A, W_hhT, Hs, act, threads=1):
+def _active(batch_sizes, t, B):
+    """n_t: the rows that step t runs on."""
+    return B if batch_sizes is None else int(batch_sizes[t])
+
+
+def forward_recurrence(A, W_hhT, Hs, act, threads=1, batch_sizes=None):
     """Fill ``Hs[1:]``: h_t = f(W_xh x_t + b_h + W_hh h_{t-1}); see the module docstring."""
-    T = A.shape[0]
+    T, B = A.shape[0], A.shape[1]
     for t in range(T):
-        z_t = A[t] + Hs[t] @ W_hhT          # z_t = (W_xh x_t + b_h) + W_hh h_{t-1}
-        Hs[t + 1] = _f(z_t, act)            # h_t = f(z_t)
+        n = _active(batch_sizes, t, B)          # the rows still active at step t
+        z_t = A[t, :n] + Hs[t, :n] @ W_hhT      # z_t = (W_xh x_t + b_h) + W_hh h_{t-1}
+        Hs[t + 1, :n] = _f(z_t, act)            # h_t = f(z_t)
 
 
-def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1):
+def backward_accumulate(G, Hs, W_hh, ends, bp_starts, act, dZ, threads=1, batch_sizes=None):
     """Fill ``dZ`` with the pre-activation gradients of every window; see the module docstring."""
+    T, B = G.shape[0], G.shape[1]
     dZ[...] = 0
     loss_start = 0
     for end, bp_start in zip(ends, bp_starts):
-        delta = np.zeros_like(G[0])                       # δ carried back from step t+1
+        delta = np.zeros_like(G[0])                       # δ carried back from step t+1 (0: none yet)
         for t in range(end - 1, bp_start - 1, -1):
+            n = _active(batch_sizes, t, B)
             if t >= loss_start:
-                delta += G[t]                             # δ_t = ∂L/∂h_t (direct) + carried
-            dz_t = delta * _f_prime_from_h(Hs[t + 1], act)  # dz_t = δ_t ⊙ f'(z_t)
-            dZ[t] += dz_t                                 # dW_* sum dz_t outside the loop
-            delta = dz_t @ W_hh                           # δ_{t-1} = W_hhᵀ dz_t
+                delta[:n] += G[t, :n]                     # δ_t = ∂L/∂h_t (direct) + carried
+            dz_t = delta[:n] * _f_prime_from_h(Hs[t + 1, :n], act)  # dz_t = δ_t ⊙ f'(z_t)
+            dZ[t, :n] += dz_t                             # dW_* sum dz_t outside the loop
+            delta[:n] = dz_t @ W_hh                       # δ_{t-1} = W_hhᵀ dz_t
         loss_start = end

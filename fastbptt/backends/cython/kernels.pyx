@@ -344,19 +344,32 @@ cdef inline void _activate(Py_ssize_t n, int act, floating *h) noexcept nogil:
             h[e] = h[e] if h[e] > 0 else 0
 
 
+cdef inline Py_ssize_t _active(const int64_t *bs, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t B) noexcept nogil:
+    """How many of the B rows starting at batch row ``lo`` step t runs on (``bs`` NULL: all)."""
+    cdef Py_ssize_t n
+    if bs == NULL:
+        return B
+    n = bs[t] - lo
+    return 0 if n < 0 else (B if n > B else n)
+
+
 cdef void _forward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *A, Py_ssize_t sA,
                    const floating *W_hhT, floating *Hs, Py_ssize_t sH, int act,
-                   bint small) noexcept nogil:
+                   bint small, const int64_t *bs, Py_ssize_t lo) noexcept nogil:
     """Hs[t+1] = f(A[t] + Hs[t]·W_hhT): A[t] is copied in and is the beta=1 accumulator.
 
     ``sA``/``sH`` are the time strides (elements) of ``A``/``Hs``; each step is a
-    C-contiguous (B, H) block (the rows b0..b1 of a larger batch).
+    C-contiguous (B, H) block (the rows lo..lo+B of a larger batch), of which step t
+    runs on the rows still active (``bs``, see :func:`_active`).
     """
-    cdef Py_ssize_t t, BH = B * H
+    cdef Py_ssize_t t, n
     for t in range(T):
-        memcpy(Hs + (t + 1) * sH, A + t * sA, BH * sizeof(floating))
-        _step_product(small, B, H, Hs + t * sH, W_hhT, True, Hs + (t + 1) * sH)
-        _activate(BH, act, Hs + (t + 1) * sH)
+        n = _active(bs, t, lo, B)
+        if n == 0:
+            break
+        memcpy(Hs + (t + 1) * sH, A + t * sA, n * H * sizeof(floating))
+        _step_product(small, n, H, Hs + t * sH, W_hhT, True, Hs + (t + 1) * sH)
+        _activate(n * H, act, Hs + (t + 1) * sH)
 
 
 cdef inline void _dz_step(Py_ssize_t n, int act, const floating *carried, bint has_carried,
@@ -395,26 +408,30 @@ cdef void _backward(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const floating *G,
                     const floating *Hs, Py_ssize_t sH, const floating *W_hh, Py_ssize_t n_win,
                     const int64_t *ends, const int64_t *bp_starts, int act,
                     floating *dZ, Py_ssize_t sZ, floating *carried, floating *dz,
-                    bint small) noexcept nogil:
+                    bint small, const int64_t *bs, Py_ssize_t lo) noexcept nogil:
     """Fill dZ with Σ_windows dz_t; ``carried`` and ``dz`` are (B, H) work buffers.
 
-    ``sG``/``sH``/``sZ`` are time strides (elements); each step is a C-contiguous (B, H) block.
+    ``sG``/``sH``/``sZ`` are time strides (elements); each step is a C-contiguous (B, H) block,
+    of which step t runs on the rows still active (see :func:`_forward`).
     """
-    cdef Py_ssize_t BH = B * H, w, t, end, bp_start, loss_start = 0
-    cdef bint has_carried
+    cdef Py_ssize_t BH = B * H, w, t, n, n_carried, end, bp_start, loss_start = 0
     for w in range(n_win):
         end = ends[w]
         bp_start = bp_starts[w]
         for t in range(loss_start, bp_start):       # steps in no window: zero
             memset(dZ + t * sZ, 0, BH * sizeof(floating))
-        has_carried = False
+        n_carried = 0
         t = end - 1
         while t >= bp_start:
-            _dz_step(BH, act, carried, has_carried, G + t * sG, t >= loss_start,
+            n = _active(bs, t, lo, B)
+            if n_carried and n > n_carried:     # rows at their own last step: δ starts at zero
+                memset(carried + n_carried * H, 0, (n - n_carried) * H * sizeof(floating))
+            _dz_step(n * H, act, carried, n_carried > 0, G + t * sG, t >= loss_start,
                      Hs + (t + 1) * sH, dz, dZ + t * sZ)
-            if t > bp_start:            # δ_{t-1} = W_hhᵀ dz_t, i.e. dz_t · W_hh by rows
-                _step_product(small, B, H, dz, W_hh, False, carried)
-                has_carried = True
+            n_carried = 0
+            if t > bp_start and n > 0:  # δ_{t-1} = W_hhᵀ dz_t, i.e. dz_t · W_hh by rows
+                _step_product(small, n, H, dz, W_hh, False, carried)
+                n_carried = n
             t -= 1
         loss_start = end
     for t in range(loss_start, T):                  # after the last window (none by contract)
@@ -460,18 +477,22 @@ cdef extern from *:
 
 cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1,
                         const floating *A, Py_ssize_t sA, const floating *W_hhT, floating *Hs,
-                        Py_ssize_t sH, int act, fb_barrier *barrier) noexcept nogil:
+                        Py_ssize_t sH, int act, fb_barrier *barrier, const int64_t *bs,
+                        Py_ssize_t lo) noexcept nogil:
     """Columns [j0, j1) of every step of :func:`_forward` (rows of A and Hs: H apart)."""
-    cdef Py_ssize_t t, b, w = j1 - j0
+    cdef Py_ssize_t t, b, n, w = j1 - j0
     cdef long sense = 0
     cdef floating *h
     for t in range(T):
+        n = _active(bs, t, lo, B)               # the same for every thread: they all stop together
+        if n == 0:
+            break
         h = Hs + (t + 1) * sH
-        for b in range(B):
+        for b in range(n):
             memcpy(h + b * H + j0, A + t * sA + b * H + j0, w * sizeof(floating))
-        _gemm(NoTrans, NoTrans, <int> B, <int> w, <int> H, <floating> 1.0, Hs + t * sH, <int> H,
+        _gemm(NoTrans, NoTrans, <int> n, <int> w, <int> H, <floating> 1.0, Hs + t * sH, <int> H,
               W_hhT + j0, <int> H, <floating> 1.0, h + j0, <int> H)
-        for b in range(B):
+        for b in range(n):
             _activate(w, act, h + b * H + j0)
         fb_barrier_wait(barrier, &sense)        # h_t complete before anyone reads it
 
@@ -480,7 +501,8 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
                          const floating *G, Py_ssize_t sG, const floating *Hs, Py_ssize_t sH,
                          const floating *W_hh, Py_ssize_t n_win, const int64_t *ends,
                          const int64_t *bp_starts, int act, floating *dZ, Py_ssize_t sZ,
-                         floating *carried, floating *dz2, fb_barrier *barrier) noexcept nogil:
+                         floating *carried, floating *dz2, fb_barrier *barrier, const int64_t *bs,
+                         Py_ssize_t lo) noexcept nogil:
     """Columns [j0, j1) of :func:`_backward`; ``dz2`` holds two (B, H) buffers, used in turn.
 
     Step t writes its columns of dz into buffer t % 2, waits for the others', and reads all
@@ -488,8 +510,7 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
     after a barrier every thread passed once done reading it (the last step of a window
     has no product, so a window ends with a barrier of its own).
     """
-    cdef Py_ssize_t w_ = j1 - j0, win, t, b, end, bp_start, loss_start = 0, k = 0
-    cdef bint has_carried
+    cdef Py_ssize_t w_ = j1 - j0, win, t, b, n, n_carried, end, bp_start, loss_start = 0, k = 0
     cdef long sense = 0
     cdef floating *dz
     for win in range(n_win):
@@ -498,20 +519,22 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
         for t in range(loss_start, bp_start):       # steps in no window: zero
             for b in range(B):
                 memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
-        has_carried = False
+        n_carried = 0
         t = end - 1
         while t >= bp_start:
+            n = _active(bs, t, lo, B)
             dz = dz2 + (k % 2) * B * H
             k += 1
-            for b in range(B):
-                _dz_step(w_, act, carried + b * H + j0, has_carried, G + t * sG + b * H + j0,
+            for b in range(n):
+                _dz_step(w_, act, carried + b * H + j0, b < n_carried, G + t * sG + b * H + j0,
                          t >= loss_start, Hs + (t + 1) * sH + b * H + j0, dz + b * H + j0,
                          dZ + t * sZ + b * H + j0)
-            if t > bp_start:
+            n_carried = 0
+            if t > bp_start and n > 0:
                 fb_barrier_wait(barrier, &sense)    # dz_t complete
-                _gemm(NoTrans, NoTrans, <int> B, <int> w_, <int> H, <floating> 1.0, dz, <int> H,
+                _gemm(NoTrans, NoTrans, <int> n, <int> w_, <int> H, <floating> 1.0, dz, <int> H,
                       W_hh + j0, <int> H, <floating> 0.0, carried + j0, <int> H)
-                has_carried = True
+                n_carried = n
             t -= 1
         loss_start = end
         fb_barrier_wait(barrier, &sense)    # the window's last products read before the next writes
@@ -535,6 +558,16 @@ def _rows(rows, Py_ssize_t B):
     return b0, b1
 
 
+def _batch_sizes(batch_sizes, Py_ssize_t T, Py_ssize_t B):
+    """``batch_sizes`` checked: None, or T non-increasing counts in [0, B] (int64, C-contiguous)."""
+    if batch_sizes is None:
+        return None
+    bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    if bs.shape != (T,) or (T and (bs[0] > B or bs[-1] < 0 or np.any(bs[1:] > bs[:-1]))):
+        raise ValueError(f"batch_sizes: expected {T} non-increasing counts in [0, {B}], got {batch_sizes!r}")
+    return bs
+
+
 cdef struct _Job:
     # one kernel call, split by rows (or, with cols, by columns) between the team's threads
     Py_ssize_t T, H, stride, b0, rows, n_win
@@ -550,6 +583,7 @@ cdef struct _Job:
     void *dz
     const int64_t *ends
     const int64_t *bp_starts
+    const int64_t *bs
 
 
 cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -561,19 +595,21 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
         hi = part_start(p + 1, n, j.H)
         if j.is_double:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const double *> j.A + j.b0 * j.H, j.stride,
-                          <const double *> j.W, <double *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
+                          <const double *> j.W, <double *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier,
+                          j.bs, j.b0)
         else:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const float *> j.A + j.b0 * j.H, j.stride,
-                          <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier)
+                          <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier,
+                          j.bs, j.b0)
         return
     lo = j.b0 + part_start(p, n, j.rows)
     hi = j.b0 + part_start(p + 1, n, j.rows)
     if j.is_double:
         _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
-                 <double *> j.Hs + lo * j.H, j.stride, j.act, j.small)
+                 <double *> j.Hs + lo * j.H, j.stride, j.act, j.small, j.bs, lo)
     else:
         _forward(j.T, hi - lo, j.H, <const float *> j.A + lo * j.H, j.stride, <const float *> j.W,
-                 <float *> j.Hs + lo * j.H, j.stride, j.act, j.small)
+                 <float *> j.Hs + lo * j.H, j.stride, j.act, j.small, j.bs, lo)
 
 
 cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -588,12 +624,12 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
             _backward_cols(j.T, j.rows, j.H, r0, r1, <const double *> j.G + j.b0 * j.H, j.stride,
                            <const double *> j.Hs + j.b0 * j.H, j.stride, <const double *> j.W,
                            j.n_win, j.ends, j.bp_starts, j.act, <double *> j.dZ + j.b0 * j.H,
-                           j.stride, <double *> j.carried, <double *> j.dz, j.barrier)
+                           j.stride, <double *> j.carried, <double *> j.dz, j.barrier, j.bs, j.b0)
         else:
             _backward_cols(j.T, j.rows, j.H, r0, r1, <const float *> j.G + j.b0 * j.H, j.stride,
                            <const float *> j.Hs + j.b0 * j.H, j.stride, <const float *> j.W,
                            j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + j.b0 * j.H,
-                           j.stride, <float *> j.carried, <float *> j.dz, j.barrier)
+                           j.stride, <float *> j.carried, <float *> j.dz, j.barrier, j.bs, j.b0)
         return
     r0 = part_start(p, n, j.rows)
     r1 = part_start(p + 1, n, j.rows)
@@ -602,12 +638,12 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
         _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
                   <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W, j.n_win,
                   j.ends, j.bp_starts, j.act, <double *> j.dZ + lo * j.H, j.stride,
-                  <double *> j.carried + r0 * j.H, <double *> j.dz + r0 * j.H, j.small)
+                  <double *> j.carried + r0 * j.H, <double *> j.dz + r0 * j.H, j.small, j.bs, lo)
     else:
         _backward(j.T, r1 - r0, j.H, <const float *> j.G + lo * j.H, j.stride,
                   <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W, j.n_win,
                   j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H, j.stride,
-                  <float *> j.carried + r0 * j.H, <float *> j.dz + r0 * j.H, j.small)
+                  <float *> j.carried + r0 * j.H, <float *> j.dz + r0 * j.H, j.small, j.bs, lo)
 
 
 cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H,
@@ -658,8 +694,8 @@ def _pick(Py_ssize_t B, Py_ssize_t H, int path):
 
 
 def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT,
-                       floating[:, :, ::1] Hs, int act, rows=None, int threads=1, int _path=-1,
-                       int _split=-1):
+                       floating[:, :, ::1] Hs, int act, rows=None, int threads=1, batch_sizes=None,
+                       int _path=-1, int _split=-1):
     """Fill ``Hs[1:]`` with h_t = f(A[t] + Hs[t]·W_hhT); see :mod:`fastbptt.backends.reference`.
 
     Parameters
@@ -676,6 +712,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     threads : int, optional
         Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
         one per thread of fastbptt's C team (see ``TEAM``).
+    batch_sizes : int64 ndarray of shape (T,), optional
+        Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
+        rows sorted by length, longest first); None: every row.
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
@@ -695,7 +734,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
+    cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
+    job.bs = &bs[0] if bs is not None else NULL
     job.A = &A[0, 0, 0]
     job.W = &W_hhT[0, 0]
     job.Hs = &Hs[0, 0, 0]
@@ -706,7 +747,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
 def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] Hs,
                         const floating[:, ::1] W_hh, const int64_t[::1] ends,
                         const int64_t[::1] bp_starts, int act, floating[:, :, ::1] dZ,
-                        rows=None, int threads=1, int _path=-1, int _split=-1):
+                        rows=None, int threads=1, batch_sizes=None, int _path=-1, int _split=-1):
     """Overwrite ``dZ`` with the pre-activation gradients summed over windows.
 
     See the kernel contract in :mod:`fastbptt.backends.reference`.
@@ -728,6 +769,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     threads : int, optional
         Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
         one per thread of fastbptt's C team (see ``TEAM``).
+    batch_sizes : int64 ndarray of shape (T,), optional
+        Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
+        rows sorted by length, longest first); None: every row.
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
@@ -759,7 +803,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
+    cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
+    job.bs = &bs[0] if bs is not None else NULL
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
     cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
