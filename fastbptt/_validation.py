@@ -83,16 +83,20 @@ def check_finite(name, arr):
     return arr
 
 
-def as_float_array(name, value, shape, dtype):
-    """``value`` as a new C-contiguous array of ``shape`` and ``dtype``, finite."""
+def as_float_array(name, value, shape, dtype, finite=True):
+    """``value`` as a new C-contiguous array of ``shape`` and ``dtype`` (checked finite unless not ``finite``)."""
     arr = _as_real_array(name, value)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {arr.shape}")
-    return check_finite(name, np.array(arr, dtype=dtype, order="C", copy=True))
+    arr = np.array(arr, dtype=dtype, order="C", copy=True)
+    return check_finite(name, arr) if finite else arr
 
 
-def check_X(X, params):
-    """Return ``(X3, single)``: X as a C-contiguous (T, B, D) array of the params' dtype."""
+def check_X(X, params, finite=True):
+    """Return ``(X3, single)``: X as a C-contiguous (T, B, D) array of the params' dtype.
+
+    ``finite=False`` leaves the finiteness check to the caller (padding may hold anything).
+    """
     arr = _as_real_array("X", X)
     D = params.input_size
     if arr.ndim not in (2, 3):
@@ -104,8 +108,44 @@ def check_X(X, params):
     if X3.shape[0] < 1 or X3.shape[1] < 1:
         raise ValueError(f"X: expected T >= 1 and B >= 1, got shape {arr.shape}")
     X3 = np.array(X3, dtype=params.dtype, order="C", copy=True)
-    check_finite("X", X3)
+    if finite:
+        check_finite("X", X3)
     return X3, single
+
+
+def check_lengths(lengths, T, B, single):
+    """None, or (B,) integer lengths in [1, T] as int64 (a new array)."""
+    if lengths is None:
+        return None
+    if single:
+        raise ValueError("lengths: a 2-D X is one sequence of length T; give lengths only with a "
+                         f"batch X of shape (T, B, D), got lengths={lengths!r}")
+    try:
+        arr = np.asarray(lengths)
+    except Exception as exc:
+        raise TypeError(f"lengths: expected a 1-D array of integers, got {type(lengths).__name__}") from exc
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths: expected integers (an integer dtype), got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (one length per sequence, B={B}), got {arr.shape}")
+    if arr.size and (arr.min() < 1 or arr.max() > T):
+        raise ValueError(f"lengths: expected values in [1, {T}] (T={T}), got values in [{arr.min()}, {arr.max()}]")
+    return np.array(arr, dtype=np.int64, copy=True)
+
+
+def valid_steps(lengths, T):
+    """(T, B) bool: step t of row b is within its length."""
+    return np.arange(T)[:, None] < lengths[None, :]
+
+
+def check_finite_where(name, arr, valid):
+    """Finite values at the positions ``valid`` (a boolean mask of the leading axes) only."""
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr[valid])):
+        bad = np.argwhere(valid.reshape(valid.shape + (1,) * (arr.ndim - valid.ndim))
+                          & ~np.isfinite(arr))[0]
+        raise ValueError(f"{name}: expected finite values within each sequence's length, found "
+                         f"{arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+    return arr
 
 
 def state_shape(params, B, single):
@@ -130,12 +170,21 @@ def check_h0(h0, params, B, single, name="h0"):
     return check_finite(name, arr)
 
 
-def check_Y(Y, params, T, B, single, loss, output):
-    """Return targets as (T, B, O) / (B, O) floats, or (T, B) / (B,) int64 for ce."""
+def check_Y(Y, params, T, B, single, loss, output, lengths=None):
+    """Return targets as (T, B, O) / (B, O) floats, or (T, B) / (B,) int64 for ce.
+
+    With ``lengths`` and ``output="sequence"`` only the valid steps are checked
+    (padding may hold anything); the returned copy holds zeros there.
+    """
     O = params.output_size
     lead = (T, B) if output == "sequence" else (B,)
     user_lead = ((T,) if single else (T, B)) if output == "sequence" else (() if single else (B,))
     arr = _as_real_array("Y", Y)
+    if lengths is not None and output == "sequence" and arr.shape[:2] == (T, B):
+        valid = valid_steps(lengths, T)
+        clean = np.zeros_like(arr)
+        clean[valid] = arr[valid]
+        arr = clean
     if loss == "ce":
         expected = user_lead
         if arr.shape != expected:

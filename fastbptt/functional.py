@@ -9,6 +9,15 @@ output). With L layers and dirs directions (2 if bidirectional), ``h0``,
 ``h_last`` and ``h_n`` are (B, H) for one unidirectional layer and
 (L·dirs, B, H) otherwise, in torch's ``h_0``/``h_n`` order (layer 0
 forward, layer 0 reverse, layer 1 forward, ...).
+
+Variable-length batches: ``lengths`` (B,) integers in [1, T], in any order,
+as torch's ``pack_padded_sequence(..., enforce_sorted=False)``. Steps
+t >= lengths[b] of row b are padding: X and Y there are never read (NaN is
+fine), the state does not move, a reverse direction starts at the row's own
+last step, ``output`` holds zeros there, ``h_n`` each row's state at its own
+last step, losses are means over the valid positions only, and
+``output="last"`` takes each row's own last step. The kernels skip the
+padding: the cost follows Σ lengths, not T·B.
 """
 
 import numpy as np
@@ -16,6 +25,7 @@ import numpy as np
 from . import _validation as V
 from .backends import resolve_backend
 from .engine.core import ACT_CODES, windows
+from .engine.lengths import packing
 from .engine.losses import LOSSES
 from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
 from .engine.stack import head_logits, stack_backward, stack_forward
@@ -34,11 +44,23 @@ def _check_params(params, *, head):
     return params
 
 
-def _prepare(params, X, h0, *, head):
+def _prepare(params, X, h0, lengths, *, head):
+    """Checked ``(X3, h0s, single, lengths, pack)``; with a ``pack``, X3 and h0s are in its sorted row order."""
     _check_params(params, head=head)
-    X3, single = V.check_X(X, params)
-    h0s = V.check_h0(h0, params, X3.shape[1], single)
-    return X3, h0s, single
+    X3, single = V.check_X(X, params, finite=lengths is None)
+    T, B, _ = X3.shape
+    lengths = V.check_lengths(lengths, T, B, single)
+    if lengths is not None:
+        V.check_finite_where("X", X3, V.valid_steps(lengths, T))
+    h0s = V.check_h0(h0, params, B, single)
+    pack = packing(lengths, T)
+    if pack is not None:
+        X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
+    return X3, h0s, single, lengths, pack
+
+
+def _unsort(a, pack, axis=1):
+    return a if pack is None else pack.unsort(a, axis)
 
 
 def _kernels(backend, params, X3):
@@ -53,7 +75,7 @@ def _user_states(h, params, single):
     return h[..., 0, :] if single else h
 
 
-def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
+def forward(params, X, h0=None, *, lengths=None, activation="tanh", backend="auto"):
     """Run the RNN and its head forward over a batch of sequences.
 
     Parameters
@@ -62,30 +84,32 @@ def forward(params, X, h0=None, *, activation="tanh", backend="auto"):
         With a head.
     X : array_like of shape (T, B, D), or (T, D) for one sequence
     h0 : array_like of shape (B, H) or (L·dirs, B, H) (see the module docstring); zeros if None
+    lengths : array_like of B ints in [1, T], optional
+        Variable-length sequences (see the module docstring).
     activation : {"tanh", "relu"}
     backend : {"auto", "cython", "numba", "numpy"}
 
     Returns
     -------
-    O_logits : ndarray of shape (T, B, O)  (or (T, O) for 2-D X)
+    O_logits : ndarray of shape (T, B, O)  (or (T, O) for 2-D X); unspecified at padded steps
     Hs : ndarray of shape (T+1, B, dirs·H)  (or (T+1, dirs·H))
         ``Hs[1:]`` is the top layer's output (torch's ``output``: both
         directions concatenated), ``Hs[0]`` its initial state(s).
     """
     V.check_choice("activation", activation, V.ACTIVATIONS)
-    X3, h0s, single = _prepare(params, X, h0, head=True)
+    X3, h0s, single, _, pack = _prepare(params, X, h0, lengths, head=True)
     kernels = _kernels(backend, params, X3)
     with call_scope():
-        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True)
-        Hs = fwd.out
+        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
+        Hs = _unsort(fwd.out, pack)
         O_logits = head_logits(params, Hs[1:], kernels)
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
 
 
-def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activation="tanh",
-                  truncation=None, backend="auto"):
+def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="sequence",
+                  activation="tanh", truncation=None, backend="auto"):
     """Loss and gradient of all parameters by (truncated) backpropagation through time.
 
     Parameters
@@ -98,6 +122,9 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
         int class ids for ce. ``output="last"``: (B, O), or (B,) for ce.
         With 2-D X the B axis is dropped.
     h0 : array_like of shape (B, H) or (L·dirs, B, H), optional; zeros if None
+    lengths : array_like of B ints in [1, T], optional
+        Variable-length sequences (see the module docstring); truncation
+        windows stay on the absolute time axis.
     loss : {"mse", "bce", "ce"}
         Means as torch's ``F.mse_loss``, ``F.binary_cross_entropy_with_logits``
         (on logits) and ``F.cross_entropy`` (on logits, class ids).
@@ -129,18 +156,22 @@ def loss_and_grad(params, X, Y, *, h0=None, loss="mse", output="sequence", activ
     V.check_choice("activation", activation, V.ACTIVATIONS)
     _check_params(params, head=True)
     truncation = V.check_truncation(truncation, params.bidirectional)
-    X3, h0s, single = _prepare(params, X, h0, head=True)
+    X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=True)
     T, B, _ = X3.shape
-    Y_ = V.check_Y(Y, params, T, B, single, loss, output)
+    Y_ = V.check_Y(Y, params, T, B, single, loss, output, lengths)
+    if pack is not None:        # sorted rows; for a sequence loss the valid positions only
+        Y_ = pack.sort(Y_, 1 if output == "sequence" else 0)
+        if output == "sequence":
+            Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
     kernels = _kernels(backend, params, X3)
     with call_scope():
         value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
-                                                 ACT_CODES[activation], windows(T, truncation))
-        h_last = fwd.h_n
+                                                 ACT_CODES[activation], windows(T, truncation), pack=pack)
+        h_last = _unsort(fwd.h_n, pack)
     return value, grads, _user_states(h_last, params, single)
 
 
-def rnn(params, X, h0=None, *, activation="tanh", backend="auto"):
+def rnn(params, X, h0=None, *, lengths=None, activation="tanh", backend="auto"):
     """The recurrent stack alone: ``torch.nn.RNN``'s forward (time-major), the head ignored.
 
     Parameters
@@ -149,20 +180,22 @@ def rnn(params, X, h0=None, *, activation="tanh", backend="auto"):
         With or without a head.
     X : array_like of shape (T, B, D), or (T, D) for one sequence
     h0 : array_like of shape (B, H) or (L·dirs, B, H), optional; zeros if None
+    lengths : array_like of B ints in [1, T], optional
+        Variable-length sequences (see the module docstring).
     activation : {"tanh", "relu"}
     backend : {"auto", "cython", "numba", "numpy"}
 
     Returns
     -------
     output : ndarray of shape (T, B, dirs·H)  (or (T, dirs·H))
-        The top layer's states, both directions concatenated.
+        The top layer's states, both directions concatenated (zeros at padded steps).
     h_n : ndarray of shape (B, H) or (L·dirs, B, H)  (without B for 2-D X)
     """
-    output, h_n, _ = _rnn(params, X, h0, activation, backend, fresh=False)
+    output, h_n, _ = _rnn(params, X, h0, lengths, activation, backend, fresh=False)
     return output, h_n
 
 
-def rnn_vjp(params, X, h0=None, *, activation="tanh", backend="auto"):
+def rnn_vjp(params, X, h0=None, *, lengths=None, activation="tanh", backend="auto"):
     """The stack's forward and its vector-Jacobian product, for custom losses and adapters.
 
     Parameters
@@ -176,26 +209,27 @@ def rnn_vjp(params, X, h0=None, *, activation="tanh", backend="auto"):
         ``vjp(d_output, d_h_n=None) -> (grads, dX, dh0)``: the gradients of
         ``sum(output * d_output) + sum(h_n * d_h_n)`` with respect to the
         params (an :class:`RNNParams` in their structure; head fields zero,
-        or None without a head), ``X`` (shaped as ``X``) and ``h0`` (shaped
+        or None without a head), ``X`` (shaped as ``X``; zeros at padded
+        steps, where ``d_output`` is not read either) and ``h0`` (shaped
         as ``h0``; zeros included) -- what torch autograd gives for the same
         expression. ``d_output`` is shaped as ``output``, ``d_h_n`` as ``h_n``
         (None: zero). The forward it differentiates is its own: later calls
         and in-place updates of ``params`` or ``X`` do not change it, and
         ``vjp`` can be called more than once.
     """
-    return _rnn(params, X, h0, activation, backend, fresh=True)
+    return _rnn(params, X, h0, lengths, activation, backend, fresh=True)
 
 
-def _rnn(params, X, h0, activation, backend, fresh):
+def _rnn(params, X, h0, lengths, activation, backend, fresh):
     V.check_choice("activation", activation, V.ACTIVATIONS)
-    X3, h0s, single = _prepare(params, X, h0, head=False)
+    X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=False)
     kernels = _kernels(backend, params, X3)
     if fresh:       # the vjp's own copy of the weights (an optimizer step writes params in place)
         params = params.copy()
     with call_scope():
-        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=fresh)
-        output = fwd.out[1:].copy()          # the caller's: the vjp keeps its own
-        h_n = fwd.h_n
+        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=fresh, pack=pack)
+        output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
+        h_n = _unsort(fwd.h_n, pack)
     output_u = output[:, 0, :] if single else output
     h_n_u = _user_states(h_n, params, single)
     if not fresh:
@@ -204,14 +238,19 @@ def _rnn(params, X, h0, activation, backend, fresh):
     full = windows(T, None)
 
     def vjp(d_output, d_h_n=None):
-        d_out = V.as_float_array("d_output", d_output, output_u.shape, params.dtype)
+        d_out = V.as_float_array("d_output", d_output, output_u.shape, params.dtype, finite=lengths is None)
+        if lengths is not None:                 # padded steps are not read: NaN is fine there
+            V.check_finite_where("d_output", d_out, V.valid_steps(lengths, T))
         d_hn = None
         if d_h_n is not None:
             d_hn = V.as_float_array("d_h_n", d_h_n, h_n_u.shape, params.dtype).reshape(h_n.shape)
         d_out = d_out.reshape(output.shape)
+        if pack is not None:
+            d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
         with call_scope():
             layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=True, want_dh0=True)
         grads = pack_grads(params, layer_grads)
+        dX, dh0 = _unsort(dX, pack), _unsort(dh0, pack)
         return grads, (dX[:, 0, :] if single else dX), _user_states(dh0, params, single)
 
     return output_u, h_n_u, vjp

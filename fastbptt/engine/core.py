@@ -133,14 +133,19 @@ def pmatmul(A, B, trans_a=False, trans_b=False, out=None, kernels=None):
     return out
 
 
-def recurrence(kernels, T, B, H, kernel, *args):
+def recurrence(kernels, T, B, H, kernel, *args, batch_sizes=None):
     """``kernel(*args, threads=n)`` with the threads this call gives a recurrence of this size.
 
     Every backend takes ``threads=`` and splits the call itself (by batch rows,
     or by columns at large H, even at batch 1); ``kernels.TEAM`` says it splits
-    on a C team, whose cheaper hand-off pays from smaller calls.
+    on a C team, whose cheaper hand-off pays from smaller calls. ``batch_sizes``
+    (a variable-length batch) is passed on when given.
     """
-    kernel(*args, threads=team_size(2 * T * B * H * H, c_team=kernels.TEAM))
+    threads = team_size(2 * T * B * H * H, c_team=kernels.TEAM)
+    if batch_sizes is None:
+        kernel(*args, threads=threads)
+    else:
+        kernel(*args, threads=threads, batch_sizes=batch_sizes)
 
 
 def with_ones(X3, reverse=False, name="X1"):

@@ -20,25 +20,34 @@ def pack_grads(params, layer_grads, head=None):
     return RNNParams._trusted_like(params, arrays)
 
 
-def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0):
+def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0, pack=None):
     """Loss and gradients of every parameter; returns ``(loss, grads, fwd)``.
 
     ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H) and ``Y`` are checked and typed;
     ``wins`` is ``(ends, bp_starts)``. With ``output="sequence"``, ``loss_from``
     > 0 puts the loss on steps ``[loss_from, T)`` only (the trainer's (k1, k2)
     updates: forward through k2 steps, loss on the last k1), and ``Y`` then
-    covers only those steps. ``fwd`` is the :class:`~fastbptt.engine.stack.StackForward`,
-    in work arrays valid until the next call on this thread.
+    covers only those steps. With ``pack`` (rows sorted by length, see
+    :mod:`fastbptt.engine.lengths`) the loss is the mean over valid positions
+    and ``Y`` holds the valid rows only: (N, O) / (N,) for ``"sequence"``
+    (``loss_from`` must be 0), (B, O) / (B,) sorted for ``"last"``. ``fwd`` is the
+    :class:`~fastbptt.engine.stack.StackForward`, in work arrays valid until the
+    next call on this thread.
     """
     T, B, _ = X3.shape
     O = params.output_size
-    fwd = stack_forward(kernels, params, X3, h0s, act)
+    fwd = stack_forward(kernels, params, X3, h0s, act, pack=pack)
     out = fwd.out
     HD = out.shape[2]                                   # dirs·H
 
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
-    H_out = out[1 + loss_from:].reshape(Tl * B, HD) if output == "sequence" else fwd.last_output()
+    if output == "last":
+        H_out = fwd.last_output()
+    elif pack is None:
+        H_out = out[1 + loss_from:].reshape(Tl * B, HD)
+    else:
+        H_out = fwd.output_rows()
     O_logits = head_logits(params, H_out, kernels)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
@@ -48,18 +57,24 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
 
     # dOut[t] = ∂L/∂output_t, the direct term from the head (zero where no loss)
     dOut = scratch("dOut", (T, B, HD), params.dtype)
-    if output == "sequence":
+    if output == "sequence" and pack is None:
         dOut[:loss_from] = 0
         pmatmul(dO, params.W_hy, out=dOut[loss_from:].reshape(Tl * B, HD), kernels=kernels)
-    elif not params.bidirectional:
+    elif output == "sequence":
+        dOut.reshape(T * B, HD)[pack.idx] = pmatmul(dO, params.W_hy, kernels=kernels)
+    elif not params.bidirectional and pack is None:
         dOut[:T - 1] = 0
         matmul(dO, params.W_hy, out=dOut[T - 1])
-    else:                                               # [h_T^fwd ; h_1^bwd]: output[T-1, :H], output[0, H:]
-        H = params.hidden_size
+    else:   # each row's last step: [h_T^fwd ; h_1^bwd] are output[len-1, :H] and output[0, H:]
         dOut[:] = 0
         dlast = matmul(dO, params.W_hy)
-        dOut[T - 1, :, :H] = dlast[:, :H]
-        dOut[0, :, H:] = dlast[:, H:]
+        H = params.hidden_size
+        if pack is None:
+            dOut[T - 1, :, :H] = dlast[:, :H]
+        else:
+            dOut.reshape(T * B, HD)[pack.last, :H] = dlast[:, :H]
+        if params.bidirectional:
+            dOut[0, :, H:] = dlast[:, H:]
 
     layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
     return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd

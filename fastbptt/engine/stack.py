@@ -15,6 +15,13 @@ A reverse direction runs the same kernels on its input taken in reverse
 order (one copy per call, not per step); its states come back reversed into
 the layer's output. Layer l > 0 takes ``[out_fwd | out_rev]`` of layer l-1.
 All arrays here are validated, typed and C-contiguous.
+
+A variable-length batch (``pack``, a :class:`~fastbptt.engine.lengths.Packing`)
+has its rows sorted by length; the kernels run step t on the rows still active,
+a reverse direction takes each row reversed within its own length, and the
+GEMMs run on the valid positions only: ``X1`` then holds the valid rows
+(N, D_in+1), in the direction's step order. Values at padded positions of the
+(T, B, ...) arrays are undefined unless said otherwise.
 """
 
 import numpy as np
@@ -35,25 +42,36 @@ class StackForward:
         it is ``Hs[0]`` itself.
     """
 
-    __slots__ = ("params", "kernels", "act", "X1", "Hs", "out")
+    __slots__ = ("params", "kernels", "act", "pack", "X1", "Hs", "out")
 
-    def __init__(self, params, kernels, act):
-        self.params, self.kernels, self.act = params, kernels, act
+    def __init__(self, params, kernels, act, pack=None):
+        self.params, self.kernels, self.act, self.pack = params, kernels, act, pack
         self.X1, self.Hs, self.out = [], [], None
+
+    def _final(self, Hs):
+        """(B, H): the final state of one (layer, direction), each row's at its own last step."""
+        if self.pack is None:
+            return Hs[-1]
+        return Hs[1:].reshape(-1, Hs.shape[2])[self.pack.last]
 
     @property
     def h_n(self):
         """(L·dirs, B, H): each (layer, direction)'s final state (torch's ``h_n``), a new array."""
-        if len(self.Hs) == 1:
+        if len(self.Hs) == 1 and self.pack is None:
             return self.Hs[0][-1:].copy()
-        return np.stack([Hs[-1] for Hs in self.Hs])
+        return np.stack([self._final(Hs) for Hs in self.Hs])
 
     def last_output(self):
         """(B, dirs·H): each direction's final state of the top layer, ``[h_T^fwd ; h_1^bwd]``."""
         if not self.params.bidirectional:
-            return self.out[-1]
+            return self._final(self.out)
         H = self.params.hidden_size
-        return np.concatenate([self.out[-1, :, :H], self.out[1, :, H:]], axis=1)
+        return np.concatenate([self._final(self.Hs[-2]), self._final(self.Hs[-1])], axis=1)
+
+    def output_rows(self):
+        """The top output at the loss positions: (T·B, dirs·H), or (N, dirs·H) valid rows with ``pack``."""
+        rows = self.out[1:].reshape(-1, self.out.shape[2])
+        return rows if self.pack is None else rows[self.pack.idx]
 
 
 def _input_rows_W1(layer):
@@ -65,25 +83,39 @@ def _input_rows_W1(layer):
     return W1
 
 
-def layer_forward(kernels, layer, X1, h0, act, Hs):
+def _packed_with_ones(X3, src, name):
+    """``[X | 1]`` of the valid positions ``src`` (flat indices into X3's T·B rows): (N, D+1)."""
+    D = X3.shape[2]
+    X1 = np.empty((src.shape[0], D + 1), X3.dtype) if name is None else scratch(name, (src.shape[0], D + 1), X3.dtype)
+    X1[:, :D] = X3.reshape(-1, D)[src]
+    X1[:, D] = 1
+    return X1
+
+
+def layer_forward(kernels, layer, X1, h0, act, Hs, pack=None):
     """Fill ``Hs`` (T+1, B, H): ``Hs[0] = h0``, then the recurrence over ``A = X1·W1ᵀ``."""
     T, B, H = Hs.shape[0] - 1, Hs.shape[1], Hs.shape[2]
     A = scratch("A", (T, B, H), Hs.dtype)
-    pmatmul(X1, _input_rows_W1(layer), trans_b=True, out=A.reshape(T * B, H), kernels=kernels)
+    if pack is None:
+        pmatmul(X1, _input_rows_W1(layer), trans_b=True, out=A.reshape(T * B, H), kernels=kernels)
+    else:                       # the valid rows only, scattered to their places
+        A.reshape(T * B, H)[pack.idx] = pmatmul(X1, _input_rows_W1(layer), trans_b=True, kernels=kernels)
     Hs[0] = h0
-    recurrence(kernels, T, B, H, kernels.forward_recurrence, A, np.ascontiguousarray(layer.W_hh.T), Hs, act)
+    recurrence(kernels, T, B, H, kernels.forward_recurrence, A, np.ascontiguousarray(layer.W_hh.T), Hs, act,
+               batch_sizes=None if pack is None else pack.batch_sizes)
 
 
-def stack_forward(kernels, params, X3, h0s, act, fresh=False):
+def stack_forward(kernels, params, X3, h0s, act, fresh=False, pack=None):
     """Run every (layer, direction) forward; returns a :class:`StackForward`.
 
-    ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H). With ``fresh`` every saved array
-    is new (the forward belongs to the caller, e.g. a ``vjp``); otherwise they
-    are this thread's work arrays, valid until the next call.
+    ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H), rows in ``pack``'s sorted order if
+    given (then ``out`` holds zeros at padded steps). With ``fresh`` every saved
+    array is new (the forward belongs to the caller, e.g. a ``vjp``); otherwise
+    they are this thread's work arrays, valid until the next call.
     """
     T, B, _ = X3.shape
     H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
-    fwd = StackForward(params, kernels, act)
+    fwd = StackForward(params, kernels, act, pack)
 
     def array(name, shape):
         return np.empty(shape, dtype=params.dtype) if fresh else scratch(name, shape, params.dtype)
@@ -92,9 +124,13 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False):
     for l in range(L):
         for d in range(dirs):
             i = l * dirs + d
-            X1 = with_ones(inp, reverse=bool(d), name=None if fresh else f"X1.{i}")
+            name = None if fresh else f"X1.{i}"
+            if pack is None:
+                X1 = with_ones(inp, reverse=bool(d), name=name)
+            else:
+                X1 = _packed_with_ones(inp, pack.rev_src if d else pack.idx, name)
             Hs = array(f"Hs.{i}", (T + 1, B, H))
-            layer_forward(kernels, params.layers[i], X1, h0s[i], act, Hs)
+            layer_forward(kernels, params.layers[i], X1, h0s[i], act, Hs, pack)
             fwd.X1.append(X1)
             fwd.Hs.append(Hs)
         if dirs == 1:
@@ -105,23 +141,32 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False):
             Hf, Hr = fwd.Hs[-2], fwd.Hs[-1]
             out[0, :, :H], out[0, :, H:] = Hf[0], Hr[0]
             out[1:, :, :H] = Hf[1:]
-            out[1:, :, H:] = Hr[:0:-1]          # reverse step s is time T+1-s
+            if pack is None:
+                out[1:, :, H:] = Hr[:0:-1]      # reverse step s is time T+1-s
+            else:                               # row b's reverse step s is its time len_b - 1 - s
+                rows = out[1:].reshape(T * B, 2 * H)
+                rows[pack.rev_src, H:] = Hr[1:].reshape(T * B, H)[pack.idx]
         inp = out[1:]
+    if pack is not None:
+        out[1:].reshape(T * B, -1)[pack.pad] = 0        # torch's pad_packed_sequence
     fwd.out = out
     return fwd
 
 
-def _layer_grads(kernels, layer, X1, Hs, dZ, want_dX, want_dh0):
+def _layer_grads(kernels, layer, X1, Hs, dZ, want_dX, want_dh0, pack=None):
     """The GEMMs after a layer's backward kernel: ``(dW_xh, dW_hh, db_h, dX or None, dh0 or None)``.
 
-    ``dX`` is (T·B, D_in) in the layer's step order, a new array.
+    ``dX`` is (T·B, D_in) in the layer's step order, a new array (with ``pack``: (N, D_in),
+    its valid rows in the order of ``pack.idx``).
     """
     T, B, H = dZ.shape
     D = X1.shape[1] - 1
-    dZ2 = dZ.reshape(T * B, H)
+    dZ2, H_prev = dZ.reshape(T * B, H), Hs[:-1].reshape(T * B, H)
+    if pack is not None:        # the valid rows only
+        dZ2, H_prev = dZ2[pack.idx], H_prev[pack.idx]
     dW1 = pmatmul(dZ2, X1, trans_a=True, kernels=kernels)
     dW_xh, db_h = np.ascontiguousarray(dW1[:, :D]), dW1[:, D].copy()
-    dW_hh = pmatmul(dZ2, Hs[:-1].reshape(T * B, H), trans_a=True, kernels=kernels)
+    dW_hh = pmatmul(dZ2, H_prev, trans_a=True, kernels=kernels)
     dX = pmatmul(dZ2, layer.W_xh, kernels=kernels) if want_dX else None
     dh0 = matmul(dZ[0], layer.W_hh) if want_dh0 else None
     return dW_xh, dW_hh, db_h, dX, dh0
@@ -136,20 +181,22 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
     """Backpropagate ``dOut`` (T, B, dirs·H) on the top output and ``d_hn`` (L·dirs, B, H) on the
     final states through the stack.
 
-    ``dOut`` is a work array the backward may overwrite. ``wins`` are the truncation
+    ``dOut`` is a work array the backward may overwrite (only its valid positions are
+    read). ``wins`` are the truncation
     windows ``(ends, bp_starts)`` of :func:`fastbptt.engine.core.windows`: every layer
     is cut at the same steps (as if every layer's state were detached at a window's
     start); the head's gradient enters the top layer at each window's own loss steps.
     A bidirectional stack takes one window (full BPTT).
 
     Returns ``(layer_grads, dX, dh0)``: ``layer_grads`` a list of ``(dW_xh, dW_hh, db_h)``
-    per (layer, direction) in torch's order; ``dX`` (T, B, D) and ``dh0`` (L·dirs, B, H)
-    new arrays when asked for, else None.
+    per (layer, direction) in torch's order; ``dX`` (T, B, D) (zeros at padded steps) and
+    ``dh0`` (L·dirs, B, H) new arrays when asked for, else None.
     """
-    params, kernels, act = fwd.params, fwd.kernels, fwd.act
+    params, kernels, act, pack = fwd.params, fwd.kernels, fwd.act, fwd.pack
     H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
     T, B = dOut.shape[0], dOut.shape[1]
     ends, bp_starts = wins
+    bs = None if pack is None else pack.batch_sizes
     grads = [None] * (L * dirs)
     dh0 = np.empty((L * dirs, B, H), dtype=params.dtype) if want_dh0 else None
     if L > 1 and not _disjoint(ends, bp_starts):
@@ -168,27 +215,47 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
                 G = G_above
             else:
                 G = scratch("G", (T, B, H), params.dtype)
-                G[:] = G_above[::-1, :, H:] if d else G_above[:, :, :H]
+                if pack is None:
+                    G[:] = G_above[::-1, :, H:] if d else G_above[:, :, :H]
+                elif d:                     # reverse step t of row b is its time len_b - 1 - t
+                    G.reshape(T * B, H)[pack.idx] = G_above.reshape(T * B, 2 * H)[pack.rev_src, H:]
+                else:
+                    G[:] = G_above[:, :, :H]
             if d_hn is not None:
-                G[T - 1] += d_hn[i]
+                if pack is None:
+                    G[T - 1] += d_hn[i]
+                else:
+                    G.reshape(T * B, H)[pack.last] += d_hn[i]
             dZ = scratch("dZ", (T, B, H), params.dtype)
             recurrence(kernels, T, B, H, kernels.backward_accumulate, G, fwd.Hs[i], W_hh[i],
-                       ends, bp_starts, act, dZ)
+                       ends, bp_starts, act, dZ, batch_sizes=bs)
             dW_xh, dW_hh, db_h, dX_i, dh0_i = _layer_grads(kernels, params.layers[i], fwd.X1[i], fwd.Hs[i],
-                                                          dZ, want, want_dh0)
+                                                          dZ, want, want_dh0, pack)
             grads[i] = (dW_xh, dW_hh, db_h)
             if want_dh0:
                 dh0[i] = dh0_i
             if want:
-                dX_i = dX_i.reshape(T, B, -1)
-                if d == 0:
-                    d_in = dX_i
-                else:
-                    d_in += dX_i[::-1]
+                d_in = _add_input_grad(d_in, dX_i, d, T, B, pack)
         G_above = d_in
     if want_dX:
         dX = G_above
     return grads, dX, dh0
+
+
+def _add_input_grad(d_in, dX, reverse, T, B, pack):
+    """``d_in`` (T, B, D_in; None: new) plus one direction's input gradient ``dX`` in its step order."""
+    D = dX.shape[1]
+    if pack is None:
+        dX = dX.reshape(T, B, D)
+        if d_in is None:
+            return dX[::-1].copy() if reverse else dX
+        d_in += dX[::-1] if reverse else dX
+        return d_in
+    if d_in is None:
+        d_in = np.zeros((T, B, D), dtype=dX.dtype)     # zeros at padded steps
+    rows = d_in.reshape(T * B, D)
+    rows[pack.rev_src if reverse else pack.idx] += dX   # each valid position once per direction
+    return d_in
 
 
 def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
@@ -198,7 +265,7 @@ def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
     layer above sent down, so each window runs through the whole stack on its own:
     ``Σ_windows`` then gives each layer's dZ, and the GEMMs run once per layer.
     """
-    params, kernels, act = fwd.params, fwd.kernels, fwd.act
+    params, kernels, act, pack = fwd.params, fwd.kernels, fwd.act, fwd.pack
     H, L = params.hidden_size, params.num_layers
     T, B = dOut.shape[0], dOut.shape[1]
     ends, bp_starts = wins
@@ -214,7 +281,8 @@ def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
         dz = scratch("dZw", (n, B, H), params.dtype)
         for l in range(L - 1, -1, -1):
             recurrence(kernels, n, B, H, kernels.backward_accumulate, G, fwd.Hs[l][start:end + 1], W_hh[l],
-                       one_window[0], one_window[1], act, dz)
+                       one_window[0], one_window[1], act, dz,
+                       batch_sizes=None if pack is None else pack.batch_sizes[start:end])
             dZ[l][start:end] += dz
             if l > 0:
                 G = pmatmul(dz.reshape(n * B, H), params.layers[l].W_xh, kernels=kernels).reshape(n, B, H)
@@ -222,12 +290,12 @@ def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
     dX = None
     for l in range(L - 1, -1, -1):
         dW_xh, dW_hh, db_h, dX_l, dh0_l = _layer_grads(kernels, params.layers[l], fwd.X1[l], fwd.Hs[l], dZ[l],
-                                                       l == 0 and want_dX, dh0 is not None)
+                                                       l == 0 and want_dX, dh0 is not None, pack)
         grads[l] = (dW_xh, dW_hh, db_h)
         if dh0 is not None:
             dh0[l] = dh0_l
         if l == 0 and want_dX:
-            dX = dX_l.reshape(T, B, -1)
+            dX = _add_input_grad(None, dX_l, False, T, B, pack)
     return dX
 
 
