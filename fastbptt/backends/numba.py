@@ -45,7 +45,7 @@ from numba.extending import overload
 
 from ..engine.blas import numpy_cblas
 from .._validation import is_int
-from .._threads import parts, run
+from .._threads import parts, row_parts, run
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
 NAME = "numba"
@@ -415,7 +415,12 @@ def _on_threads(kernel, B, threads, rows, args):
     if threads == 1 or b1 - b0 == 1:
         kernel(*args, b0, b1)
         return
-    run([partial(kernel, *args, b0 + r0, b0 + r1) for r0, r1 in parts(b1 - b0, threads)])
+    bs = args[-1]
+    if bs.shape[0]:             # a variable-length batch: parts of equal work, not of equal rows
+        ranges = row_parts(bs, b0, b1, threads)
+    else:
+        ranges = [(b0 + r0, b0 + r1) for r0, r1 in parts(b1 - b0, threads)]
+    run([partial(kernel, *args, r0, r1) for r0, r1 in ranges])
 
 
 def _forward_rows(A, W_hhT, Hs, act, bs, b0, b1):

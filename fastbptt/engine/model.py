@@ -37,15 +37,14 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     T, B, _ = X3.shape
     O = params.output_size
     fwd = stack_forward(kernels, params, X3, h0s, act, pack=pack)
-    out = fwd.out
-    HD = out.shape[2]                                   # dirs·H
+    HD = params.num_directions * params.hidden_size
 
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
     if output == "last":
         H_out = fwd.last_output()
     elif pack is None:
-        H_out = out[1 + loss_from:].reshape(Tl * B, HD)
+        H_out = fwd.out[1 + loss_from:].reshape(Tl * B, HD)
     else:
         H_out = fwd.output_rows()
     O_logits = head_logits(params, H_out, kernels)

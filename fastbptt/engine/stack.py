@@ -42,11 +42,29 @@ class StackForward:
         it is ``Hs[0]`` itself.
     """
 
-    __slots__ = ("params", "kernels", "act", "pack", "X1", "Hs", "out")
+    __slots__ = ("params", "kernels", "act", "pack", "X1", "Hs", "_out")
 
     def __init__(self, params, kernels, act, pack=None):
         self.params, self.kernels, self.act, self.pack = params, kernels, act, pack
-        self.X1, self.Hs, self.out = [], [], None
+        self.X1, self.Hs, self._out = [], [], None
+
+    @property
+    def out(self):
+        if self._out is None:   # a variable-length stack builds its padded output only when asked
+            self._out = self._padded_output()
+        return self._out
+
+    def _padded_output(self):
+        """(T+1, B, dirs·H), a new array: the top output, zeros at padded steps."""
+        pack, H = self.pack, self.params.hidden_size
+        top = self.Hs[-self.params.num_directions:]
+        T1, B = top[0].shape[:2]
+        out = np.zeros((T1, B, len(top) * H), dtype=top[0].dtype)
+        rows = out[1:].reshape(-1, len(top) * H)
+        for d, Hs in enumerate(top):
+            out[0, :, d * H:(d + 1) * H] = Hs[0]
+            rows[pack.rev_src if d else pack.idx, d * H:(d + 1) * H] = Hs[1:].reshape(-1, H)[pack.idx]
+        return out
 
     def _final(self, Hs):
         """(B, H): the final state of one (layer, direction), each row's at its own last step."""
@@ -70,8 +88,9 @@ class StackForward:
 
     def output_rows(self):
         """The top output at the loss positions: (T·B, dirs·H), or (N, dirs·H) valid rows with ``pack``."""
-        rows = self.out[1:].reshape(-1, self.out.shape[2])
-        return rows if self.pack is None else rows[self.pack.idx]
+        if self.pack is None:
+            return self.out[1:].reshape(-1, self.out.shape[2])
+        return _packed_rows(self.Hs[-self.params.num_directions:], False, self.pack, None, ones=False)
 
 
 def _input_rows_W1(layer):
@@ -81,6 +100,21 @@ def _input_rows_W1(layer):
     W1[:, :D] = layer.W_xh
     W1[:, D] = layer.b_h
     return W1
+
+
+def _packed_rows(prev, reverse, pack, name, ones=True):
+    """A layer's input at the valid positions, from the previous layer's states ``prev``
+    (its Hs per direction): ``[h_fwd | h_rev (| 1)]`` (N, dirs·H (+1)), in the step order of
+    the direction that takes it (``reverse``): position k is ``pack.idx[k]`` in that order."""
+    H = prev[0].shape[2]
+    n = len(prev) * H + (1 if ones else 0)
+    out = np.empty((pack.N, n), prev[0].dtype) if name is None else scratch(name, (pack.N, n), prev[0].dtype)
+    for d, Hs in enumerate(prev):       # a reverse direction's step s of row b is its time len_b - 1 - s
+        src = pack.idx if d == reverse else pack.rev_src
+        out[:, d * H:(d + 1) * H] = Hs[1:].reshape(-1, H)[src]
+    if ones:
+        out[:, -1] = 1
+    return out
 
 
 def _packed_with_ones(X3, src, name):
@@ -127,12 +161,16 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False, pack=None):
             name = None if fresh else f"X1.{i}"
             if pack is None:
                 X1 = with_ones(inp, reverse=bool(d), name=name)
+            elif l == 0:
+                X1 = _packed_with_ones(X3, pack.rev_src if d else pack.idx, name)
             else:
-                X1 = _packed_with_ones(inp, pack.rev_src if d else pack.idx, name)
+                X1 = _packed_rows(fwd.Hs[(l - 1) * dirs:l * dirs], bool(d), pack, name)
             Hs = array(f"Hs.{i}", (T + 1, B, H))
             layer_forward(kernels, params.layers[i], X1, h0s[i], act, Hs, pack)
             fwd.X1.append(X1)
             fwd.Hs.append(Hs)
+        if pack is not None:        # the next layer gathers its inputs from these states
+            continue
         if dirs == 1:
             out = fwd.Hs[-1]
         else:
@@ -141,15 +179,9 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False, pack=None):
             Hf, Hr = fwd.Hs[-2], fwd.Hs[-1]
             out[0, :, :H], out[0, :, H:] = Hf[0], Hr[0]
             out[1:, :, :H] = Hf[1:]
-            if pack is None:
-                out[1:, :, H:] = Hr[:0:-1]      # reverse step s is time T+1-s
-            else:                               # row b's reverse step s is its time len_b - 1 - s
-                rows = out[1:].reshape(T * B, 2 * H)
-                rows[pack.rev_src, H:] = Hr[1:].reshape(T * B, H)[pack.idx]
+            out[1:, :, H:] = Hr[:0:-1]      # reverse step s is time T+1-s
         inp = out[1:]
-    if pack is not None:
-        out[1:].reshape(T * B, -1)[pack.pad] = 0        # torch's pad_packed_sequence
-    fwd.out = out
+        fwd._out = out
     return fwd
 
 
@@ -235,15 +267,18 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
             if want_dh0:
                 dh0[i] = dh0_i
             if want:
-                d_in = _add_input_grad(d_in, dX_i, d, T, B, pack)
+                d_in = _add_input_grad(d_in, dX_i, d, T, B, pack, zero_pad=l == 0)
         G_above = d_in
     if want_dX:
         dX = G_above
     return grads, dX, dh0
 
 
-def _add_input_grad(d_in, dX, reverse, T, B, pack):
-    """``d_in`` (T, B, D_in; None: new) plus one direction's input gradient ``dX`` in its step order."""
+def _add_input_grad(d_in, dX, reverse, T, B, pack, zero_pad=False):
+    """``d_in`` (T, B, D_in; None: new) plus one direction's input gradient ``dX`` in its step order.
+
+    With ``pack`` the padded positions of a new ``d_in`` are zeros if ``zero_pad``, else undefined.
+    """
     D = dX.shape[1]
     if pack is None:
         dX = dX.reshape(T, B, D)
@@ -251,10 +286,12 @@ def _add_input_grad(d_in, dX, reverse, T, B, pack):
             return dX[::-1].copy() if reverse else dX
         d_in += dX[::-1] if reverse else dX
         return d_in
+    where = pack.rev_src if reverse else pack.idx
     if d_in is None:
-        d_in = np.zeros((T, B, D), dtype=dX.dtype)     # zeros at padded steps
-    rows = d_in.reshape(T * B, D)
-    rows[pack.rev_src if reverse else pack.idx] += dX   # each valid position once per direction
+        d_in = np.zeros((T, B, D), dX.dtype) if zero_pad else np.empty((T, B, D), dX.dtype)
+        d_in.reshape(T * B, D)[where] = dX
+    else:
+        d_in.reshape(T * B, D)[where] += dX     # each valid position once per direction
     return d_in
 
 
@@ -295,7 +332,7 @@ def _windowed_backward(fwd, dOut, wins, grads, dh0, want_dX):
         if dh0 is not None:
             dh0[l] = dh0_l
         if l == 0 and want_dX:
-            dX = _add_input_grad(None, dX_l, False, T, B, pack)
+            dX = _add_input_grad(None, dX_l, False, T, B, pack, zero_pad=True)
     return dX
 
 

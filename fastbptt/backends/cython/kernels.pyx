@@ -19,6 +19,8 @@ from libc.string cimport memcpy, memset
 
 import numpy as np
 
+from fastbptt._threads import row_parts
+
 from cython cimport floating
 from fastbptt.backends.cython.pool cimport part_start, run_parts
 
@@ -568,6 +570,16 @@ def _batch_sizes(batch_sizes, Py_ssize_t T, Py_ssize_t B):
     return bs
 
 
+def _work_bounds(bs, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t n, bint cols):
+    """A variable-length batch split by rows: ``n`` parts of near-equal work (None: equal rows)."""
+    if bs is None or cols or n < 2:
+        return None
+    ranges = row_parts(bs, b0, b1, n)
+    if len(ranges) != n:        # fewer rows with work than parts: equal row counts
+        return None
+    return np.array([r[0] for r in ranges] + [b1], dtype=np.int64)
+
+
 cdef struct _Job:
     # one kernel call, split by rows (or, with cols, by columns) between the team's threads
     Py_ssize_t T, H, stride, b0, rows, n_win
@@ -584,6 +596,7 @@ cdef struct _Job:
     const int64_t *ends
     const int64_t *bp_starts
     const int64_t *bs
+    const int64_t *bounds       # the parts' first rows (n + 1, absolute), or NULL: equal row counts
 
 
 cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -602,8 +615,11 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
                           <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier,
                           j.bs, j.b0)
         return
-    lo = j.b0 + part_start(p, n, j.rows)
-    hi = j.b0 + part_start(p + 1, n, j.rows)
+    if j.bounds != NULL:
+        lo, hi = j.bounds[p], j.bounds[p + 1]
+    else:
+        lo = j.b0 + part_start(p, n, j.rows)
+        hi = j.b0 + part_start(p + 1, n, j.rows)
     if j.is_double:
         _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
                  <double *> j.Hs + lo * j.H, j.stride, j.act, j.small, j.bs, lo)
@@ -631,8 +647,11 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
                            j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + j.b0 * j.H,
                            j.stride, <float *> j.carried, <float *> j.dz, j.barrier, j.bs, j.b0)
         return
-    r0 = part_start(p, n, j.rows)
-    r1 = part_start(p + 1, n, j.rows)
+    if j.bounds != NULL:
+        r0, r1 = j.bounds[p] - j.b0, j.bounds[p + 1] - j.b0
+    else:
+        r0 = part_start(p, n, j.rows)
+        r1 = part_start(p + 1, n, j.rows)
     lo = j.b0 + r0
     if j.is_double:
         _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
@@ -737,6 +756,8 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     job.bs = &bs[0] if bs is not None else NULL
+    cdef const int64_t[::1] bounds = _work_bounds(bs, b0, b1, n, job.cols)
+    job.bounds = &bounds[0] if bounds is not None else NULL
     job.A = &A[0, 0, 0]
     job.W = &W_hhT[0, 0]
     job.Hs = &Hs[0, 0, 0]
@@ -806,6 +827,8 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     job.bs = &bs[0] if bs is not None else NULL
+    cdef const int64_t[::1] bounds = _work_bounds(bs, b0, b1, n, job.cols)
+    job.bounds = &bounds[0] if bounds is not None else NULL
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
     cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
