@@ -165,6 +165,21 @@ def parts(n, k):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def row_parts(batch_sizes, b0, b1, k):
+    """``k`` ranges of the rows [b0, b1) of a variable-length batch with near-equal work.
+
+    Row b runs ``len_b = #{t: batch_sizes[t] > b}`` steps; rows sorted longest first, so
+    equal row counts would leave the first part with most of the work.
+    """
+    import numpy as np      # (this module is imported by everything, and needs NumPy only here)
+
+    work = np.cumsum((np.asarray(batch_sizes)[:, None] > np.arange(b0, b1)[None, :]).sum(axis=0))
+    k = max(1, min(k, b1 - b0))
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, k) / k, side="left") + 1
+    bounds = sorted({b0, b1, *(b0 + int(c) for c in cuts if 0 < c < b1 - b0)})
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def _reset_after_fork():
     global _pool, _pin_lock, _pinned
     _pool, _pin_lock, _pinned = None, threading.Lock(), 0
