@@ -20,7 +20,8 @@ def pack_grads(params, layer_grads, head=None):
     return RNNParams._trusted_like(params, arrays)
 
 
-def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0, pack=None):
+def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0, pack=None,
+                  last_rows=None):
     """Loss and gradients of every parameter; returns ``(loss, grads, fwd)``.
 
     ``X3`` (T, B, D), ``h0s`` (L·dirs, B, H) and ``Y`` are checked and typed;
@@ -29,8 +30,11 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     updates: forward through k2 steps, loss on the last k1), and ``Y`` then
     covers only those steps. With ``pack`` (rows sorted by length, see
     :mod:`fastbptt.engine.lengths`) the loss is the mean over valid positions
-    and ``Y`` holds the valid rows only: (N, O) / (N,) for ``"sequence"``
-    (``loss_from`` must be 0), (B, O) / (B,) sorted for ``"last"``. ``fwd`` is the
+    and ``Y`` holds the valid rows only: for ``"sequence"`` (n, O) / (n,), the
+    valid positions at steps >= ``loss_from`` in ``pack.idx`` order; (B, O) / (B,)
+    sorted for ``"last"``. ``last_rows`` (``"last"`` only): the rows that have a
+    loss (the trainer's update points hold some rows' last steps only); ``Y``
+    then has those rows only. ``fwd`` is the
     :class:`~fastbptt.engine.stack.StackForward`, in work arrays valid until the
     next call on this thread.
     """
@@ -41,12 +45,15 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
 
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
+    loss_pos = None if pack is None or not loss_from else pack.idx[pack.idx >= loss_from * B]
     if output == "last":
-        H_out = fwd.last_output()
+        H_out = fwd.last_output() if last_rows is None else fwd.last_output()[last_rows]
     elif pack is None:
         H_out = fwd.out[1 + loss_from:].reshape(Tl * B, HD)
     else:
         H_out = fwd.output_rows()
+        if loss_pos is not None:
+            H_out = H_out[pack.idx >= loss_from * B]
     O_logits = head_logits(params, H_out, kernels)
     value, dO = LOSS_FUNCS[loss](O_logits.reshape(Y.shape + (O,)) if loss == "ce" else
                                  O_logits.reshape(Y.shape), Y)
@@ -60,20 +67,21 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
         dOut[:loss_from] = 0
         pmatmul(dO, params.W_hy, out=dOut[loss_from:].reshape(Tl * B, HD), kernels=kernels)
     elif output == "sequence":
-        dOut.reshape(T * B, HD)[pack.idx] = pmatmul(dO, params.W_hy, kernels=kernels)
-    elif not params.bidirectional and pack is None:
+        dOut[:loss_from] = 0
+        dOut.reshape(T * B, HD)[pack.idx if loss_pos is None else loss_pos] = pmatmul(dO, params.W_hy,
+                                                                                     kernels=kernels)
+    elif not params.bidirectional and pack is None and last_rows is None:
         dOut[:T - 1] = 0
         matmul(dO, params.W_hy, out=dOut[T - 1])
     else:   # each row's last step: [h_T^fwd ; h_1^bwd] are output[len-1, :H] and output[0, H:]
         dOut[:] = 0
         dlast = matmul(dO, params.W_hy)
         H = params.hidden_size
-        if pack is None:
-            dOut[T - 1, :, :H] = dlast[:, :H]
-        else:
-            dOut.reshape(T * B, HD)[pack.last, :H] = dlast[:, :H]
+        rows = np.arange(B) if last_rows is None else last_rows
+        last = (T - 1) * B + rows if pack is None else pack.last[rows]
+        dOut.reshape(T * B, HD)[last, :H] = dlast[:, :H]
         if params.bidirectional:
-            dOut[0, :, H:] = dlast[:, H:]
+            dOut[0, rows, H:] = dlast[:, H:]
 
     layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
     return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
