@@ -19,7 +19,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["adding_problem", "copy_memory", "delayed_echo", "sine_wave", "char_corpus",
+__all__ = ["adding_problem", "adding_problem_ragged", "copy_memory", "delayed_echo", "sine_wave", "char_corpus",
            "CharVocab", "stream_windows", "one_hot"]
 
 
@@ -69,6 +69,56 @@ def adding_problem(n, T, *, seed=None, dtype=np.float32):
     X[rows, j, 1] = 1
     Y = (X[rows, i, 0] + X[rows, j, 0])[:, None].astype(dtype)
     return X, Y
+
+
+def adding_problem_ragged(n, T_max, *, min_length=2, seed=None, dtype=np.float32):
+    """The adding problem with sequences of random lengths, padded to ``T_max``.
+
+    Sequence i has a length ``lengths[i]`` drawn uniformly from
+    ``[min_length, T_max]``; within it, as in :func:`adding_problem`, each
+    step carries a value in U(0, 1) and a marker, exactly two steps are
+    marked, one in each half of the sequence's own length (the first in
+    ``[0, L//2)``, the second in ``[L//2, L)``), and the target is the sum of
+    the two marked values. Steps ``t >= lengths[i]`` are padding: zeros, never
+    marked. Train with ``loss="mse"``, ``output="last"`` (each sequence's own
+    last step) and ``lengths=``.
+
+    Parameters
+    ----------
+    n : int
+        Number of sequences.
+    T_max : int >= 2
+        The padded length (the longest a sequence can be).
+    min_length : int, 2 <= min_length <= T_max
+        The shortest a sequence can be.
+    seed : int, Generator or None
+
+    Returns
+    -------
+    X : ndarray of shape (n, T_max, 2)
+        ``X[..., 0]`` the values, ``X[..., 1]`` the 0/1 markers; zeros at padded steps.
+    Y : ndarray of shape (n, 1)
+        For ``loss="mse"``, ``output="last"``.
+    lengths : int64 ndarray of shape (n,)
+        Each sequence's length, in ``[min_length, T_max]``.
+    """
+    n, T_max = _check_int("n", n), _check_int("T_max", T_max, 2)
+    min_length = _check_int("min_length", min_length, 2)
+    if min_length > T_max:
+        raise ValueError(f"min_length: expected an int in [2, T_max={T_max}], got {min_length}")
+    rng = _rng(seed)
+    lengths = rng.integers(min_length, T_max + 1, size=n).astype(np.int64)
+    valid = np.arange(T_max)[None, :] < lengths[:, None]              # (n, T_max)
+    X = np.zeros((n, T_max, 2), dtype=dtype)
+    X[..., 0] = np.where(valid, rng.uniform(0.0, 1.0, size=(n, T_max)), 0.0)
+    half = lengths // 2                                                # >= 1: both halves non-empty
+    i = rng.integers(0, half)
+    j = rng.integers(half, lengths)
+    rows = np.arange(n)
+    X[rows, i, 1] = 1
+    X[rows, j, 1] = 1
+    Y = (X[rows, i, 0] + X[rows, j, 0])[:, None].astype(dtype)
+    return X, Y, lengths
 
 
 def copy_memory(n, delay, *, n_symbols=8, length=10, seed=None, one_hot_input=True, dtype=np.float32):

@@ -18,6 +18,58 @@ def test_adding_problem():
     assert not np.array_equal(ds.adding_problem(50, 20, seed=4)[0], X)
 
 
+def test_adding_problem_ragged():
+    X, Y, lengths = ds.adding_problem_ragged(200, 16, min_length=3, seed=3)
+    assert X.shape == (200, 16, 2) and Y.shape == (200, 1) and lengths.shape == (200,)
+    assert X.dtype == Y.dtype == np.float32 and lengths.dtype == np.int64
+    assert lengths.min() >= 3 and lengths.max() <= 16
+    assert len(np.unique(lengths)) > 8                     # really ragged: many lengths drawn
+    valid = np.arange(16)[None, :] < lengths[:, None]
+    np.testing.assert_array_equal(X[~valid], 0)            # padding: zeros, never marked
+    assert np.all((X[..., 0][valid] >= 0) & (X[..., 0][valid] < 1))
+    marks = X[..., 1]
+    np.testing.assert_array_equal(marks.sum(axis=1), 2)
+    half = lengths // 2                                    # one marker in each half of its own length
+    first = np.arange(16)[None, :] < half[:, None]
+    np.testing.assert_array_equal((marks * first).sum(axis=1), 1)
+    np.testing.assert_array_equal((marks * (valid & ~first)).sum(axis=1), 1)
+    np.testing.assert_allclose(Y[:, 0], (X[..., 0] * marks).sum(axis=1), rtol=1e-6)
+    for a, b in zip(ds.adding_problem_ragged(200, 16, min_length=3, seed=3), (X, Y, lengths)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(ds.adding_problem_ragged(200, 16, min_length=3, seed=4)[2], lengths)
+    X64, _, l2 = ds.adding_problem_ragged(5, 7, min_length=7, seed=0, dtype=np.float64)
+    assert X64.dtype == np.float64 and np.all(l2 == 7)     # min_length = T_max: no padding
+    _, _, l2 = ds.adding_problem_ragged(50, 2, seed=0)     # the shortest: both halves one step
+    np.testing.assert_array_equal(l2, 2)
+
+
+def test_adding_problem_ragged_trains_with_lengths():
+    """Samples first; time-major with ``lengths`` into loss_and_grad, the loss at each row's own last step."""
+    import fastbptt
+    X, Y, lengths = ds.adding_problem_ragged(6, 9, seed=1, dtype=np.float64)
+    params = fastbptt.RNNParams.init(2, 5, 1, dtype=np.float64, seed=0)
+    Xt = np.ascontiguousarray(X.transpose(1, 0, 2))
+    value, grads, _ = fastbptt.loss_and_grad(params, Xt, Y, lengths=lengths, output="last", backend="numpy")
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads.arrays())
+    O_all, _ = fastbptt.forward(params, Xt, lengths=lengths, backend="numpy")
+    for b in range(6):        # row b alone, cut to its length: the same output
+        L = lengths[b]
+        O, _ = fastbptt.forward(params, Xt[:L, b:b + 1], backend="numpy")
+        np.testing.assert_allclose(O_all[L - 1, b], O[L - 1, 0], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(n=3, T_max=8, min_length=9), ValueError, "min_length.*T_max=8.*9"),
+    (dict(n=3, T_max=8, min_length=1), ValueError, "min_length"),
+    (dict(n=3, T_max=1), ValueError, "T_max"),
+    (dict(n=3, T_max=8.0), TypeError, "T_max"),
+    (dict(n=0, T_max=8), ValueError, "n"),
+])
+def test_adding_problem_ragged_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ds.adding_problem_ragged(**kwargs)
+
+
 def test_copy_memory():
     X, Y = ds.copy_memory(6, 15, n_symbols=5, length=4, seed=0)
     T = 15 + 8
