@@ -47,8 +47,8 @@ Variable-length sequences: both kernels take ``batch_sizes=None`` or an
 int64 ndarray (T,) of non-increasing counts ``n_t <= B``: the rows are sorted
 by length, longest first, and step t runs on rows ``0 .. n_t-1`` only (the
 rows still active, as in torch's ``PackedSequence``). The kernels never read
-nor write the other rows of ``A``, ``G``, ``Hs[t+1]`` or ``dZ[t]`` (their
-values there are undefined); a row's δ chain starts at zero at its own last
+the other rows of ``A``, ``G`` or ``Hs[t+1]`` and never write those of ``Hs``;
+``dZ[t]`` there is undefined (the backward may zero it); a row's δ chain starts at zero at its own last
 step ``t`` (``n_{t+1} <= b < n_t``) and takes ``G[t]`` there as at any loss step.
 
 Both kernels take one more argument, ``threads`` (an int >= 1, default 1):
