@@ -62,6 +62,10 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     db_y = column_sums(dO)
 
     # dOut[t] = ∂L/∂output_t, the direct term from the head (zero where no loss)
+    if params.bidirectional and pack is None and last_rows is None:
+        dOut = _bidirectional_head_grads(params, dO, output, T, B, kernels)
+        layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
+        return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
     dOut = scratch("dOut", (T, B, HD), params.dtype)
     if output == "sequence" and pack is None:
         dOut[:loss_from] = 0
@@ -85,6 +89,23 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
 
     layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
     return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
+
+
+def _bidirectional_head_grads(params, dO, output, T, B, kernels):
+    """The head's gradient per direction of a full-length bidirectional stack, each in its step
+    order (the reverse one's reversed): ``(G_fwd, G_rev)`` (T, B, H) work arrays."""
+    H, O = params.hidden_size, params.output_size
+    G_f, G_r = scratch("dOut.f", (T, B, H), params.dtype), scratch("dOut.r", (T, B, H), params.dtype)
+    if output == "sequence":
+        pmatmul(dO, params.W_hy[:, :H], out=G_f.reshape(T * B, H), kernels=kernels)
+        dO_rev = np.ascontiguousarray(dO.reshape(T, B, O)[::-1]).reshape(T * B, O)
+        pmatmul(dO_rev, params.W_hy[:, H:], out=G_r.reshape(T * B, H), kernels=kernels)
+    else:               # [h_T^fwd ; h_1^bwd]: each direction's last step
+        G_f[:T - 1] = 0
+        G_r[:T - 1] = 0
+        matmul(dO, params.W_hy[:, :H], out=G_f[T - 1])
+        matmul(dO, params.W_hy[:, H:], out=G_r[T - 1])
+    return G_f, G_r
 
 
 def hidden_grad_norms(kernels, params, X3, Y, h0s, loss, output, act):

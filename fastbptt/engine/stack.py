@@ -55,10 +55,16 @@ class StackForward:
         return self._out
 
     def _padded_output(self):
-        """(T+1, B, dirs·H), a new array: the top output, zeros at padded steps."""
+        """(T+1, B, dirs·H), a new array: the top output (zeros at padded steps)."""
         pack, H = self.pack, self.params.hidden_size
         top = self.Hs[-self.params.num_directions:]
         T1, B = top[0].shape[:2]
+        if pack is None:
+            out = np.empty((T1, B, len(top) * H), dtype=top[0].dtype)
+            for d, Hs in enumerate(top):
+                out[0, :, d * H:(d + 1) * H] = Hs[0]
+                out[1:, :, d * H:(d + 1) * H] = Hs[:0:-1] if d else Hs[1:]   # reverse step s is time T+1-s
+            return out
         out = np.zeros((T1, B, len(top) * H), dtype=top[0].dtype)
         rows = out[1:].reshape(-1, len(top) * H)
         for d, Hs in enumerate(top):
@@ -117,6 +123,19 @@ def _packed_rows(prev, reverse, pack, name, ones=True):
     return out
 
 
+def _bidirectional_rows(prev, reverse, name):
+    """A layer's input from both directions of the full-length layer below:
+    ``[h_fwd | h_rev | 1]`` (T·B, 2H+1), in the step order of the direction that takes it."""
+    T1, B, H = prev[0].shape
+    T = T1 - 1
+    out = np.empty((T * B, 2 * H + 1), prev[0].dtype) if name is None else scratch(name, (T * B, 2 * H + 1), prev[0].dtype)
+    rows = out.reshape(T, B, 2 * H + 1)
+    for d, Hs in enumerate(prev):       # a reverse direction's step s is time T-1-s
+        rows[:, :, d * H:(d + 1) * H] = Hs[1:] if d == reverse else Hs[:0:-1]
+    out[:, -1] = 1
+    return out
+
+
 def _packed_with_ones(X3, src, name):
     """``[X | 1]`` of the valid positions ``src`` (flat indices into X3's T·B rows): (N, D+1)."""
     D = X3.shape[2]
@@ -159,8 +178,10 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False, pack=None):
         for d in range(dirs):
             i = l * dirs + d
             name = None if fresh else f"X1.{i}"
-            if pack is None:
+            if pack is None and (l == 0 or dirs == 1):
                 X1 = with_ones(inp, reverse=bool(d), name=name)
+            elif pack is None:
+                X1 = _bidirectional_rows(fwd.Hs[(l - 1) * dirs:l * dirs], bool(d), name)
             elif l == 0:
                 X1 = _packed_with_ones(X3, pack.rev_src if d else pack.idx, name)
             else:
@@ -169,19 +190,9 @@ def stack_forward(kernels, params, X3, h0s, act, fresh=False, pack=None):
             layer_forward(kernels, params.layers[i], X1, h0s[i], act, Hs, pack)
             fwd.X1.append(X1)
             fwd.Hs.append(Hs)
-        if pack is not None:        # the next layer gathers its inputs from these states
-            continue
-        if dirs == 1:
-            out = fwd.Hs[-1]
-        else:
-            top = l == L - 1
-            out = np.empty((T + 1, B, 2 * H), dtype=params.dtype) if top else array(f"out.{l}", (T + 1, B, 2 * H))
-            Hf, Hr = fwd.Hs[-2], fwd.Hs[-1]
-            out[0, :, :H], out[0, :, H:] = Hf[0], Hr[0]
-            out[1:, :, :H] = Hf[1:]
-            out[1:, :, H:] = Hr[:0:-1]      # reverse step s is time T+1-s
-        inp = out[1:]
-        fwd._out = out
+        if pack is None and dirs == 1:      # otherwise the next layer gathers its input from the states
+            inp = fwd.Hs[-1][1:]
+            fwd._out = fwd.Hs[-1]
     return fwd
 
 
@@ -214,7 +225,8 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
     final states through the stack.
 
     ``dOut`` is a work array the backward may overwrite (only its valid positions are
-    read). ``wins`` are the truncation
+    read), or, for a full-length batch, a tuple of one (T, B, H) work array per direction
+    in that direction's step order (saves splitting and reversing). ``wins`` are the truncation
     windows ``(ends, bp_starts)`` of :func:`fastbptt.engine.core.windows`: every layer
     is cut at the same steps (as if every layer's state were detached at a window's
     start); the head's gradient enters the top layer at each window's own loss steps.
@@ -226,7 +238,8 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
     """
     params, kernels, act, pack = fwd.params, fwd.kernels, fwd.act, fwd.pack
     H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
-    T, B = dOut.shape[0], dOut.shape[1]
+    G_dirs = dOut if isinstance(dOut, tuple) else None     # per direction, in its step order
+    T, B = (G_dirs[0] if G_dirs else dOut).shape[:2]
     ends, bp_starts = wins
     bs = None if pack is None else pack.batch_sizes
     grads = [None] * (L * dirs)
@@ -240,10 +253,12 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
     dX = None
     for l in range(L - 1, -1, -1):
         want = l > 0 or want_dX
-        d_in = None
+        dXs = []
         for d in range(dirs):
             i = l * dirs + d
-            if dirs == 1:
+            if G_dirs is not None:
+                G = G_dirs[d]
+            elif dirs == 1:
                 G = G_above
             else:
                 G = scratch("G", (T, B, H), params.dtype)
@@ -267,11 +282,29 @@ def stack_backward(fwd, dOut, d_hn=None, *, wins, want_dX=False, want_dh0=False)
             if want_dh0:
                 dh0[i] = dh0_i
             if want:
-                d_in = _add_input_grad(d_in, dX_i, d, T, B, pack, zero_pad=l == 0)
-        G_above = d_in
+                dXs.append(dX_i)
+        if not want:
+            break
+        if pack is None and dirs == 2 and l > 0:
+            G_dirs = _split_input_grads(dXs, T, B, H)
+            continue
+        G_dirs, G_above = None, None
+        for d, dX_i in enumerate(dXs):
+            G_above = _add_input_grad(G_above, dX_i, d, T, B, pack, zero_pad=l == 0)
     if want_dX:
         dX = G_above
     return grads, dX, dh0
+
+
+def _split_input_grads(dXs, T, B, H):
+    """The gradients of the layer below, per direction in its step order, from the input
+    gradients (T·B, 2H) of both directions of a full-length layer (the reverse one's in
+    reverse order): no (T, B, 2H) sum is formed."""
+    dX_f, dX_r = (dX.reshape(T, B, 2 * H) for dX in dXs)
+    G_f, G_r = scratch("G.f", (T, B, H), dX_f.dtype), scratch("G.r", (T, B, H), dX_f.dtype)
+    np.add(dX_f[:, :, :H], dX_r[::-1, :, :H], out=G_f)
+    np.add(dX_f[::-1, :, H:], dX_r[:, :, H:], out=G_r)
+    return G_f, G_r
 
 
 def _add_input_grad(d_in, dX, reverse, T, B, pack, zero_pad=False):
