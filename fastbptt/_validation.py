@@ -209,8 +209,11 @@ def check_Y(Y, params, T, B, single, loss, output, lengths=None):
     return arr
 
 
-def check_truncation(truncation, bidirectional=False):
-    """None, k >= 1 or (k1, k2) with 1 <= k1 <= k2; returns None, int or (int, int)."""
+def check_truncation(truncation, bidirectional=False, allow_artbp=False):
+    """None, k >= 1, (k1, k2) with 1 <= k1 <= k2, or ("artbp", c[, seed]) with 0 < c < 1.
+
+    Returns None, an int, (int, int) or ("artbp", float, int or None).
+    """
     if truncation is None:
         return None
     if bidirectional:
@@ -226,4 +229,17 @@ def check_truncation(truncation, bidirectional=False):
         if not 1 <= k1 <= k2:
             raise ValueError(f"truncation: expected (k1, k2) with 1 <= k1 <= k2, got {tuple(truncation)}")
         return (k1, k2)
-    raise ValueError(f"truncation: expected None, an int k >= 1 or a pair (k1, k2), got {truncation!r}")
+    if isinstance(truncation, (tuple, list)) and len(truncation) in (2, 3) and truncation[0] == "artbp":
+        if not allow_artbp:
+            raise ValueError(f"truncation: ('artbp', c) is available in fastbptt.loss_and_grad, not in the "
+                             f"trainer yet, got {truncation!r}")
+        c = truncation[1]
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < c < 1:
+            raise ValueError(f"truncation: ('artbp', c, seed) takes a truncation probability 0 < c < 1, "
+                             f"got c={c!r}")
+        seed = truncation[2] if len(truncation) == 3 else None
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise ValueError(f"truncation: ('artbp', c, seed) takes a seed None or an int >= 0, got {seed!r}")
+        return ("artbp", float(c), None if seed is None else int(seed))
+    raise ValueError(f"truncation: expected None, an int k >= 1, a pair (k1, k2) or ('artbp', c, seed), "
+                     f"got {truncation!r}")

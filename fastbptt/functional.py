@@ -155,7 +155,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
     V.check_choice("output", output, V.OUTPUTS)
     V.check_choice("activation", activation, V.ACTIVATIONS)
     _check_params(params, head=True)
-    truncation = V.check_truncation(truncation, params.bidirectional)
+    truncation = V.check_truncation(truncation, params.bidirectional, allow_artbp=True)
     X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=True)
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output, lengths)

@@ -60,7 +60,7 @@ def windows(T, truncation):
     ----------
     T : int
         Sequence length.
-    truncation : None, int k or (k1, k2)
+    truncation : None, int k, (k1, k2) or ("artbp", c, seed)
         Already validated.
 
     Returns
@@ -68,6 +68,11 @@ def windows(T, truncation):
     ends, bp_starts : int64 ndarrays of shape (n,)
         Window i backpropagates the losses of 0-based steps
         ``[ends[i-1], ends[i])`` through steps ``[bp_starts[i], ends[i])``.
+    compensation : float, only for ARTBP
+        ``("artbp", c, seed)`` (Tallec & Ollivier 2017) cuts the gradient at each
+        step boundary with probability c, drawn from ``default_rng(seed)``, and
+        multiplies the gradient that crosses a boundary uncut by ``1 / (1 - c)``:
+        the expected gradient is full BPTT's.
     """
     if truncation is None:
         return np.array([T], dtype=np.int64), np.array([0], dtype=np.int64)
@@ -76,6 +81,10 @@ def windows(T, truncation):
         ends = np.append(np.arange(k, T, k, dtype=np.int64), T)
         starts = np.concatenate(([0], ends[:-1])).astype(np.int64)
         return ends, starts
+    if truncation[0] == "artbp":
+        _, c, seed = truncation
+        cuts = np.flatnonzero(np.random.default_rng(seed).random(T - 1) < c).astype(np.int64) + 1
+        return np.append(cuts, T).astype(np.int64), np.concatenate(([0], cuts)).astype(np.int64), 1.0 / (1.0 - c)
     k1, k2 = (min(k, T) for k in truncation)
     ends = np.append(np.arange(k1, T, k1, dtype=np.int64), T)
     return ends, np.maximum(ends - k2, 0).astype(np.int64)
