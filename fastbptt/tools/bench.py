@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from .. import __version__
-from ..engine import threads as _threads
+from .. import _threads
 from ..backends import available_backends, unavailable_backends
 from .._io import atomic_write
 from ..functional import loss_and_grad
@@ -189,7 +189,7 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
 class _ThreadLimits:
     """Cap BLAS and Numba pools at ``threads`` while active (threadpoolctl).
 
-    fastbptt's own team of threads (:mod:`fastbptt.engine.threads`: BLAS on one thread
+    fastbptt's own team of threads (:mod:`fastbptt._threads`: BLAS on one thread
     inside a call, the batch and the big GEMMs split between the team's threads
     where a phase is big enough) is set to ``threads`` for the run.
     """
