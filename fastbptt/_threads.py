@@ -18,13 +18,29 @@ the Cython backend hands parts to its C thread team, much cheaper:
 ``MIN_SPLIT_FLOPS_C_TEAM``).
 The team has one thread per core; ``fastbptt.set_num_threads(n)`` or the
 environment variable ``FASTBPTT_NUM_THREADS`` (``0`` / unset: one per core)
-sets its size, and 1 turns the splitting off.
+sets its size, and 1 turns the splitting off. More threads than the CPUs
+this process may use are capped at that number, with a warning.
+
+Interrupts. Python raises a ``KeyboardInterrupt`` between any two bytecodes,
+and a trace hook may raise anything at any line -- even just before a
+``with`` block's ``__exit__``, which then never runs. So nothing here holds a
+lock across code that can be cut short without a second chance to release
+it: the one lock (``_lock``) is taken only inside :func:`_locked`, whose
+handler releases it whatever was interrupted. Every step of leaving a
+:func:`call_scope` can be repeated, and entering and leaving run inside a
+compiled shell (``Guard`` in the Cython extension) that has no Python
+bytecode of its own: it calls them again when an interrupt cuts them short,
+and leaves when it is freed if the ``with`` statement's exit was skipped. A
+call interrupted at any line leaves the BLAS pools as they were before it,
+this thread outside any call and the lock free.
 """
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager
+import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 
 ENV_VAR = "FASTBPTT_NUM_THREADS"
 
@@ -40,12 +56,15 @@ MIN_SPLIT_FLOPS = 1 << 24
 MIN_SPLIT_FLOPS_C_TEAM = 1 << 20
 
 _forced = None
-_scope = threading.local()          # .threads: the team size of the call running on this thread
-_pin_lock = threading.Lock()
-_pinned = 0                         # calls (on any thread) inside a scope
-_restore = []                       # (BLAS set_num_threads, its count before the first scope)
+_scope = threading.local()          # .threads: the team size of the call running on this thread;
+                                    # .owner: a weak reference to that call's top-level call_scope
+_lock = threading.RLock()           # guards _holders, _saved and _pool; taken only in _locked()
+_holders = {}                       # thread ident -> token of its top-level scope (threads inside a call)
+_saved = {}                         # BLAS library index -> its thread count before fastbptt pinned it
+                                    # (None: it was 1 already, nothing to restore)
 _controller = None
 _pool = None
+_warned = set()
 
 
 def _cpu_count():
@@ -55,17 +74,34 @@ def _cpu_count():
         return max(1, os.cpu_count() or 1)
 
 
+def _cap(n, source):
+    """``n`` threads, at most the usable CPUs (warning once per source and value when capped)."""
+    cpus = _cpu_count()
+    if n <= cpus:
+        return n
+    if (source, n) not in _warned:
+        _warned.add((source, n))
+        warnings.warn(f"{source}: {n} threads is more than the {cpus} CPUs this process may use; fastbptt "
+                      f"uses {cpus} (threads beyond the cores only wait for each other and spin)",
+                      RuntimeWarning, stacklevel=3)
+    return cpus
+
+
 def set_num_threads(n):
     """Fix the number of threads fastbptt uses per call (``None`` or 0: one per core).
 
     Parameters
     ----------
     n : int >= 0 or None
+        More than the CPUs this process may use (``os.sched_getaffinity``)
+        is capped at that number, with a ``RuntimeWarning``.
     """
     global _forced
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        raise TypeError(f"n: expected None or an int >= 0, got {n!r}")
+    if n is not None and n < 0:
         raise ValueError(f"n: expected None or an int >= 0, got {n!r}")
-    _forced = n or None
+    _forced = _cap(n, "set_num_threads") if n else None
 
 
 def get_num_threads():
@@ -76,7 +112,7 @@ def get_num_threads():
     if env and env != "0":
         if not env.isdigit():
             raise ValueError(f"{ENV_VAR}: expected an int >= 0, got {env!r}")
-        return int(env)
+        return _cap(int(env), ENV_VAR)
     return _cpu_count()
 
 
@@ -110,40 +146,134 @@ def _blas_libs():
     return _controller
 
 
+def _locked(fn, *args):
+    """``fn(*args)`` holding ``_lock``, which no exception -- an interrupt at any point -- leaves held.
+
+    There is no ``finally`` whose first line an interrupt could skip: the
+    release is the last statement of the ``try``, and the handler releases
+    the lock if this thread still holds it (an exception inside ``acquire``
+    itself leaves it free).
+    """
+    try:
+        _lock.acquire()
+        result = fn(*args)
+        _lock.release()
+        return result
+    except BaseException:
+        if _lock._is_owned():
+            _lock._release_save()
+        raise
+
+
+def _set_holder(ident, token, inside, libs):
+    """Under the lock: register (``inside``) or unregister thread ``ident``'s scope ``token``,
+    then pin every BLAS pool (``libs``: :func:`_blas_libs`) to one thread while some thread is
+    inside a call, or restore them all when none is.
+
+    Every step can be repeated: a library's old count is recorded before it is set to 1,
+    and forgotten only after it is restored, so an interrupted pass is finished by the next.
+    """
+    if inside:
+        _holders[ident] = token
+    elif _holders.get(ident) is token:
+        del _holders[ident]
+    if _holders:
+        for i, (get, set_) in enumerate(libs):
+            if i not in _saved:
+                old = get()
+                _saved[i] = old if old != 1 else None
+                if old != 1:
+                    set_(1)
+    else:
+        for i in list(_saved):
+            old = _saved[i]
+            if old is not None:
+                libs[i][1](old)
+            del _saved[i]
+
+
+class _Scope:
+    """One top-level call's hold on the pin. ``enter`` and ``leave`` are run by a shell (see
+    :func:`call_scope`); every step of ``leave`` can be repeated, so the shell can call it
+    again when an interrupt cuts it short, and it undoes any prefix of ``enter``."""
+
+    __slots__ = ("_threads", "_token", "_ident", "__weakref__")
+
+    def __init__(self, threads):
+        self._threads = threads
+        self._token = None          # set while this scope holds the pin
+
+    def enter(self):
+        self._ident = threading.get_ident()
+        self._token = token = object()
+        _scope.owner = weakref.ref(self)
+        _scope.threads = self._threads
+        _locked(_set_holder, self._ident, token, True, _blas_libs())     # (found once, outside the lock)
+
+    def leave(self):
+        token = self._token
+        if token is None:
+            return
+        if threading.get_ident() == self._ident:
+            owner = _scope.__dict__.get("owner")
+            if owner is not None and owner() is self:
+                _scope.threads = 0
+                _scope.owner = None
+        _locked(_set_holder, self._ident, token, False, _blas_libs())
+        self._token = None          # last: until here, a repeat does whatever is left
+
+
 @contextmanager
+def _python_shell(enter, leave):
+    """The shell without the compiled extension: every line of it is inside the ``try`` (so an
+    interrupt anywhere here is undone), but ``contextlib``'s own ``__enter__``/``__exit__`` are Python
+    code, and a real signal at their first bytecodes can still skip ``leave`` until the scope is freed."""
+    try:
+        enter()
+        yield
+        leave()
+    except BaseException:
+        leave()
+        raise
+
+
+_shell = None
+_NESTED = nullcontext()
+
+
+def _find_shell():
+    """The compiled shell (``Guard`` of the Cython extension: no Python bytecode of its own, so nothing
+    can fall between the ``with`` statement and ``enter``/``leave``), else :func:`_python_shell`."""
+    global _shell
+    try:
+        from .backends.cython.pool import Guard
+        shell = Guard
+    except Exception:       # not built: see fastbptt.backends.unavailable_backends()
+        shell = _python_shell
+    _shell = shell
+    return shell
+
+
 def call_scope():
     """Run one public call: BLAS pinned to one thread, the team size fixed for the call.
 
-    The first scope entered (on any thread) pins the pools whose setting is
-    not 1 and the last one left restores them (a few ctypes calls, ~1-2 µs;
-    ``threadpool_limits`` takes ~20 µs, which matters at batch 1 where a
-    whole step is ~0.3 ms). A nested scope (the trainer calling the core)
-    reuses the outer one.
+    ``with call_scope(): ...``. The first scope entered (on any thread) pins
+    the pools whose setting is not 1 and the last one left restores them (a
+    few ctypes calls, ~1-2 µs; ``threadpool_limits`` takes ~20 µs, which
+    matters at batch 1 where a whole step is ~0.3 ms). A nested scope (the
+    trainer calling the core) reuses the outer one.
+
+    Interrupts (see the module docstring): entering and leaving run inside a
+    compiled shell that calls the Python steps again when an interrupt cuts
+    them short and leaves when the ``with`` statement's own exit is skipped,
+    so after an interrupt at any line the pools are restored, this thread is
+    outside any call and the lock is free.
     """
-    global _pinned
-    if getattr(_scope, "threads", 0):
-        yield
-        return
-    n = get_num_threads()
-    with _pin_lock:
-        if _pinned == 0:
-            for get, set_ in _blas_libs():
-                old = get()
-                if old != 1:
-                    set_(1)
-                    _restore.append((set_, old))
-        _pinned += 1
-    _scope.threads = n
-    try:
-        yield
-    finally:
-        _scope.threads = 0
-        with _pin_lock:
-            _pinned -= 1
-            if _pinned == 0:
-                for set_, old in _restore:
-                    set_(old)
-                _restore.clear()
+    owner = _scope.__dict__.get("owner")
+    if owner is not None and owner() is not None:       # inside a live scope of this thread
+        return _NESTED
+    scope = _Scope(get_num_threads())                   # may raise (a bad environment variable)
+    return (_shell or _find_shell())(scope.enter, scope.leave)
 
 
 def team_size(flops=None, c_team=False):
@@ -181,31 +311,52 @@ def row_parts(batch_sizes, b0, b1, k):
 
 
 def _reset_after_fork():
-    global _pool, _pin_lock, _pinned
-    _pool, _pin_lock, _pinned = None, threading.Lock(), 0
-    _restore.clear()
+    # the child has one thread: no other thread is inside a call, and the lock may have been
+    # held by one that is gone; the saved BLAS counts stay, so the child's next call restores them
+    global _pool, _lock
+    _pool, _lock = None, threading.RLock()
+    _holders.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _get_pool(workers):
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = ThreadPoolExecutor(workers, thread_name_prefix="fastbptt")
+    return _pool
+
+
+def _run_into(future, task):
+    if future.set_running_or_notify_cancel():          # False: cancelled before it started
+        try:
+            future.set_result(task())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
 def run(tasks):
     """Run callables at the same time: ``tasks[0]`` on this thread, the others on the pool.
 
-    Returns their results in order. Every task has finished when this returns
-    or raises (the first exception, in task order, is raised).
+    Returns their results in order. Every task has finished (or was never
+    started) when this returns or raises (the first exception, in task
+    order, is raised): the tasks write into the caller's arrays, so an
+    interrupt here cancels the parts not started and waits for the others.
     """
-    global _pool
     if len(tasks) == 1:
         return [tasks[0]()]
-    with _pin_lock:
-        if _pool is None or _pool._max_workers < len(tasks) - 1:
-            _pool = ThreadPoolExecutor(len(tasks) - 1, thread_name_prefix="fastbptt")
-        pool = _pool
-    futures = [pool.submit(task) for task in tasks[1:]]
+    pool = _locked(_get_pool, len(tasks) - 1)
+    futures = [Future() for _ in tasks[1:]]             # ours, made before anything is submitted
     try:
+        for future, task in zip(futures, tasks[1:]):
+            pool.submit(_run_into, future, task)
         first = tasks[0]()
-    finally:
         wait(futures)
+    except BaseException:
+        for future in futures:          # not started: never will; running: wait for it
+            if not future.cancel():
+                future.exception()
+        raise
     return [first] + [f.result() for f in futures]

@@ -45,6 +45,7 @@ def test_blas_pinned_to_one_inside_a_call_and_restored(spy):
 
 def test_team_size_override(spy, monkeypatch):
     params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
+    monkeypatch.setattr(_threads, "_cpu_count", lambda: 4)
     monkeypatch.setenv("FASTBPTT_NUM_THREADS", "3")
     assert fastbptt.get_num_threads() == 3
     fastbptt.forward(params, X, backend="numpy")
@@ -62,6 +63,34 @@ def test_team_size_override(spy, monkeypatch):
         fastbptt.forward(params, X, backend="numpy")
     with pytest.raises(ValueError, match="n: expected None or an int >= 0, got -1"):
         fastbptt.set_num_threads(-1)
+
+
+@pytest.mark.parametrize("bad", [2.5, "4", True, [2]])
+def test_set_num_threads_refuses_nonsense(bad):
+    with pytest.raises(TypeError, match="n: expected None or an int >= 0"):
+        fastbptt.set_num_threads(bad)
+    assert fastbptt.get_num_threads() == _threads._cpu_count()
+
+
+def test_more_threads_than_cpus_are_capped_with_a_warning(monkeypatch):
+    """set_num_threads(1000) once started 255 spinning threads on 2 cores (a call: 0.6 -> 160 ms)."""
+    cpus = _threads._cpu_count()
+    _threads._warned.clear()                        # (warned once per value and source)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"1000 threads is more than the {cpus} CPUs"):
+            fastbptt.set_num_threads(1000)
+        assert fastbptt.get_num_threads() == cpus
+        params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
+        fastbptt.loss_and_grad(params, X, Y)
+        if "cython" in fastbptt.available_backends():
+            from fastbptt.backends.cython import pool
+            assert pool.workers() <= max(cpus, 1) + 2      # no team of hundreds was started
+    finally:
+        fastbptt.set_num_threads(None)
+    monkeypatch.setenv("FASTBPTT_NUM_THREADS", str(cpus + 7))
+    _threads._warned.clear()
+    with pytest.warns(RuntimeWarning, match="FASTBPTT_NUM_THREADS"):
+        assert fastbptt.get_num_threads() == cpus
 
 
 def test_outside_a_call_the_team_is_one_and_small_phases_never_split():
@@ -114,7 +143,9 @@ def test_run_returns_in_order_uses_other_threads_and_waits_on_errors():
 
     with pytest.raises(RuntimeError, match="boom"):
         _threads.run([fail, slow])
-    assert done.is_set()            # the other task had finished before the error was raised
+    state = done.is_set()           # the other task had finished, or was never started (cancelled) ...
+    done.wait(0.1)
+    assert done.is_set() == state   # ... but does not run on after run() raised
     with pytest.raises(RuntimeError, match="boom"):
         _threads.run([lambda: 1, fail])
 

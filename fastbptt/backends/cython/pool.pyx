@@ -211,3 +211,67 @@ def _run_probe(Py_ssize_t parts):
     with nogil:
         run_parts(_probe_part, &probe, parts)
     return list(threads), list(seen), fb_thread_id()
+
+
+# ------------------------------------------------------------- an uninterruptible shell for call scopes
+
+cdef object _call_until_done(object fn, int attempts):
+    """``fn()``, called again when an exception -- an interrupt -- cuts it short (``fn`` can be
+    repeated); raises the first exception once a call completed, or the last after ``attempts``."""
+    first = None
+    for _ in range(attempts):
+        try:
+            fn()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+            continue
+        if first is not None:
+            raise first
+        return
+    raise first
+
+
+cdef class Guard:
+    """A context manager that runs ``enter()`` on entry and ``leave()`` on exit, with no Python
+    bytecode of its own: a ``KeyboardInterrupt`` (or a trace hook) cannot fall between the
+    ``with`` statement and ``enter``/``leave``, nor leave this shell half-way.
+
+    ``leave`` must be repeatable (each step idempotent): it is called again when an exception
+    cuts it short, and when ``enter`` fails. If the ``with`` statement's exit is skipped (an
+    interrupt on its line, before ``__exit__`` runs), the guard leaves when it is freed.
+    Used by :class:`fastbptt._threads.call_scope`.
+    """
+
+    cdef object _enter
+    cdef object _leave
+    cdef bint _entered
+
+    def __cinit__(self, enter, leave):
+        self._enter = enter
+        self._leave = leave
+        self._entered = False
+
+    def __enter__(self):
+        self._entered = True            # from here on, leave() undoes whatever enter() did
+        try:
+            self._enter()
+        except BaseException:
+            self._entered = False
+            _call_until_done(self._leave, 4)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._entered:
+            self._entered = False
+            _call_until_done(self._leave, 4)
+        return False
+
+    def __del__(self):
+        if self._entered:
+            self._entered = False
+            try:
+                _call_until_done(self._leave, 4)
+            except BaseException:
+                pass
