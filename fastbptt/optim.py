@@ -19,6 +19,22 @@ A step never leaves non-finite parameters behind: every new value is
 computed first, and if any parameter or buffer would become NaN or inf the
 step raises ``FloatingPointError`` and changes nothing.
 
+A step is all or nothing, interrupts included: the new parameters, buffers
+and step count are computed on the side, then written by one call that no
+``KeyboardInterrupt`` can cut in half (:func:`fastbptt._atomic.commit`). After
+an interrupt at any point the parameters are those of the last completed
+step and ``step_count`` counts exactly the steps they have taken.
+
+Schedules
+---------
+The learning rate can be set between steps (``opt.lr = 0.01``). A schedule
+is a callable ``factor(step)`` of the number of steps already taken (0 before
+the first), by which the base learning rate is multiplied before each step,
+as ``torch.optim.lr_scheduler.LambdaLR`` does: :class:`StepDecay`,
+:class:`CosineDecay`, :class:`Warmup` (which can lead into another), or any
+function. ``fastbptt.RNN(lr_schedule=...)`` applies one before every
+optimizer step; the built-in ones are saved with the model.
+
 State
 -----
 ``state_dict()`` returns a plain dict (numbers, strings and numpy arrays
@@ -35,12 +51,15 @@ count and buffers (as torch's ``load_state_dict`` restores ``param_groups``).
 
 import math
 import numbers
+from collections import namedtuple
 
 import numpy as np
 
+from ._atomic import commit
 from .params import RNNParams
 
-__all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS",
+           "Schedule", "StepDecay", "CosineDecay", "Warmup", "schedule_from_config"]
 
 
 def _check_number(owner, name, value, *, low=0.0, high=None, high_open=False):
@@ -54,32 +73,146 @@ def _check_number(owner, name, value, *, low=0.0, high=None, high_open=False):
 
 
 def _check_pair(owner, a, b):
+    """The arrays of params ``a`` and grads ``b``, checked to match (structure, shapes, dtypes)
+    and ``a``'s to be writable."""
     if not isinstance(a, RNNParams):
         raise TypeError(f"{owner}.step: params must be an RNNParams, got {type(a).__name__}")
     if not isinstance(b, RNNParams):
         raise TypeError(f"{owner}.step: grads must be an RNNParams, got {type(b).__name__}")
-    if a.names() != b.names():
+    pa, ga = a.arrays(), b.arrays()
+    if (len(pa) != len(ga) or len(a.layers) != len(b.layers) or a.bidirectional != b.bidirectional
+            or a.has_head != b.has_head):
         raise ValueError(f"{owner}.step: grads must match params field for field; expected "
                          f"{list(a.names())}, got {list(b.names())}")
-    for (name, p), g in zip(a.items(), b.arrays()):
-        if p.shape != g.shape or p.dtype != g.dtype:
-            raise ValueError(f"{owner}.step: grads.{name} has shape {g.shape} and dtype {g.dtype}, "
-                             f"expected {p.shape} and {p.dtype} as params.{name}")
+    for p, g in zip(pa, ga):
+        if p.shape != g.shape or p.dtype != g.dtype or not p.flags.writeable:
+            for name, p, g in zip(a.names(), pa, ga):
+                if p.shape != g.shape or p.dtype != g.dtype:
+                    raise ValueError(f"{owner}.step: grads.{name} has shape {g.shape} and dtype {g.dtype}, "
+                                     f"expected {p.shape} and {p.dtype} as params.{name}")
+                if not p.flags.writeable:
+                    raise ValueError(f"{owner}.step: params.{name} is read-only; the step updates the "
+                                     "parameters in place")
+    return pa, ga
+
+
+class _Workspace:
+    """The arrays a step computes in, kept from step to step: temporaries, and buffers for the
+    new optimizer state. A new buffer goes into an array the committed state does not hold (the
+    state before it, double buffering), so an interrupted step leaves the committed one intact."""
+
+    def __init__(self):
+        self.n, self.dtype, self.tmps, self.spare, self.taken = 0, None, [], [], []
+
+    def prepare(self, n, dtype, committed):
+        if n != self.n or dtype != self.dtype:
+            self.n, self.dtype, self.tmps, self.spare = n, dtype, [], []
+        held = {id(a) for a in committed.values()}
+        self.spare = [a for a in self.spare if id(a) not in held]
+        self.taken = []
+
+    def tmp(self, i):
+        """Temporary ``i`` (0 holds the gradient)."""
+        while len(self.tmps) <= i:
+            self.tmps.append(np.empty(self.n, dtype=self.dtype))
+        return self.tmps[i]
+
+    def buffer(self, committed):
+        """An array for a new buffer (``committed`` the buffer it replaces, or None)."""
+        arr = self.spare.pop() if self.spare else np.empty(self.n, dtype=self.dtype)
+        if committed is not None:
+            self.taken.append(committed)        # spare once the step is committed
+        return arr
+
+    def recycle(self):
+        """After a commit: the replaced buffers are free for the next step."""
+        self.spare.extend(self.taken)
+        self.taken = []
+
+
+class _Layout(namedtuple("_Layout", "names shapes offsets dtype")):
+    """Where each parameter sits in an optimizer's flat buffers (canonical order)."""
+
+    @classmethod
+    def of(cls, names, arrays):
+        offsets = [0]
+        for a in arrays:
+            offsets.append(offsets[-1] + a.size)
+        return cls(tuple(names), tuple(a.shape for a in arrays), tuple(offsets), arrays[0].dtype)
+
+    def split(self, flat):
+        """Views of ``flat``, one per parameter, shaped as the parameters."""
+        o = self.offsets
+        return [flat[o[i]:o[i + 1]].reshape(shape) for i, shape in enumerate(self.shapes)]
+
+    def where(self, index):
+        """The name of the parameter that holds flat ``index``."""
+        return self.names[int(np.searchsorted(self.offsets, index, side="right")) - 1]
+
+
+# Everything a step changes besides the parameters, swapped in one piece: the step count,
+# the layout of the buffers, and the buffers (name -> flat array over all parameters).
+_State = namedtuple("_State", "step layout buffers")
+_EMPTY = _State(0, None, {})
+
+
+def _flat(arrays):
+    """The arrays one after the other, as one 1-D array (a copy, except for a single array)."""
+    if len(arrays) == 1:
+        return arrays[0].ravel()
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def _one_buffer(arrays):
+    """The 1-D array whose consecutive slices the ``arrays`` are, if they are views of one
+    contiguous buffer in order (``fastbptt.RNN`` keeps its parameters so), else None. Then a
+    step reads them without a copy and writes them with one."""
+    base = arrays[0].base
+    if base is None or not all(a.base is base and a.flags.c_contiguous for a in arrays):
+        return None
+    base = base.reshape(-1) if base.flags.c_contiguous else None
+    if base is None or base.dtype != arrays[0].dtype:
+        return None
+    start = (_address(arrays[0]) - _address(base)) // base.itemsize
+    pos = _address(arrays[0])
+    for a in arrays:
+        if _address(a) != pos:
+            return None
+        pos += a.nbytes
+    return base[start:start + sum(a.size for a in arrays)]
+
+
+def _finite(a):
+    """No NaN or inf in ``a``: one BLAS dot product (NaN and inf propagate into it), the exact check
+    only when that is not finite (a huge finite value can overflow it)."""
+    return bool(np.isfinite(np.dot(a, a))) or bool(np.isfinite(a).all())
 
 
 class Optimizer:
     """Base class: hyperparameters, per-parameter buffers, a step count.
 
-    Subclasses define ``name``, ``_buffer_names`` and ``_update(name, p, g,
-    bufs)``, which returns ``(new_p, new_bufs)`` without writing anything.
+    Subclasses define ``name``, ``_buffer_names`` and ``_update(p, g, bufs, t, ws)``,
+    which takes the parameters and gradients as flat arrays (every parameter
+    one after the other; ``g`` is a copy it may overwrite), the buffers as
+    flat arrays (or None before the first step), the number ``t`` of the step
+    being taken and a workspace ``ws``, and returns ``(new_p, new_bufs)``
+    without writing to ``p`` or the buffers. New values go into the
+    workspace's arrays (``ws.tmp(i)``, and ``ws.buffer(name)`` for a new
+    buffer): a step allocates nothing, where fresh arrays of this size cost
+    their page faults again every step (half of an SGD step at H=256).
     """
 
     name = None
     _buffer_names = ()
 
     def __init__(self):
-        self._buffers = {b: {} for b in self._buffer_names}
-        self._step = 0
+        self._state = _EMPTY
+        self._layout_cache = (None, None, None)
+        self._ws = _Workspace()
 
     # -------------------------------------------------------------- public
     @property
@@ -89,12 +222,18 @@ class Optimizer:
 
     @property
     def lr(self):
+        """The learning rate; can be set between steps (a schedule)."""
         return self._hyper["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        value = _check_number(type(self).__name__, "lr", value)
+        self._hyper = {**self._hyper, "lr": value}          # one assignment: never half-set
 
     @property
     def step_count(self):
         """Number of steps taken so far."""
-        return self._step
+        return self._state.step
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
@@ -102,8 +241,7 @@ class Optimizer:
 
     def reset(self):
         """Forget buffers and step count (hyperparameters stay)."""
-        self._buffers = {b: {} for b in self._buffer_names}
-        self._step = 0
+        self._state = _EMPTY
 
     def step(self, params, grads):
         """Update ``params`` in place from ``grads``.
@@ -120,49 +258,64 @@ class Optimizer:
         FloatingPointError
             If the update would make a parameter or buffer non-finite; then
             nothing is changed.
+
+        All or nothing: the new values are computed first and written by one
+        call that an interrupt cannot cut in half (see the module docstring).
         """
         owner = type(self).__name__
-        _check_pair(owner, params, grads)
-        named_p, named_g = dict(params.items()), dict(grads.items())
-        for bname, buf in self._buffers.items():
-            if buf and set(buf) != set(named_p):
-                raise ValueError(f"{owner}.step: buffer {bname} holds {sorted(buf)}, but params has "
-                                 f"{list(named_p)} (state loaded for another model?)")
-            for name, arr in buf.items():
-                p = named_p[name]
-                if arr.shape != p.shape or arr.dtype != p.dtype:
-                    raise ValueError(f"{owner}.step: buffer {bname}.{name} has shape {arr.shape} and dtype "
-                                     f"{arr.dtype}, but params.{name} has {p.shape} and {p.dtype} "
-                                     "(state loaded for another model?)")
-        self._step += 1
-        try:
-            new = {}
-            for name, p in named_p.items():
-                g = named_g[name]
-                bufs = {b: self._buffers[b].get(name) for b in self._buffer_names}
-                new_p, new_bufs = self._update(p, g, bufs)
-                for label, arr in (("params", new_p), *new_bufs.items()):
-                    if not np.all(np.isfinite(arr)):
-                        raise FloatingPointError(
-                            f"{owner}.step: the update of {name} gives non-finite values in {label} "
-                            f"(step {self._step}); nothing was changed")
-                new[name] = (new_p, new_bufs)
-        except BaseException:
-            self._step -= 1
-            raise
-        for name, (new_p, new_bufs) in new.items():
-            np.copyto(named_p[name], new_p)
-            for b, arr in new_bufs.items():
-                self._buffers[b][name] = arr
+        p_arrays, g_arrays = _check_pair(owner, params, grads)
+        state = self._state
+        layout, flat_p, buffers = self._buffers_for(owner, params, p_arrays, state)
+        t = state.step + 1
+        ws = self._ws
+        ws.prepare(layout.offsets[-1], layout.dtype, state.buffers)
+        g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
+        new_p, new_bufs = self._update(_flat(p_arrays) if flat_p is None else flat_p, g,
+                                       {b: buffers.get(b) for b in self._buffer_names}, t, ws)
+        for label, arr in (("params", new_p), *new_bufs.items()):
+            if not _finite(arr):
+                name = layout.where(int(np.flatnonzero(~np.isfinite(arr))[0]))
+                raise FloatingPointError(
+                    f"{owner}.step: the update of {name} gives non-finite values in {label} "
+                    f"(step {t}); nothing was changed")
+        if flat_p is None:
+            targets, values = p_arrays, layout.split(new_p)
+        else:
+            targets, values = (flat_p,), (new_p,)
+        commit(targets, values, self, _state=_State(t, layout, new_bufs))
+        ws.recycle()
+
+    def _buffers_for(self, owner, params, p_arrays, state):
+        """``(layout, flat_params, buffers)`` of this step: the buffers in ``params``' order
+        (reordered if they were loaded in another order), checked to fit ``params``, and the one
+        buffer the parameters are views of (or None). Computes only, writes nothing but a cache."""
+        key = tuple(map(id, p_arrays))
+        cached_key, layout, flat_p = self._layout_cache
+        if cached_key != key or layout.shapes != tuple(a.shape for a in p_arrays) or layout.dtype != p_arrays[0].dtype:
+            layout, flat_p = _Layout.of(params.names(), p_arrays), _one_buffer(p_arrays)
+            self._layout_cache = (key, layout, flat_p)
+        have = state.layout
+        if have is None or have == layout:
+            return layout, flat_p, state.buffers
+        if set(have.names) != set(layout.names) or have.dtype != layout.dtype or any(
+                have.shapes[have.names.index(n)] != s for n, s in zip(layout.names, layout.shapes)):
+            bname = next(iter(state.buffers), "?")
+            described = ", ".join(f"{n} {s}" for n, s in zip(have.names, have.shapes))
+            raise ValueError(f"{owner}.step: buffer {bname} holds {described} ({have.dtype}), but params "
+                             f"has {', '.join(f'{n} {s}' for n, s in zip(layout.names, layout.shapes))} "
+                             f"({layout.dtype}) (state loaded for another model?)")
+        order = [have.names.index(n) for n in layout.names]
+        buffers = {b: _flat([have.split(flat)[i] for i in order]) for b, flat in state.buffers.items()}
+        return layout, flat_p, buffers
 
     def state_dict(self):
         """A plain dict of the state (copies); see the module docstring."""
-        return {
-            "name": self.name,
-            "hyperparams": self.hyperparams,
-            "step": int(self._step),
-            "buffers": {b: {n: a.copy() for n, a in buf.items()} for b, buf in self._buffers.items()},
-        }
+        state = self._state
+        buffers = {b: {} for b in self._buffer_names}
+        for b, flat in state.buffers.items():
+            buffers[b] = {n: v.copy() for n, v in zip(state.layout.names, state.layout.split(flat))}
+        return {"name": self.name, "hyperparams": self.hyperparams, "step": int(state.step),
+                "buffers": buffers}
 
     def load_state_dict(self, state):
         """Restore a state produced by :meth:`state_dict` (checked first; copies are kept).
@@ -206,21 +359,26 @@ class Optimizer:
                 if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64):
                     raise TypeError(f"{owner}.load_state_dict: {bname}.{n} must be a float32/float64 ndarray, "
                                     f"got {type(a).__name__} {getattr(a, 'dtype', '')}")
-                if not np.all(np.isfinite(a)):
+                if not np.isfinite(a).all():
                     raise ValueError(f"{owner}.load_state_dict: {bname}.{n} holds non-finite values")
-                arrays[n] = np.array(a, copy=True, order="C")
-            if len({a.dtype for a in arrays.values()}) > 1:
-                raise ValueError(f"{owner}.load_state_dict: buffer {bname!r} mixes dtypes")
-            new_buffers[bname] = arrays
-        shapes = {tuple((n, a.shape) for n, a in b.items()) for b in new_buffers.values() if b}
+                arrays[n] = a
+            if arrays:
+                new_buffers[bname] = arrays
+        layouts = {bname: _Layout.of(list(buf), list(buf.values())) if len({a.dtype for a in buf.values()}) == 1
+                   else None for bname, buf in new_buffers.items()}
+        if any(lay is None for lay in layouts.values()):
+            raise ValueError(f"{owner}.load_state_dict: a buffer mixes dtypes")
+        shapes = {tuple(sorted(zip(lay.names, lay.shapes))) + (lay.dtype.name,) for lay in layouts.values()}
         if len(shapes) > 1:
             raise ValueError(f"{owner}.load_state_dict: buffers have different shapes: {sorted(shapes)}")
-        if step == 0 and any(new_buffers.values()):
+        if step == 0 and new_buffers:
             raise ValueError(f"{owner}.load_state_dict: buffers present but step is 0")
-        self._hyper = fresh._hyper
-        self._step = int(step)
-        self._buffers = new_buffers
-
+        layout = next(iter(layouts.values()), None)
+        flats = {}
+        for bname, buf in new_buffers.items():          # each in the first buffer's order, copied
+            flats[bname] = np.array(_flat([buf[n] for n in layout.names]), copy=True)
+        new_state = _State(int(step), layout, flats)
+        commit((), (), self, _hyper=fresh._hyper, _state=new_state)
 
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum, as ``torch.optim.SGD``.
@@ -251,17 +409,27 @@ class SGD(Optimizer):
             raise ValueError(f"{o}: nesterov=True requires momentum > 0, got momentum={momentum!r}")
         super().__init__()
 
-    def _update(self, p, g, bufs):
+    def _update(self, p, g, bufs, t, ws):
         h = self._hyper
+        new_p = ws.tmp(1)
         if h["weight_decay"]:
-            g = g + h["weight_decay"] * p
+            g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
         new_bufs = {}
         if h["momentum"]:
             buf = bufs["momentum_buffer"]
-            buf = g.copy() if buf is None else h["momentum"] * buf + g
-            new_bufs["momentum_buffer"] = buf
-            g = g + h["momentum"] * buf if h["nesterov"] else buf
-        return p - h["lr"] * g, new_bufs
+            new = ws.buffer(buf)
+            if buf is None:
+                new[...] = g                                              # buf = g (first step)
+            else:
+                np.multiply(buf, h["momentum"], out=new)
+                new += g                                                  # momentum·buf + g
+            new_bufs["momentum_buffer"] = new
+            if h["nesterov"]:
+                g += np.multiply(new, h["momentum"], out=new_p)           # g + momentum·buf
+            else:
+                g = new
+        np.multiply(g, h["lr"], out=new_p)
+        return np.subtract(p, new_p, out=new_p), new_bufs                 # p - lr·g
 
 
 class Adam(Optimizer):
@@ -291,21 +459,35 @@ class Adam(Optimizer):
                        "weight_decay": _check_number(o, "weight_decay", weight_decay)}
         super().__init__()
 
-    def _update(self, p, g, bufs):
+    def _update(self, p, g, bufs, t, ws):
         h = self._hyper
         beta1, beta2 = h["betas"]
-        t = self._step
+        denom, new_p = ws.tmp(1), ws.tmp(2)
         if h["weight_decay"]:
-            g = g + h["weight_decay"] * p
+            g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
         m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+        new_m, new_v = ws.buffer(m), ws.buffer(v)
         if m is None:
             m, v = np.zeros_like(p), np.zeros_like(p)
         w = 1.0 - beta1                     # torch: exp_avg.lerp_(grad, 1 - beta1)
-        m = m + w * (g - m) if w < 0.5 else g - (g - m) * (1.0 - w)
-        v = beta2 * v + (1.0 - beta2) * (g * g)
+        np.subtract(g, m, out=new_m)
+        if w < 0.5:
+            new_m *= w
+            new_m += m                                                    # m + w·(g - m)
+        else:
+            new_m *= 1.0 - w
+            np.subtract(g, new_m, out=new_m)                              # g - (g - m)·(1 - w)
+        np.multiply(g, g, out=g)
+        g *= 1.0 - beta2
+        np.multiply(v, beta2, out=new_v)
+        new_v += g                                                        # β2·v + (1 - β2)·g²
         step_size = h["lr"] / (1.0 - beta1 ** t)
-        denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** t) + h["eps"]
-        return p - step_size * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+        np.sqrt(new_v, out=denom)
+        denom /= math.sqrt(1.0 - beta2 ** t)
+        denom += h["eps"]                                                 # √v / √(1 - β2^t) + eps
+        np.multiply(new_m, step_size, out=new_p)
+        new_p /= denom
+        return np.subtract(p, new_p, out=new_p), {"exp_avg": new_m, "exp_avg_sq": new_v}
 
 
 class RMSprop(Optimizer):
@@ -332,22 +514,33 @@ class RMSprop(Optimizer):
                        "momentum": _check_number(o, "momentum", momentum)}
         super().__init__()
 
-    def _update(self, p, g, bufs):
+    def _update(self, p, g, bufs, t, ws):
         h = self._hyper
+        avg, new_p = ws.tmp(1), ws.tmp(2)
         v = bufs["square_avg"]
+        new_v = ws.buffer(v)
         if v is None:
             v = np.zeros_like(p)
-        v = h["alpha"] * v + (1.0 - h["alpha"]) * (g * g)
-        avg = np.sqrt(v) + h["eps"]
-        new_bufs = {"square_avg": v}
+        np.multiply(g, g, out=avg)
+        avg *= 1.0 - h["alpha"]
+        np.multiply(v, h["alpha"], out=new_v)
+        new_v += avg                                                      # α·v + (1 - α)·g²
+        np.sqrt(new_v, out=avg)
+        avg += h["eps"]                                                   # √v + eps
+        new_bufs = {"square_avg": new_v}
         if h["momentum"] > 0:
             buf = bufs["momentum_buffer"]
+            new_buf = ws.buffer(buf)
             if buf is None:
                 buf = np.zeros_like(p)
-            buf = h["momentum"] * buf + g / avg
-            new_bufs["momentum_buffer"] = buf
-            return p - h["lr"] * buf, new_bufs
-        return p - h["lr"] * g / avg, new_bufs
+            np.multiply(buf, h["momentum"], out=new_buf)
+            new_buf += np.divide(g, avg, out=new_p)                       # momentum·buf + g/avg
+            new_bufs["momentum_buffer"] = new_buf
+            np.multiply(new_buf, h["lr"], out=new_p)
+            return np.subtract(p, new_p, out=new_p), new_bufs             # p - lr·buf
+        np.multiply(g, h["lr"], out=new_p)
+        new_p /= avg
+        return np.subtract(p, new_p, out=new_p), new_bufs                 # p - lr·g/avg
 
 
 class Adagrad(Optimizer):
@@ -368,13 +561,19 @@ class Adagrad(Optimizer):
         self._hyper = {"lr": _check_number(o, "lr", lr), "eps": _check_number(o, "eps", eps)}
         super().__init__()
 
-    def _update(self, p, g, bufs):
+    def _update(self, p, g, bufs, t, ws):
         h = self._hyper
+        denom, new_p = ws.tmp(1), ws.tmp(2)
         s = bufs["sum"]
+        new_s = ws.buffer(s)
         if s is None:
             s = np.zeros_like(p)
-        s = s + g * g
-        return p - h["lr"] * g / (np.sqrt(s) + h["eps"]), {"sum": s}
+        np.add(s, np.multiply(g, g, out=denom), out=new_s)                # s + g²
+        np.sqrt(new_s, out=denom)
+        denom += h["eps"]
+        np.multiply(g, h["lr"], out=new_p)
+        new_p /= denom
+        return np.subtract(p, new_p, out=new_p), {"sum": new_s}           # p - lr·g/(√s + eps)
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "rmsprop": RMSprop, "adagrad": Adagrad}
@@ -416,3 +615,103 @@ def from_state_dict(state):
         raise ValueError(f"optimizer state: bad hyperparams {hyper!r}: {exc}") from None
     opt.load_state_dict(state)
     return opt
+
+
+# ---------------------------------------------------------------------------- schedules
+
+def _check_steps(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int >= 1 (optimizer steps), got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be an int >= 1 (optimizer steps), got {value!r}")
+    return int(value)
+
+
+class Schedule:
+    """A learning-rate schedule: ``schedule(step)`` is the factor of the base learning rate for the
+    optimizer step that follows ``step`` completed ones. ``config()`` describes it (saved with a
+    model; :func:`schedule_from_config` rebuilds it)."""
+
+    kind = None
+
+    def __call__(self, step):
+        raise NotImplementedError
+
+    def config(self):
+        return {"kind": self.kind, **{k: (v.config() if isinstance(v, Schedule) else v)
+                                       for k, v in self._args.items()}}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._args.items())})"
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._args == self._args
+
+    __hash__ = None
+
+
+class StepDecay(Schedule):
+    """``gamma ** (step // every)``: the learning rate times ``gamma`` every ``every`` steps
+    (``torch.optim.lr_scheduler.StepLR`` counted in optimizer steps)."""
+
+    kind = "step"
+
+    def __init__(self, every, gamma=0.1):
+        o = "StepDecay"
+        self._args = {"every": _check_steps(o, "every", every), "gamma": _check_number(o, "gamma", gamma)}
+
+    def __call__(self, step):
+        return self._args["gamma"] ** (step // self._args["every"])
+
+
+class CosineDecay(Schedule):
+    """From 1 down to ``min_factor`` along half a cosine over ``total`` steps, then ``min_factor``
+    (``CosineAnnealingLR`` with ``eta_min = min_factor · lr``)."""
+
+    kind = "cosine"
+
+    def __init__(self, total, min_factor=0.0):
+        o = "CosineDecay"
+        self._args = {"total": _check_steps(o, "total", total),
+                      "min_factor": _check_number(o, "min_factor", min_factor, high=1.0)}
+
+    def __call__(self, step):
+        total, low = self._args["total"], self._args["min_factor"]
+        if step >= total:
+            return low
+        return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+class Warmup(Schedule):
+    """A linear warm-up, ``(step + 1) / steps`` for the first ``steps`` steps, then ``then`` (a
+    schedule, counted from the end of the warm-up; None: 1)."""
+
+    kind = "warmup"
+
+    def __init__(self, steps, then=None):
+        o = "Warmup"
+        if then is not None and not isinstance(then, Schedule):
+            raise TypeError(f"{o}: then must be a fastbptt.optim schedule or None, got {then!r}")
+        self._args = {"steps": _check_steps(o, "steps", steps), "then": then}
+
+    def __call__(self, step):
+        steps, then = self._args["steps"], self._args["then"]
+        if step < steps:
+            return (step + 1) / steps * (then(0) if then is not None else 1.0)
+        return then(step - steps) if then is not None else 1.0
+
+
+_SCHEDULES = {cls.kind: cls for cls in (StepDecay, CosineDecay, Warmup)}
+
+
+def schedule_from_config(config):
+    """Rebuild a schedule from its :meth:`Schedule.config` (ValueError if it is not one)."""
+    if not isinstance(config, dict) or config.get("kind") not in _SCHEDULES:
+        raise ValueError(f"lr_schedule: expected a config with 'kind' in {list(_SCHEDULES)}, got {config!r}")
+    args = {k: v for k, v in config.items() if k != "kind"}
+    if isinstance(args.get("then"), dict):
+        args["then"] = schedule_from_config(args["then"])
+    try:
+        return _SCHEDULES[config["kind"]](**args)
+    except TypeError as exc:
+        raise ValueError(f"lr_schedule: bad config {config!r} ({exc})") from None

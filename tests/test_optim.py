@@ -300,3 +300,34 @@ def test_clip_grad_norm_matches_torch(dtype, max_norm):
     assert norm == pytest.approx(tnorm, rel=rtol)
     for t, a in zip(ts, g.arrays()):
         np.testing.assert_allclose(a, t.grad.numpy(), rtol=rtol, atol=1e-7)
+
+
+def test_state_with_buffers_in_another_order_continues_exactly():
+    params, grads = make()
+    a, b = Adam(lr=0.01), Adam(lr=0.01)
+    pa, pb = params.copy(), params.copy()
+    for g in grads[:3]:
+        a.step(pa, g)
+        b.step(pb, g)
+    state = b.state_dict()
+    state["buffers"] = {k: dict(reversed(list(v.items()))) for k, v in state["buffers"].items()}
+    c = Adam(lr=0.01)
+    c.load_state_dict(state)
+    for g in grads[3:]:
+        a.step(pa, g)
+        c.step(pb, g)
+    assert pa == pb and c.step_count == a.step_count
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert list(c.state_dict()["buffers"][k]) == list(FIELDS)        # params' order again
+        for n in FIELDS:
+            np.testing.assert_array_equal(c.state_dict()["buffers"][k][n], a.state_dict()["buffers"][k][n])
+
+
+def test_read_only_params_are_refused_before_anything_changes():
+    params, grads = make()
+    params.W_hh.flags.writeable = False
+    opt = SGD(0.1, momentum=0.9)
+    before = params.copy()
+    with pytest.raises(ValueError, match="params.W_hh is read-only"):
+        opt.step(params, grads[0])
+    assert params == before and opt.step_count == 0 and opt.state_dict()["buffers"]["momentum_buffer"] == {}
