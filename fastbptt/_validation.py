@@ -7,6 +7,7 @@ C-contiguous) and never write to the caller's.
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -76,11 +77,128 @@ def _as_real_array(name, value):
     return arr
 
 
-def check_finite(name, arr):
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(f"{name}: expected finite values, found {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+def nonfinite_message(name, value, original, dtype, index):
+    """The error for a non-finite ``value`` at ``index``: the caller's ``original`` value there was
+    finite but does not fit ``dtype`` ("overflows float32"), or was itself NaN/inf."""
+    where = f"at index {tuple(int(i) for i in index)}"
+    if original is not None and np.isfinite(original):
+        return (f"{name}: the value {original:.6g} {where} overflows {np.dtype(dtype).name} (largest finite "
+                f"value {np.finfo(dtype).max:.4g}); scale the data or use float64 parameters")
+    return f"{name}: expected finite values, found {value} {where}"
+
+
+def check_finite(name, arr, source=None):
+    """``arr`` if it holds no NaN or inf; else a ValueError naming the first one.
+
+    ``source`` is the caller's array that ``arr`` was converted from (same
+    shape): a finite value there that became inf is reported as an overflow
+    of the dtype, not as an inf the caller gave.
+    """
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = tuple(np.argwhere(~np.isfinite(arr))[0])
+        original = None
+        if source is not None and np.shape(source) == arr.shape and np.asarray(source).dtype.kind in "biuf":
+            original = np.asarray(source)[bad].item()
+        raise ValueError(nonfinite_message(name, arr[bad], original, arr.dtype, bad))
     return arr
+
+
+def _all_finite(a):
+    """Whether ``a`` (a float array) holds no NaN or inf: one BLAS dot product, an exact check
+    only when it is not finite (NaN and inf propagate into it; a huge finite value can overflow it)."""
+    v = a.reshape(-1)
+    return np.isfinite(np.dot(v, v)) or bool(np.isfinite(a).all())
+
+
+def check_params_finite(params, name="params"):
+    """Refuse parameters holding NaN or inf, naming the array and the first bad index.
+
+    NaN or inf weights make every output NaN and every gradient NaN: refused
+    here rather than returned silently.
+    """
+    for i, a in enumerate(params.arrays()):
+        if not _all_finite(a):
+            field = params.names()[i]
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+            raise ValueError(f"{name}.{field}: expected finite parameters, found {a[bad]} at index {bad} "
+                             "(NaN or inf weights make every output and gradient NaN)")
+    return params
+
+
+# --------------------------------------------------------------------------- memory
+# A call is refused before it copies or allocates anything when it needs more memory than the
+# machine has free: a MemoryError after minutes of copying, or the OOM killer, is worse. Below
+# this many bytes nothing is checked (reading /proc costs ~30 µs; a call at batch 1 ~300 µs).
+MEMORY_CHECK_FROM = 128 << 20
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory():
+    """Bytes this process can still allocate, or None if unknown.
+
+    The least of: MemAvailable + SwapFree (``/proc/meminfo``), the cgroup's
+    ``memory.max`` less ``memory.current``, and ``RLIMIT_AS`` less the address
+    space in use.
+    """
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
+                    if v.split() and v.split()[0].isdigit()}
+        if "MemAvailable" in info:
+            limits.append(info["MemAvailable"] + info.get("SwapFree", 0))
+    except OSError:
+        pass
+    cg_max, cg_cur = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if cg_max is not None and cg_cur is not None:
+        limits.append(max(0, cg_max - cg_cur))
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(max(0, soft - used))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _bytes(n):
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1024
+
+
+def check_memory(name, need, what, hint=""):
+    """Refuse a call that needs ``need`` bytes when the machine has less available (a MemoryError
+    naming ``name``, the estimate and ``what`` it is made of: a string or a function giving one)."""
+    if need < MEMORY_CHECK_FROM:
+        return
+    free = available_memory()
+    if free is not None and need > free:
+        what = what() if callable(what) else what
+        raise MemoryError(f"{name}: this call needs about {_bytes(need)} of memory ({what}), more than the "
+                          f"{_bytes(free)} available; nothing was allocated{'; ' + hint if hint else ''}")
+
+
+def forward_bytes(T, B, D, params):
+    """Bytes a forward pass over (T, B, D) inputs allocates at least: the converted copy of X, and per
+    (layer, direction) ``[X | 1]``, the input products and the states, and the head's logits."""
+    H, dirs, L = params.hidden_size, params.num_directions, params.num_layers
+    per_layer = sum(T * B * ((D if l == 0 else dirs * H) + 1) + T * B * H + (T + 1) * B * H
+                    for l in range(L)) * dirs
+    head = T * B * (params.output_size or 0)
+    return (T * B * D + per_layer + head + (T + 1) * B * dirs * H) * params.dtype.itemsize
 
 
 def as_float_array(name, value, shape, dtype, finite=True):
@@ -107,9 +225,20 @@ def check_X(X, params, finite=True):
         raise ValueError(f"X: expected last axis of size D={D} (params.input_size), got shape {arr.shape}")
     if X3.shape[0] < 1 or X3.shape[1] < 1:
         raise ValueError(f"X: expected T >= 1 and B >= 1, got shape {arr.shape}")
-    X3 = np.array(X3, dtype=params.dtype, order="C", copy=True)
+    # every public call that takes data meets its parameters here first: refuse NaN/inf weights,
+    # and a call that needs more memory than the machine has, before anything is copied
+    check_params_finite(params)
+    T, B = X3.shape[:2]
+    check_memory("X", forward_bytes(T, B, D, params),
+                 lambda: f"T={T}, B={B}, D={D}, H={params.hidden_size}, {params.dtype.name}: the inputs, states "
+                 "and work arrays of the forward pass", "use a shorter T (a long stream cut into windows, "
+                 "with h0 carried from one to the next)" + (", a smaller batch or float32 parameters"
+                                                           if params.dtype.itemsize > 4 else " or a smaller batch"))
+    source = X3
+    with np.errstate(over="ignore"):            # an overflow is reported below, as such
+        X3 = np.array(X3, dtype=params.dtype, order="C", copy=True)
     if finite:
-        check_finite("X", X3)
+        check_finite("X", X3, source)
     return X3, single
 
 
@@ -166,8 +295,10 @@ def check_h0(h0, params, B, single, name="h0"):
     if arr.shape != expected:
         stack = "" if n == 1 else f" (num_layers·dirs={n}, torch's h_0 order)"
         raise ValueError(f"{name}: expected shape {expected}{stack}, got {arr.shape}")
-    arr = np.array(arr.reshape(n, B, H), dtype=params.dtype, order="C", copy=True)
-    return check_finite(name, arr)
+    source = arr.reshape(n, B, H)
+    with np.errstate(over="ignore"):
+        arr = np.array(source, dtype=params.dtype, order="C", copy=True)
+    return check_finite(name, arr, source)
 
 
 def check_Y(Y, params, T, B, single, loss, output, lengths=None):
@@ -202,11 +333,29 @@ def check_Y(Y, params, T, B, single, loss, output, lengths=None):
     expected = user_lead + (O,)
     if arr.shape != expected:
         raise ValueError(f"Y: expected shape {expected} for loss={loss!r}, output={output!r}, got {arr.shape}")
-    arr = np.array(arr.reshape(lead + (O,)), dtype=params.dtype, order="C", copy=True)
-    check_finite("Y", arr)
+    source = arr.reshape(lead + (O,))
+    with np.errstate(over="ignore"):
+        arr = np.array(source, dtype=params.dtype, order="C", copy=True)
+    check_finite("Y", arr, source)
+    if loss == "mse":
+        check_squared_error_fits("Y", arr)
     if loss == "bce" and arr.size and (arr.min() < 0 or arr.max() > 1):
         raise ValueError(f"Y: expected targets in [0, 1] for loss='bce', got values in [{arr.min()}, {arr.max()}]")
     return arr
+
+
+def check_squared_error_fits(name, Y):
+    """Refuse mse targets so large that their squared error overflows the dtype (the loss would be
+    inf, every gradient NaN): |y| must stay below sqrt(max)/2 (the output may be as far on the other side)."""
+    if Y.size:
+        limit = np.sqrt(np.finfo(Y.dtype).max) / 2
+        peak = float(np.max(np.abs(Y)))
+        if peak > limit:
+            bad = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(Y))), Y.shape))
+            raise ValueError(f"{name}: the target {Y[bad].item():.6g} at index {bad} overflows {Y.dtype.name} in the "
+                             f"squared error (mse needs |y| < {limit:.3g} in {Y.dtype.name}); scale the targets "
+                             "or use float64 parameters")
+    return Y
 
 
 def check_truncation(truncation, bidirectional=False, allow_artbp=False):
