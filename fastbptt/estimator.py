@@ -44,31 +44,58 @@ updates as they were computed (weighted by the steps they cover), like
 Keras' running training loss; ``val_loss`` is the loss on
 ``validation_data`` after the epoch, from zero state, full sequences.
 
+Watching training
+-----------------
+``progress`` shows a bar while an epoch runs (epoch, %, rate, ETA, running
+loss) and one line per epoch when it ends. ``callbacks`` are called after
+every epoch as ``cb(model, logs)``; one that returns ``False`` stops the
+training after that epoch. ``validation_every=n`` also evaluates the
+validation data every n optimizer steps (long streams), into
+``history_["val_steps"]``. ``lr_schedule`` sets the learning rate before
+every optimizer step (see :mod:`fastbptt.optim`).
+
+Interrupts and failures
+-----------------------
 Training never silently diverges: a non-finite loss or gradient, or an
 update that would make a parameter non-finite, raises ``FloatingPointError``
 naming the epoch and update step; the parameters are then those of the last
 good step. Bad input raises before anything is changed.
+
+An exception at any moment -- a ``KeyboardInterrupt`` included -- leaves
+the model consistent: every optimizer step happened entirely or not at all
+(the parameters are those of the last completed update point, and the
+optimizer's step count matches them), ``history_`` holds the completed
+epochs only, every list the same length, and the model can be saved,
+loaded and fit again. ``fit`` adds a note saying where it stopped to the
+``KeyboardInterrupt`` it lets through. ``save`` writes a temporary file and
+renames it: the old file or the whole new one, never half of one.
 """
 
 import hashlib
 import json
+import math
+import numbers
 import os
+import stat
+import sys
 import time
+import warnings
+import zipfile
 
 import numpy as np
 
 from . import _validation as V
 from . import optim as _optim
 from ._io import atomic_write
-from ._progress import make_progress
+from ._progress import check_progress, make_progress
+from ._threads import call_scope
 from .backends import BACKENDS, resolve_backend
+from .diagnostics import recurrent_spectrum
 from .engine.core import ACT_CODES
 from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from .engine.model import hidden_grad_norms
 from .engine.stack import head_logits, stack_forward
-from ._threads import call_scope
-from .engine.training import train_batch
-from .diagnostics import recurrent_spectrum
+from .engine.training import train_batch, update_points
 from .params import INITS, RNNParams
 
 __all__ = ["RNN"]
@@ -76,11 +103,149 @@ __all__ = ["RNN"]
 _FORMAT = "fastbptt.RNN"
 _FORMAT_VERSION = 1
 _META_KEY = "__meta__"
+_META_MAX_BYTES = 64 << 20
 _PREDICT_CHUNK = 1024
+
+# history_ keys other than "loss", and the value an epoch that did not record them holds
+_MISSING = {"seq_per_s": float("nan"), "val_loss": float("nan"), "lr": float("nan"),
+            "grad_norm_by_t": None, "spectral_radius": float("nan"), "max_singular_value": float("nan"),
+            "val_steps": ()}
+
+
+def _missing(key):
+    value = _MISSING.get(key, float("nan"))
+    return [] if value == () else value
 
 
 def _sha256(arr):
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _align_history(hist):
+    """Cut every list of ``hist`` to the length of ``hist["loss"]`` (the epochs committed)."""
+    n = len(hist["loss"])
+    for values in hist.values():
+        if len(values) > n:
+            del values[n:]
+
+
+def _append_epoch(hist, record):
+    """Append one epoch's figures to ``history_``: all of them or none.
+
+    ``loss`` is appended last: its length is the number of committed epochs,
+    and an interruption before it is undone by cutting every list back to it
+    (cutting is repeatable: a later call finishes an interrupted one).
+    """
+    n = len(hist["loss"])
+    try:
+        for key in hist.keys() | record.keys():
+            if key != "loss":
+                values = hist.get(key)
+                if values is None:
+                    values = hist.setdefault(key, [_missing(key) for _ in range(n)])
+                values.append(record[key] if key in record else _missing(key))
+        hist["loss"].append(record["loss"])
+    except BaseException:
+        _align_history(hist)
+        raise
+
+
+def _note(exc, text):
+    """Attach ``text`` to an exception that is let through (a note in its traceback)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+    else:   # pragma: no cover - Python 3.10
+        print(text, file=sys.stderr)
+
+
+def _check_schedule(lr_schedule):
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError("lr_schedule: expected None, a fastbptt.optim schedule (StepDecay, CosineDecay, Warmup) "
+                        f"or a callable step -> factor, got {lr_schedule!r}")
+    return lr_schedule
+
+
+def _check_config(input_size, hidden_size, output_size, activation, loss, output, optimizer, lr, truncation,
+                  clip_norm, batch_size, dtype, backend, seed, num_layers, bidirectional, init, lr_schedule):
+    """The constructor's arguments checked and normalised, and the optimizer they name: ``(cfg, opt)``.
+
+    Allocates nothing that depends on the sizes (``load`` checks a file's
+    configuration with it before it reads any array)."""
+    cfg = {"input_size": V.check_int("input_size", input_size),
+           "hidden_size": V.check_int("hidden_size", hidden_size),
+           "output_size": V.check_int("output_size", output_size),
+           "activation": V.check_choice("activation", activation, V.ACTIVATIONS),
+           "loss": V.check_choice("loss", loss, LOSSES),
+           "output": V.check_choice("output", output, V.OUTPUTS)}
+    bidirectional = V.check_bool("bidirectional", bidirectional)
+    cfg.update(truncation=V.check_truncation(truncation, bidirectional),
+               clip_norm=V.check_positive("clip_norm", clip_norm, allow_none=True),
+               batch_size=V.check_int("batch_size", batch_size),
+               dtype=V.check_dtype("dtype", dtype),
+               backend=V.check_choice("backend", backend, ("auto", *BACKENDS)),
+               seed=V.check_int("seed", seed, 0, allow_none=True),
+               num_layers=V.check_int("num_layers", num_layers),
+               bidirectional=bidirectional,
+               init=V.check_choice("init", init, INITS),
+               lr_schedule=_check_schedule(lr_schedule))
+    opt = _optim.get_optimizer(optimizer, lr)        # validates optimizer and lr
+    cfg.update(optimizer=optimizer, lr=lr)
+    return cfg, opt
+
+
+def _param_shapes(cfg):
+    """``[(name, shape)]`` of the parameters a configuration implies, in canonical order."""
+    D, H, O, L = cfg["input_size"], cfg["hidden_size"], cfg["output_size"], cfg["num_layers"]
+    dirs = 2 if cfg["bidirectional"] else 1
+    shapes = []
+    for i in range(L * dirs):
+        shapes += [(H, D if i < dirs else dirs * H), (H, H), (H,)]
+    shapes += [(O, dirs * H), (O,)]
+    names = RNNParams.init(1, 1, 1, num_layers=L, bidirectional=cfg["bidirectional"]).names()
+    return list(zip(names, shapes))
+
+
+def _on_one_buffer(params):
+    """``params`` copied into one contiguous buffer, each array a view of its slice (canonical
+    order): an optimizer step then reads and writes all of them at once (see fastbptt.optim)."""
+    flat = params.flatten()
+    views, pos = [], 0
+    for a in params.arrays():
+        views.append(flat[pos:pos + a.size].reshape(a.shape))
+        pos += a.size
+    return params._like(views)
+
+
+def _open_regular(path, what):
+    """A binary file object of the regular file ``path`` (never blocks on a FIFO or a device)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: no such file: {path!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what}: {path!r} is a directory, expected a model file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+            raise ValueError(f"{what}: {path!r} is {kind}, expected a model file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _npy_header(zf, member):
+    """``(shape, dtype)`` from the header of an .npy member of a zip file, reading nothing else."""
+    with zf.open(member) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), np.dtype(dtype)
 
 
 class RNN:
@@ -102,7 +267,8 @@ class RNN:
         Learning rate for a named optimizer; None takes its default
         (1e-3 for Adam, 1e-2 for the others).
     truncation : None, int k >= 1 or (k1, k2)
-        See the module docstring: an optimizer step at every update point.
+        See the module docstring: an optimizer step at every update point. A
+        k (or k2) longer than the sequences is the same as None.
     clip_norm : float > 0 or None
         Clip the global gradient norm before every step (as
         ``torch.nn.utils.clip_grad_norm_``).
@@ -117,7 +283,15 @@ class RNN:
     bidirectional : bool
         A bidirectional model takes ``truncation=None`` only.
     init : {"uniform", "identity", "orthogonal"}
-        See :meth:`RNNParams.init`.
+        See :meth:`RNNParams.init`: torch's U(-1/√H, 1/√H), IRNN (W_hh = I,
+        b_h = 0), or a random orthogonal W_hh (b_h = 0).
+    lr_schedule : None, fastbptt.optim schedule or callable
+        ``factor(step)``: before every optimizer step the learning rate is set
+        to the base learning rate (``lr``, or the optimizer instance's at
+        construction) times ``lr_schedule(step_count)``, ``step_count`` the
+        steps taken so far -- e.g. ``optim.Warmup(100, optim.CosineDecay(10_000))``.
+        The built-in schedules are saved with the model, a plain function is
+        not (``save`` warns; set ``model.lr_schedule`` again after ``load``).
 
     Attributes
     ----------
@@ -130,7 +304,10 @@ class RNN:
         ``val_loss`` once validation data was given (NaN for epochs without).
         With ``fit(..., diagnostics=True)`` also ``grad_norm_by_t`` (a list of
         T+1 norms ‖∂L/∂h_t‖, t = 0..T, per epoch), ``spectral_radius`` and
-        ``max_singular_value`` of W_hh (NaN/None for epochs without).
+        ``max_singular_value`` of W_hh (NaN/None for epochs without); with
+        ``validation_every``, ``val_steps`` (per epoch a list of
+        ``[optimizer step, val_loss]``); with an ``lr_schedule``, ``lr`` (the
+        learning rate of the epoch's last step).
     state_ : ndarray of shape (N, H), (L·dirs, N, H) for a stack, or None
         The hidden state carried between ``fit(..., stateful=True)`` calls.
     """
@@ -138,55 +315,100 @@ class RNN:
     def __init__(self, input_size, hidden_size, output_size, *, activation="tanh", loss="mse",
                  output="sequence", optimizer="adam", lr=None, truncation=None, clip_norm=None,
                  batch_size=32, dtype=np.float32, backend="auto", seed=None, num_layers=1,
-                 bidirectional=False, init="uniform"):
-        V.check_choice("activation", activation, V.ACTIVATIONS)
-        V.check_choice("loss", loss, LOSSES)
-        V.check_choice("output", output, V.OUTPUTS)
-        bidirectional = V.check_bool("bidirectional", bidirectional)
-        truncation = V.check_truncation(truncation, bidirectional)
-        clip_norm = V.check_positive("clip_norm", clip_norm, allow_none=True)
-        batch_size = V.check_int("batch_size", batch_size)
-        V.check_choice("backend", backend, ("auto", *BACKENDS))
-        seed = V.check_int("seed", seed, 0, allow_none=True)
-        dt = V.check_dtype("dtype", dtype)
-        V.check_choice("init", init, INITS)
-        opt = _optim.get_optimizer(optimizer, lr)        # validates optimizer and lr
-        params = RNNParams.init(input_size, hidden_size, output_size, num_layers=num_layers,
-                                bidirectional=bidirectional, init=init, dtype=dt, seed=seed)
+                 bidirectional=False, init="uniform", lr_schedule=None):
+        cfg, opt = _check_config(input_size, hidden_size, output_size, activation, loss, output, optimizer, lr,
+                                 truncation, clip_norm, batch_size, dtype, backend, seed, num_layers,
+                                 bidirectional, init, lr_schedule)
+        size = sum(math.prod(s) for _, s in _param_shapes(cfg))
+        V.check_memory("hidden_size", size * cfg["dtype"].itemsize * 6,
+                       f"{size} parameters of {cfg['dtype'].name}, their gradients and optimizer state")
+        params = RNNParams.init(cfg["input_size"], cfg["hidden_size"], cfg["output_size"],
+                                num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
+                                init=cfg["init"], dtype=cfg["dtype"], seed=cfg["seed"])
+        self._configure(cfg, opt, _on_one_buffer(params))
 
-        self.input_size, self.hidden_size, self.output_size = int(input_size), int(hidden_size), int(output_size)
-        self.activation, self.loss, self.output = activation, loss, output
-        self.optimizer, self.lr = optimizer, lr
-        self.truncation, self.clip_norm, self.batch_size = truncation, clip_norm, int(batch_size)
-        self.dtype, self.backend, self.seed = dt, backend, seed
-        self.num_layers, self.bidirectional, self.init = int(num_layers), bidirectional, init
+    def _configure(self, cfg, opt, params, base_lr=None):
+        """Set every attribute from a checked configuration (the constructor and ``load``)."""
+        self.input_size, self.hidden_size, self.output_size = cfg["input_size"], cfg["hidden_size"], cfg["output_size"]
+        self.activation, self.loss, self.output = cfg["activation"], cfg["loss"], cfg["output"]
+        self.optimizer, self.lr = cfg["optimizer"], cfg["lr"]
+        self.truncation, self.clip_norm, self.batch_size = cfg["truncation"], cfg["clip_norm"], cfg["batch_size"]
+        self.dtype, self.backend, self.seed = cfg["dtype"], cfg["backend"], cfg["seed"]
+        self.num_layers, self.bidirectional, self.init = cfg["num_layers"], cfg["bidirectional"], cfg["init"]
+        self.lr_schedule = cfg["lr_schedule"]
 
         self.params = params
         self.optimizer_ = opt
-        self._rng = np.random.default_rng(None if seed is None else [int(seed), 0x5EED])
+        self._base_lr = opt.lr if base_lr is None else base_lr
+        self._rng = np.random.default_rng(None if self.seed is None else [int(self.seed), 0x5EED])
         self.history_ = {"loss": [], "seq_per_s": []}
         self.state_ = None
+        self._checked = None
 
     # ----------------------------------------------------------------- info
-    def get_params(self):
-        """The constructor's configuration, as a dict."""
+    def get_params(self, deep=True):
+        """The constructor's configuration, as a dict (``deep`` is accepted for scikit-learn)."""
         return {"input_size": self.input_size, "hidden_size": self.hidden_size,
                 "output_size": self.output_size, "activation": self.activation, "loss": self.loss,
                 "output": self.output, "optimizer": self.optimizer, "lr": self.lr,
                 "truncation": self.truncation, "clip_norm": self.clip_norm,
                 "batch_size": self.batch_size, "dtype": self.dtype, "backend": self.backend,
                 "seed": self.seed, "num_layers": self.num_layers, "bidirectional": self.bidirectional,
-                "init": self.init}
+                "init": self.init, "lr_schedule": self.lr_schedule}
 
     def __repr__(self):
         cfg = self.get_params()
         cfg["dtype"] = self.dtype.name
+        if cfg["lr_schedule"] is None:
+            del cfg["lr_schedule"]
         args = ", ".join(f"{k}={v!r}" for k, v in cfg.items())
         return f"RNN({args})"
 
     def reset_state(self):
         """Forget the hidden state carried by ``fit(..., stateful=True)``."""
         self.state_ = None
+
+    def _check_model(self):
+        """Before a call uses the model: ``params`` are an RNNParams of the configured structure,
+        shapes and dtype (a user may have assigned them), and finite."""
+        p = self.params
+        if not isinstance(p, RNNParams):
+            raise TypeError(f"params: expected an RNNParams, got {type(p).__name__}")
+        key = tuple(map(id, p.arrays()))
+        if key != self._checked:
+            want = _param_shapes(self.get_params())
+            got = [(n, a.shape) for n, a in p.items()]
+            if got != want or p.dtype != self.dtype:
+                raise ValueError(f"params: expected {want} of {self.dtype.name} (this model's configuration), "
+                                 f"got {got} of {p.dtype.name}")
+            self._checked = key
+        V.check_params_finite(p)
+        if not isinstance(self.optimizer_, _optim.Optimizer):
+            raise TypeError(f"optimizer_: expected a fastbptt.optim.Optimizer, got {type(self.optimizer_).__name__}")
+
+    def _check_settings(self):
+        """The training settings a user may have changed since the constructor (sklearn's
+        ``set_params`` style), checked again before ``fit`` changes anything."""
+        self.truncation = V.check_truncation(self.truncation, self.bidirectional)
+        self.clip_norm = V.check_positive("clip_norm", self.clip_norm, allow_none=True)
+        self.batch_size = V.check_int("batch_size", self.batch_size)
+        V.check_choice("backend", self.backend, ("auto", *BACKENDS))
+        _check_schedule(self.lr_schedule)
+
+    def _lr_at(self):
+        """``step -> lr`` for the schedule, or None."""
+        schedule, base = self.lr_schedule, self._base_lr
+        if schedule is None:
+            return None
+        _check_schedule(schedule)
+
+        def lr_at(step):
+            factor = schedule(step)
+            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (
+                    math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"lr_schedule: expected a finite factor >= 0 at step {step}, got {factor!r}")
+            return base * float(factor)
+        return lr_at
 
     # ``state_`` is (N, H) for one unidirectional layer, else (L·dirs, N, H); the engine takes (L·dirs, b, H)
     def _state_rows(self):
@@ -227,10 +449,11 @@ class RNN:
                              f"ids of shape (N, T), got shape {arr.shape} and dtype {arr.dtype}")
         if arr.shape[0] < 1 or arr.shape[1] < 1:
             raise ValueError(f"{name}: expected N >= 1 and T >= 1, got shape {arr.shape}")
-        X3 = np.array(np.swapaxes(arr, 0, 1), dtype=self.dtype, order="C", copy=True)
+        with np.errstate(over="ignore"):                    # an overflow is reported below, as such
+            X3 = np.array(np.swapaxes(arr, 0, 1), dtype=self.dtype, order="C", copy=True)
         if not np.all(np.isfinite(X3)):
             t, n, d = np.argwhere(~np.isfinite(X3))[0]
-            raise ValueError(f"{name}: expected finite values, found {X3[t, n, d]} at index {(int(n), int(t), int(d))}")
+            raise ValueError(V.nonfinite_message(name, X3[t, n, d], arr[n, t, d].item(), self.dtype, (n, t, d)))
         return "dense", X3
 
     def _check_Y(self, Y, T, N, name="Y"):
@@ -273,6 +496,36 @@ class RNN:
         return kind, Xt, Yt
 
     # ------------------------------------------------------------- predict
+
+    # ---------------------------------------------------------------- memory
+    def _check_call_memory(self, X, batch, train, extra=(), outputs=False):
+        """Refuse a call on ``X`` (and the ``extra`` arrays) that needs more memory than the machine has,
+        before anything is copied: the converted copies of the data, the work arrays of one
+        mini-batch of ``batch`` rows (forward, and backward when ``train``), and the (N, T, O)
+        ``outputs`` when asked."""
+        try:
+            shapes = [np.shape(X)] + [np.shape(a) for a in extra]
+        except Exception:
+            return                       # not array-like: the data checks say so
+        shape = shapes[0]
+        if len(shape) < 2 or not all(isinstance(s, numbers.Integral) for s in shape):
+            return
+        N, T = int(shape[0]), int(shape[1])
+        item = self.dtype.itemsize
+        data = sum(math.prod(s) for s in shapes[1:]) * 8 + (N * T * (shape[2] * item if len(shape) > 2 else 8))
+        if outputs:
+            data += 2 * N * T * self.output_size * item         # the outputs, and the probabilities
+        b = max(1, min(batch, N))
+        work = V.forward_bytes(T, b, self.input_size, self.params) + b * self.input_size * T * item
+        if train:
+            L = len(self.params.layers)
+            work = 3 * work + (T + 1) * L * b * self.hidden_size * item + 6 * self.params.size * item
+        V.check_memory("X", data + work, lambda: f"N={N}, T={T}, batch {b}, H={self.hidden_size}, "
+                       f"{self.dtype.name}: the converted data and the work arrays of one mini-batch",
+                       "use shorter sequences (a long stream cut into windows, fit(..., stateful=True)), "
+                       "fewer rows per call or a smaller batch_size")
+
+    # ------------------------------------------------------------- predict
     def _kernels(self, T, B):
         return resolve_backend(self.backend, T=T, B=B, H=self.hidden_size, dtype=self.dtype)
 
@@ -304,6 +557,8 @@ class RNN:
         if len(self.params.layers) != 1:
             raise ValueError("hidden_grad_norms: expected a one-layer unidirectional model, got "
                              f"num_layers={self.num_layers}, bidirectional={self.bidirectional}")
+        self._check_model()
+        self._check_call_memory(X, 1 << 30, True, [Y])
         kind, Xt, Yt = self._check_data(X, Y)
         Xb = self._batch_X(kind, Xt, np.arange(Xt.shape[1]))
         kernels = self._kernels(Xb.shape[0], Xb.shape[1])
@@ -322,6 +577,8 @@ class RNN:
         -------
         ndarray of shape (N, T, O) (``output="sequence"``) or (N, O) (``"last"``)
         """
+        self._check_model()
+        self._check_call_memory(X, _PREDICT_CHUNK, False, outputs=True)
         kind, Xt = self._check_X(X)
         T, N = Xt.shape[:2]
         kernels = self._kernels(T, min(N, _PREDICT_CHUNK))
@@ -353,12 +610,14 @@ class RNN:
         -------
         float
         """
+        self._check_model()
+        self._check_call_memory(X, _PREDICT_CHUNK, False, [Y])
         kind, Xt, Yt = self._check_data(X, Y)
         return self._evaluate(kind, Xt, Yt, self._kernels(Xt.shape[0], min(Xt.shape[1], _PREDICT_CHUNK)))
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, Y, *, epochs=1, validation_data=None, shuffle=True, stateful=False, progress=None,
-            diagnostics=False):
+            diagnostics=False, callbacks=None, validation_every=None):
         """Train, continuing from the current parameters and optimizer state.
 
         Parameters
@@ -380,14 +639,39 @@ class RNN:
             stream laid out as N parallel rows cut into windows (see
             :func:`fastbptt.datasets.stream_windows`), typically one epoch per
             window. Otherwise every sequence starts from zeros.
-        progress : bool or None
-            Show a progress bar (tqdm if installed); None: only when stderr is
-            a terminal.
+        progress : None, bool or "bar"
+            ``True``: a bar while an epoch runs (on a terminal: epoch, %,
+            rate, ETA, running loss) and one line per epoch when it ends
+            (always, also when stderr is piped); ``"bar"``: the bar only;
+            ``False``: nothing; ``None``: as ``True`` when stderr is a
+            terminal, else nothing. On stderr.
         diagnostics : bool
             After every epoch, record in ``history_`` the norms ‖∂L/∂h_t‖ over
             t (on the first ``batch_size`` rows, zero state, full BPTT; see
             :func:`fastbptt.diagnostics.hidden_grad_norms`), and the spectral
             radius and largest singular value of W_hh.
+        callbacks : sequence of callables, or None
+            Each called after every epoch, in order, as ``cb(model, logs)``:
+            ``logs`` is a dict of the epoch's figures -- ``epoch`` (counted over
+            every ``fit`` of the model, from 1), ``loss``, ``val_loss`` (with
+            validation data), ``seq_per_s``, ``time_s``, ``lr``, ``steps`` (the
+            optimizer's step count), and the diagnostics and ``val_steps`` when
+            recorded. ``history_`` already holds the epoch. A callback that
+            returns ``False`` stops the training after this epoch (the others
+            are still called); e.g. early stopping::
+
+                def early_stop(model, logs, best=[float("inf")]):
+                    if logs["val_loss"] < best[0] - 1e-4:
+                        best[0] = logs["val_loss"]
+                        model.save("best.npz")
+                    elif logs["epoch"] > 5:
+                        return False
+
+        validation_every : int >= 1 or None
+            Also evaluate ``validation_data`` every this many optimizer steps
+            (counted by the optimizer, so over several ``fit`` calls too), into
+            ``history_["val_steps"]`` and onto the progress bar: a long stream
+            trained in one epoch can be watched as it goes.
 
         Returns
         -------
@@ -397,22 +681,39 @@ class RNN:
         ------
         ValueError, TypeError
             On bad input, before anything is changed.
+        MemoryError
+            When the call needs more memory than the machine has, before
+            anything is allocated.
         FloatingPointError
             When training diverges (see the module docstring).
+        KeyboardInterrupt
+            Let through, with a note saying where training stopped: the model
+            holds the parameters of its last completed update point and its
+            completed epochs (see "Interrupts and failures" in the module
+            docstring).
         """
         epochs = V.check_int("epochs", epochs)
         shuffle = V.check_bool("shuffle", shuffle)
         stateful = V.check_bool("stateful", stateful)
         diagnostics = V.check_bool("diagnostics", diagnostics)
-        if progress is not None:
-            V.check_bool("progress", progress)
+        check_progress(progress)
+        callbacks = self._check_callbacks(callbacks)
+        validation_every = V.check_int("validation_every", validation_every, allow_none=True)
+        if validation_every is not None and validation_data is None:
+            raise ValueError(f"validation_every: needs validation_data, got validation_every={validation_every} "
+                             "and validation_data=None")
+        self._check_model()
+        self._check_settings()
+        if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                            or len(validation_data) != 2):
+            raise TypeError("validation_data: expected a pair (X_val, Y_val), got "
+                            f"{type(validation_data).__name__}")
+        extra = [Y] + (list(validation_data) if validation_data is not None else [])
+        self._check_call_memory(X, self.batch_size, True, extra)
         kind, Xt, Yt = self._check_data(X, Y)
         T, N = Xt.shape[:2]
         val = None
         if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise TypeError("validation_data: expected a pair (X_val, Y_val), got "
-                                f"{type(validation_data).__name__}")
             val = self._check_data(*validation_data, xname="validation_data[0]", yname="validation_data[1]")
         if stateful and self.state_ is not None and self._state_rows() != N:
             raise ValueError(f"X: stateful=True continues the {self._state_rows()} rows of the previous "
@@ -421,65 +722,121 @@ class RNN:
         kernels = self._kernels(T, B)
         val_kernels = None if val is None else self._kernels(val[1].shape[0], min(val[1].shape[1], _PREDICT_CHUNK))
         act = ACT_CODES[self.activation]
+        points = update_points(T, self.truncation)
+        lr_at = self._lr_at()
+        d_batch = None
         if diagnostics:
             if len(self.params.layers) != 1:
                 raise ValueError("diagnostics: expected a one-layer unidirectional model (the norms are "
                                  f"those of its hidden state), got num_layers={self.num_layers}, "
                                  f"bidirectional={self.bidirectional}")
             d_idx = np.arange(B)
-            d_X, d_Y = self._batch_X(kind, Xt, d_idx), self._batch_Y(Yt, d_idx)
+            d_batch = (self._batch_X(kind, Xt, d_idx), self._batch_Y(Yt, d_idx))
 
         # ---- everything is checked: from here on the model changes
+        hist = self.history_
+        _align_history(hist)
         if stateful and self.state_ is None:
             self.state_ = self._user_state(self._zero_state(N))
-        hist = self.history_
-        with call_scope():
-            bar = make_progress(progress, epochs * N, "fit")
-            try:
-                for _ in range(epochs):
-                    epoch = len(hist["loss"]) + 1
-                    t0 = time.perf_counter()
-                    order = self._rng.permutation(N) if shuffle else np.arange(N)
-                    loss_sum, weight, counter = 0.0, 0, [0]
-                    for s in range(0, N, B):
-                        idx = order[s:s + B]
-                        Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
-                        h0s = self._internal_state(idx) if stateful else self._zero_state(len(idx))
-                        h_T, ls, w = train_batch(kernels, self.params, self.optimizer_, Xb, Yb, h0s,
-                                                 loss=self.loss, output=self.output, act=act,
-                                                 truncation=self.truncation, clip_norm=self.clip_norm,
-                                                 epoch=epoch, counter=counter)
-                        if stateful:
-                            self._set_state(idx, h_T)
-                        loss_sum += ls
-                        weight += w
-                        elapsed = time.perf_counter() - t0
-                        bar.update(len(idx), loss=loss_sum / max(weight, 1),
-                                   seq_per_s=(s + len(idx)) / max(elapsed, 1e-12))
-                    elapsed = time.perf_counter() - t0
-                    hist["loss"].append(loss_sum / weight if weight else float("nan"))
-                    hist["seq_per_s"].append(N / max(elapsed, 1e-12))
-                    n_before = len(hist["loss"]) - 1
-                    if val is not None or "val_loss" in hist:
-                        vl = hist.setdefault("val_loss", [float("nan")] * n_before)
-                        vl.append(float("nan") if val is None else self._evaluate(*val, val_kernels))
-                    if diagnostics or "spectral_radius" in hist:
-                        for key in ("grad_norm_by_t", "spectral_radius", "max_singular_value"):
-                            hist.setdefault(key, [None if key == "grad_norm_by_t" else float("nan")] * n_before)
-                        if diagnostics:
-                            norms = hidden_grad_norms(kernels, self.params, d_X, d_Y, None, self.loss,
-                                                      self.output, act)
-                            spec = recurrent_spectrum(self.params.W_hh)
-                            hist["grad_norm_by_t"].append([float(v) for v in norms])
-                            hist["spectral_radius"].append(spec["spectral_radius"])
-                            hist["max_singular_value"].append(spec["max_singular_value"])
-                        else:
-                            hist["grad_norm_by_t"].append(None)
-                            hist["spectral_radius"].append(float("nan"))
-                            hist["max_singular_value"].append(float("nan"))
-            finally:
-                bar.close()
+        run = dict(kind=kind, Xt=Xt, Yt=Yt, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels, act=act,
+                   points=points, lr_at=lr_at, val=val, val_kernels=val_kernels,
+                   validation_every=validation_every, d_batch=d_batch)
+        steps_before = self.optimizer_.step_count
+        bar = make_progress(progress, epochs, N)
+        try:
+            for index in range(1, epochs + 1):
+                bar.start_epoch(index)
+                logs = self._fit_epoch(run, bar)
+                record = {k: (list(logs[k]) if isinstance(logs[k], list) else logs[k])   # not the callbacks' lists
+                          for k in ("loss", "seq_per_s", "val_loss", "val_steps", "grad_norm_by_t",
+                                    "spectral_radius", "max_singular_value") if k in logs}
+                if lr_at is not None or "lr" in hist:
+                    record["lr"] = logs["lr"]
+                _append_epoch(hist, record)
+                bar.end_epoch(logs)
+                stop = False
+                for cb in callbacks:
+                    stop = (cb(self, dict(logs)) is False) or stop
+                if stop:
+                    break
+        except KeyboardInterrupt as exc:
+            done = self.optimizer_.step_count - steps_before
+            _note(exc, f"RNN.fit: interrupted after {len(hist['loss'])} completed epochs of the model "
+                       f"({done} optimizer steps in this call). The model holds the parameters of its last "
+                       f"completed update point (optimizer step {self.optimizer_.step_count}) and history_ its "
+                       "completed epochs: it can be evaluated, saved, and fit again.")
+            raise
+        finally:
+            bar.close()
         return self
+
+    @staticmethod
+    def _check_callbacks(callbacks):
+        if callbacks is None:
+            return ()
+        if callable(callbacks):
+            callbacks = [callbacks]
+        try:
+            callbacks = tuple(callbacks)
+        except TypeError:
+            raise TypeError(f"callbacks: expected None or a sequence of callables cb(model, logs), got "
+                            f"{type(callbacks).__name__}") from None
+        for i, cb in enumerate(callbacks):
+            if not callable(cb):
+                raise TypeError(f"callbacks[{i}]: expected a callable cb(model, logs), got {cb!r}")
+        return callbacks
+
+    def _fit_epoch(self, run, bar):
+        """Train one epoch; returns its logs (``history_`` is not touched here)."""
+        kind, Xt, Yt, B = run["kind"], run["Xt"], run["Yt"], run["B"]
+        val, val_kernels, every = run["val"], run["val_kernels"], run["validation_every"]
+        N = Xt.shape[1]
+        opt = self.optimizer_
+        epoch = len(self.history_["loss"]) + 1
+        t0 = time.perf_counter()
+        order = self._rng.permutation(N) if run["shuffle"] else np.arange(N)
+        loss_sum, weight, counter = 0.0, 0, [0]
+        val_steps, val_time = [], [0.0]
+        after_step = None
+        if every is not None:
+            def after_step(batch_loss, batch_weight):
+                if opt.step_count % every == 0:
+                    t = time.perf_counter()
+                    value = self._evaluate(*val, val_kernels)
+                    val_time[0] += time.perf_counter() - t
+                    val_steps.append([opt.step_count, value])
+                    bar.update(0, val_loss=value)
+        with call_scope():
+            for s in range(0, N, B):
+                idx = order[s:s + B]
+                Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
+                h0s = self._internal_state(idx) if run["stateful"] else self._zero_state(len(idx))
+                h_T, ls, w = train_batch(run["kernels"], self.params, opt, Xb, Yb, h0s, loss=self.loss,
+                                         output=self.output, act=run["act"], truncation=self.truncation,
+                                         clip_norm=self.clip_norm, epoch=epoch, counter=counter,
+                                         points=run["points"], lr_at=run["lr_at"], after_step=after_step)
+                if run["stateful"]:
+                    self._set_state(idx, h_T)
+                loss_sum += ls
+                weight += w
+                bar.update(len(idx), loss=loss_sum / max(weight, 1))
+            elapsed = time.perf_counter() - t0
+            train_time = max(elapsed - val_time[0], 1e-12)
+            logs = {"epoch": epoch, "loss": loss_sum / weight if weight else float("nan"),
+                    "seq_per_s": N / train_time, "time_s": elapsed, "lr": opt.lr, "steps": opt.step_count}
+            if val is not None:
+                logs["val_loss"] = self._evaluate(*val, val_kernels)
+            if every is not None:
+                logs["val_steps"] = val_steps
+            if run["d_batch"] is not None:
+                norms = hidden_grad_norms(run["kernels"], self.params, *run["d_batch"], None, self.loss,
+                                          self.output, run["act"])
+                spec = recurrent_spectrum(self.params.W_hh)
+                logs["grad_norm_by_t"] = [float(v) for v in norms]
+                logs["spectral_radius"] = spec["spectral_radius"]
+                logs["max_singular_value"] = spec["max_singular_value"]
+        logs["time_s"] = time.perf_counter() - t0
+        return logs
 
     # ------------------------------------------------------------ save/load
     def save(self, path):
@@ -490,11 +847,24 @@ class RNN:
         entry with the configuration, optimizer hyperparameters and step
         count, the shuffling generator's state, ``history_`` and a SHA-256
         checksum of every array. ``path`` is used as given (no suffix added).
+        An interrupted save leaves the old file (or none) and no temporary
+        file; temporary files left by a killed process are removed.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"path: {path!r} is a directory, expected a file name")
+        self._check_model()
+        _align_history(self.history_)
         cfg = self.get_params()
         cfg["dtype"] = self.dtype.name
         cfg["optimizer"] = self.optimizer if isinstance(self.optimizer, str) else None
+        schedule = cfg["lr_schedule"]
+        if isinstance(schedule, _optim.Schedule):
+            cfg["lr_schedule"] = schedule.config()
+        elif schedule is not None:
+            warnings.warn(f"RNN.save: the lr_schedule {schedule!r} is a plain callable and is not saved; "
+                          "after RNN.load set model.lr_schedule to it again", RuntimeWarning, stacklevel=2)
+            cfg["lr_schedule"] = None
         opt_state = self.optimizer_.state_dict()
         arrays = {f"params/{n}": a for n, a in self.params.items()}
         for bname, buf in opt_state["buffers"].items():
@@ -505,7 +875,7 @@ class RNN:
         meta = {
             "format": _FORMAT, "version": _FORMAT_VERSION, "config": cfg,
             "optimizer": {"name": opt_state["name"], "hyperparams": opt_state["hyperparams"],
-                          "step": opt_state["step"],
+                          "step": opt_state["step"], "base_lr": self._base_lr,
                           "buffers": {b: sorted(buf) for b, buf in opt_state["buffers"].items()}},
             "rng_state": self._rng.bit_generator.state,
             "history": self.history_,
@@ -518,33 +888,52 @@ class RNN:
     def load(cls, path):
         """Read a model written by :meth:`save`; a resumed ``fit`` continues exactly.
 
+        The file is checked before anything is allocated for it: only a
+        regular file is opened, the configuration is validated and every
+        array's shape and dtype (read from its header) must be the one the
+        configuration implies, then the arrays are read and their checksums
+        verified.
+
         Raises
         ------
         FileNotFoundError
             If ``path`` does not exist.
         ValueError
-            If the file is not a valid model file: not an npz archive, corrupt
-            (checksums), of another format version, or with arrays that do not
-            match its configuration.
+            If the file is not a valid model file: not a regular file, not an
+            npz archive, corrupt (checksums), of another format version, or
+            with arrays that do not match its configuration.
         """
         path = os.fspath(path)
 
         def bad(why):
             return ValueError(f"RNN.load: {path!r} is not a valid fastbptt RNN file: {why}")
 
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"RNN.load: no such file: {path!r}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                files = {k: z[k] for k in z.files}
-        except Exception as exc:
-            raise bad(f"cannot read it as an npz archive ({type(exc).__name__}: {exc})") from None
-        if _META_KEY not in files:
+        with _open_regular(path, "RNN.load") as f:
+            try:
+                zf = zipfile.ZipFile(f)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                raise bad(f"cannot read it as an npz archive ({type(exc).__name__}: {exc})") from None
+            with zf:
+                return cls._load_zip(zf, bad)
+
+    @classmethod
+    def _load_zip(cls, zf, bad):
+        members = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                raise bad(f"unexpected entry {info.filename!r}")
+            members[info.filename[:-4]] = info
+        if _META_KEY not in members:
             raise bad(f"no {_META_KEY!r} entry")
         try:
-            meta = json.loads(str(files.pop(_META_KEY)))
-        except (ValueError, TypeError) as exc:
-            raise bad(f"the {_META_KEY!r} entry is not valid JSON ({exc})") from None
+            headers = {k: _npy_header(zf, info) for k, info in members.items()}
+            shape, dtype = headers[_META_KEY]
+            if shape != () or dtype.kind != "U" or members[_META_KEY].file_size > _META_MAX_BYTES:
+                raise ValueError(f"the {_META_KEY!r} entry is not a JSON string")
+            meta = json.loads(str(np.lib.format.read_array(zf.open(members[_META_KEY]), allow_pickle=False)))
+        except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise bad(f"cannot read it as an npz archive ({type(exc).__name__}: {exc})") from None
+        del headers[_META_KEY]
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
             raise bad(f"format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {_FORMAT!r}")
         if meta.get("version") != _FORMAT_VERSION:
@@ -553,59 +942,89 @@ class RNN:
             if key not in meta:
                 raise bad(f"missing {key!r}")
         checks = meta["checksums"]
-        if not isinstance(checks, dict) or set(checks) != set(files):
-            raise bad(f"the arrays {sorted(files)} do not match the recorded list "
+        if not isinstance(checks, dict) or set(checks) != set(headers):
+            raise bad(f"the arrays {sorted(headers)} do not match the recorded list "
                       f"{sorted(checks) if isinstance(checks, dict) else checks!r}")
+
+        # the configuration and the arrays' headers agree before any array is read
+        try:
+            cfg = dict(meta["config"])
+            cfg["truncation"] = tuple(cfg["truncation"]) if isinstance(cfg["truncation"], list) else cfg["truncation"]
+            schedule = cfg.get("lr_schedule")
+            cfg["lr_schedule"] = None if schedule is None else _optim.schedule_from_config(schedule)
+            ostate = meta["optimizer"]
+            name = cfg.pop("optimizer")
+            lr = cfg.pop("lr")
+            if not isinstance(name, (str, type(None))):
+                raise TypeError(f"optimizer name {name!r}")
+            n_params = sum(1 for k in headers if k.startswith("params/"))
+            dirs = 2 if cfg.get("bidirectional") else 1
+            if not V.is_int(cfg.get("num_layers")) or n_params != 3 * cfg["num_layers"] * dirs + 2:
+                raise ValueError(f"num_layers={cfg.get('num_layers')!r} does not match the {n_params} parameter "
+                                 "arrays")
+            named_opt = name is not None and isinstance(ostate, dict) and name.lower() == ostate.get("name")
+            cfg, _ = _check_config(**cfg, optimizer=name if named_opt else "adam", lr=lr if named_opt else None)
+            cfg["optimizer"], cfg["lr"] = (name, lr) if named_opt else (None, None)   # None: the instance
+            buffer_names = ostate["buffers"]
+            if not isinstance(buffer_names, dict) or not all(isinstance(v, list) for v in buffer_names.values()):
+                raise TypeError(f"optimizer buffers {buffer_names!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise bad(f"bad configuration or optimizer state ({type(exc).__name__}: {exc})") from None
+        shapes = dict(_param_shapes(cfg))
+        expected = {f"params/{n}": s for n, s in shapes.items()}
+        for b, names in buffer_names.items():
+            for n in names:
+                if n not in shapes:
+                    raise bad(f"optimizer buffer {b}/{n} names no parameter of this model")
+                expected[f"optim/{b}/{n}"] = shapes[n]
+        n_states = cfg["num_layers"] * dirs
+        lead = (n_states,) if n_states > 1 else ()
+        for k, (shape, dtype) in headers.items():
+            if k == "state":
+                if (len(shape) != len(lead) + 2 or shape[:len(lead)] != lead or shape[-1] != cfg["hidden_size"]
+                        or dtype != cfg["dtype"]):
+                    raise bad(f"state has shape {shape} and dtype {dtype}, expected {lead + ('N', cfg['hidden_size'])} "
+                              f"{cfg['dtype']}")
+                continue
+            if k not in expected:
+                raise bad(f"unexpected array {k!r}")
+            if shape != expected[k] or dtype != cfg["dtype"]:
+                raise bad(f"{k} has shape {shape} and dtype {dtype}, the configuration implies "
+                          f"{expected[k]} and {cfg['dtype']}")
+        missing = set(expected) - set(headers)
+        if missing:
+            raise bad(f"missing arrays {sorted(missing)}")
+        total = sum(math.prod(s) * d.itemsize for s, d in headers.values())
+        V.check_memory("RNN.load", total, f"the {len(headers)} arrays of the file")
+
+        # now read the arrays
+        try:
+            files = {k: np.lib.format.read_array(zf.open(members[k]), allow_pickle=False) for k in headers}
+        except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise bad(f"cannot read its arrays ({type(exc).__name__}: {exc})") from None
         for k, a in files.items():
             if _sha256(a) != checks[k]:
                 raise bad(f"array {k!r} fails its checksum (corrupt file)")
-
-        cfg = meta["config"]
+        for k, a in files.items():
+            if not np.isfinite(a).all():
+                raise bad(f"{k} holds non-finite values")
         try:
-            cfg = dict(cfg)
-            cfg["truncation"] = tuple(cfg["truncation"]) if isinstance(cfg["truncation"], list) else cfg["truncation"]
-            ostate = meta["optimizer"]
-            buffers = {b: {n: files[f"optim/{b}/{n}"] for n in names}
-                       for b, names in ostate["buffers"].items()}
+            buffers = {b: {n: files[f"optim/{b}/{n}"] for n in names} for b, names in buffer_names.items()}
             opt = _optim.from_state_dict({"name": ostate["name"], "hyperparams": ostate["hyperparams"],
                                           "step": ostate["step"], "buffers": buffers})
-            name = cfg.pop("optimizer")
-            lr = cfg.pop("lr")
-            if name is not None and name.lower() == opt.name:
-                model = cls(**cfg, optimizer=name, lr=lr)
-                model.optimizer_ = opt
-            else:
-                model = cls(**cfg, optimizer=opt)
+            base_lr = ostate.get("base_lr", opt.lr)
+            if isinstance(base_lr, bool) or not isinstance(base_lr, numbers.Real) or not (
+                    math.isfinite(base_lr) and base_lr >= 0):
+                raise ValueError(f"base_lr {base_lr!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise bad(f"bad configuration or optimizer state ({type(exc).__name__}: {exc})") from None
-
-        try:
-            params = model.params._like([files[f"params/{n}"] for n in model.params.names()])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise bad(f"bad parameters ({type(exc).__name__}: {exc})") from None
-        for (n, a), (_, ref) in zip(params.items(), model.params.items()):
-            if a.shape != ref.shape or a.dtype != ref.dtype:
-                raise bad(f"params/{n} has shape {a.shape} and dtype {a.dtype}, the configuration "
-                          f"implies {ref.shape} and {ref.dtype}")
-            if not np.all(np.isfinite(a)):
-                raise bad(f"params/{n} holds non-finite values")
-        for b, buf in opt.state_dict()["buffers"].items():
-            named = dict(params.items())
-            for n, a in buf.items():
-                ref = named.get(n)
-                if ref is None:
-                    raise bad(f"optimizer buffer {b}/{n} names no parameter of this model")
-                if a.shape != ref.shape or a.dtype != ref.dtype:
-                    raise bad(f"optimizer buffer {b}/{n} has shape {a.shape}, dtype {a.dtype}; "
-                              f"params/{n} has {ref.shape}, {ref.dtype}")
-        state = files.get("state")
-        n_states = len(model.params.layers)
-        lead = (n_states,) if n_states > 1 else ()
-        if state is not None and (state.ndim != len(lead) + 2 or state.shape[:len(lead)] != lead
-                                  or state.shape[-1] != model.hidden_size
-                                  or state.dtype != model.dtype or not np.all(np.isfinite(state))):
-            raise bad(f"state has shape {state.shape} and dtype {state.dtype}, expected {lead + ('N', model.hidden_size)} "
-                      f"finite {model.dtype}")
+            raise bad(f"bad optimizer state ({type(exc).__name__}: {exc})") from None
+        if cfg["optimizer"] is None:
+            cfg["optimizer"] = opt
+        params = RNNParams(layers=[[files[f"params/{n}"] for n in names]
+                                   for names in zip(*[iter(list(shapes)[:-2])] * 3)],
+                           W_hy=files["params/W_hy"], b_y=files["params/b_y"], bidirectional=cfg["bidirectional"])
+        model = cls.__new__(cls)
+        model._configure(cfg, opt, _on_one_buffer(params), base_lr=float(base_lr))
         try:
             model._rng.bit_generator.state = meta["rng_state"]
         except (TypeError, ValueError, KeyError) as exc:
@@ -614,7 +1033,7 @@ class RNN:
         if (not isinstance(hist, dict) or not all(isinstance(v, list) for v in hist.values())
                 or "loss" not in hist or len({len(v) for v in hist.values()}) > 1):
             raise bad("bad history")
-        model.params = params.copy()
+        state = files.get("state")
         model.state_ = None if state is None else np.array(state, copy=True, order="C")
         model.history_ = hist
         return model

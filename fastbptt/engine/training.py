@@ -4,6 +4,7 @@ One function shared by every trainer (the estimator, and any adapter that
 trains with fastbptt's optimizers), so that they all take the same steps.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -14,16 +15,18 @@ from .model import loss_and_grad
 from .stack import stack_forward
 
 
+@functools.lru_cache(maxsize=64)
 def update_points(T, truncation):
-    """``[(seg_start, loss_start, end)]``: forward/backprop over [seg_start, end), loss on
-    [loss_start, end) (0-based steps); the windows of :func:`fastbptt.engine.core.windows`."""
+    """``((seg_start, loss_start, end), ...)``: forward/backprop over [seg_start, end), loss on
+    [loss_start, end) (0-based steps); the windows of :func:`fastbptt.engine.core.windows`.
+    Remembered per (T, truncation): a trainer asks for the same ones at every mini-batch."""
     ends, bp_starts = windows(T, truncation)
     loss_starts = [0, *ends[:-1]]
-    return [(int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends)]
+    return tuple((int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends))
 
 
 def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, truncation, clip_norm,
-                epoch, counter):
+                epoch, counter, points=None, lr_at=None, after_step=None):
     """Train one time-major mini-batch in place; returns ``(h_T, loss_sum, weight)``.
 
     ``Xb`` (T, b, D), ``Yb`` time-major targets and ``h0s`` (L·dirs, b, H) are
@@ -36,13 +39,26 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     the earlier ones carry the state without a step. ``counter[0]`` counts the
     steps of the epoch (for messages). ``h_T`` is (L·dirs, b, H), new.
 
+    ``points`` are :func:`update_points` (computed here if None: a trainer
+    passes them to check them before it changes anything, and to compute them
+    once). ``lr_at(step_count)``, if given, is the learning rate to set before
+    each optimizer step (a schedule); ``after_step(loss_sum, weight)`` is called
+    after each step, once every array this function reads is saved (it may run
+    other calls, e.g. a validation pass, on this thread's work arrays).
+
     Raises ``FloatingPointError`` naming ``epoch`` and the step when the loss, a
     gradient or an update is not finite; the parameters are then those of the
     last good step.
+
+    Interrupts: each optimizer step is all or nothing (see
+    :mod:`fastbptt.optim`), and nothing else here outlives the call, so an
+    exception at any point leaves ``params`` and ``optimizer`` at the last
+    completed update point.
     """
     T, b, _ = Xb.shape
     seq = output == "sequence"
-    points = update_points(T, truncation)
+    if points is None:
+        points = update_points(T, truncation)
     one_window = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
     if len(points) == 1:
         Hstore = None
@@ -72,6 +88,8 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
                                          "lower lr or clip_norm=...")
         if clip_norm is not None:
             clip_grad_norm(grads, clip_norm)
+        if lr_at is not None:
+            optimizer.lr = lr_at(optimizer.step_count)
         try:
             optimizer.step(params, grads)
         except FloatingPointError as exc:
@@ -83,6 +101,8 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
             h_T = fwd.h_n
         else:
             _store(Hstore, tp, t, fwd, tp - s)
+        if after_step is not None:
+            after_step(loss_sum, weight)
     return (h_T if Hstore is None else Hstore[T].copy()), loss_sum, weight
 
 
