@@ -1,14 +1,17 @@
 """The ``fastbptt`` command: ``info``, ``bench``, ``compare``, ``tbptt`` and ``train``.
 
 Run ``fastbptt --help`` or ``python -m fastbptt --help``. A user error (bad
-option, missing file, unusable checkpoint) prints ``fastbptt: error: ...`` on
-stderr and exits with status 2, without a traceback.
+option, missing file, unusable checkpoint) prints ``fastbptt: error: ...`` and
+a hint to ``--help`` on stderr and exits with status 2, without a traceback.
 """
 
 import argparse
 import json
+import math
 import os
+import stat
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -23,6 +26,13 @@ class UserError(ValueError):
     """A mistake in the command line or its files; reported without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints the one-line error and a hint, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the options.\n")
+
+
 # ------------------------------------------------------------------ helpers
 def _positive_int(text):
     try:
@@ -31,6 +41,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return value
 
 
@@ -53,12 +73,34 @@ def _truncation(text):
 
 
 def _writable_path(path, what):
-    """Fail before a long run if ``path`` cannot be written (its folder is missing)."""
+    """Fail before a long run if ``path`` cannot be written: its folder is missing or not writable,
+    or it is a folder. (A file is created and removed in the folder to find out.)"""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{what}: folder {folder!r} does not exist")
     if os.path.isdir(path):
         raise UserError(f"{what}: {path!r} is a folder, expected a file name")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fastbptt-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write into folder {folder!r} ({exc.strerror or exc})") from None
+    return path
+
+
+def _regular_file(path, what, expected="file"):
+    """UserError unless ``path`` is an existing regular file (a folder, a device such as /dev/null or a
+    FIFO is named as such rather than reported missing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what}: no such file: {path!r}") from None
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read {path!r} ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what}: {path!r} is a folder, expected a {expected}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{what}: {path!r} is not a regular file (a device, FIFO or socket), expected a {expected}")
     return path
 
 
@@ -227,9 +269,8 @@ def _task_data(task):
 
 
 def _read_text(path):
-    """The UTF-8 text of ``path``; UserError if missing, not UTF-8, or empty."""
-    if not os.path.isfile(path):
-        raise UserError(f"--text: no such file: {path!r}")
+    """The UTF-8 text of ``path``; UserError if missing, not a regular file, not UTF-8, or empty."""
+    _regular_file(path, "--text", "UTF-8 text file")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -241,25 +282,35 @@ def _read_text(path):
 
 
 def _sample_text(params, vocab_chars, start, length, seed, temperature=0.8):
-    """Sample ``length`` characters from a character model, one step at a time."""
+    """``start`` and ``length`` characters sampled after it from a character model, one step at a time.
+
+    The model reads ``start`` first (every character must be in the vocabulary), then each sampled
+    character in turn, from a zero state.
+    """
     from ..functional import forward
     from ..engine.losses import predict_from_logits
 
     index = {c: i for i, c in enumerate(vocab_chars)}
+    unknown = sorted(set(start) - set(index))
+    if unknown:
+        raise UserError(f"--start: characters {''.join(unknown)!r} are not in the model's vocabulary")
     rng = np.random.default_rng(seed)
     V = len(vocab_chars)
-    x = np.zeros((1, V), dtype=params.dtype)
-    cur = index.get(start, 0)
     h = np.zeros(params.hidden_size, dtype=params.dtype)
-    out = [vocab_chars[cur]]
+    prime = np.zeros((len(start), V), dtype=params.dtype)
+    prime[np.arange(len(start)), [index[c] for c in start]] = 1
+    logits, Hs = forward(params, prime, h0=h)
+    h, last = Hs[-1], logits[-1]
+    x = np.zeros((1, V), dtype=params.dtype)
+    out = [start]
     for _ in range(length):
+        p = predict_from_logits(last.astype(np.float64) / temperature, "ce")
+        cur = int(rng.choice(V, p=p / p.sum()))
+        out.append(vocab_chars[cur])
         x[:] = 0
         x[0, cur] = 1
         logits, Hs = forward(params, x, h0=h)
-        h = Hs[-1]
-        p = predict_from_logits(logits[0].astype(np.float64) / temperature, "ce")
-        cur = int(rng.choice(V, p=p / p.sum()))
-        out.append(vocab_chars[cur])
+        h, last = Hs[-1], logits[0]
     return "".join(out)
 
 
@@ -267,9 +318,57 @@ def _task_path(out):
     return out + ".task.json"
 
 
+def _baseline(spec, train, val):
+    """``(value, what)``: the validation loss of the best constant prediction fitted on the training
+    targets -- what a model must beat to have learned anything."""
+    (_, Y), (_, Yv) = train, val
+    if spec["loss"] == "mse":
+        return float(np.mean((Yv - Y.mean(axis=0)) ** 2)), "predicting the training targets' mean"
+    if spec["loss"] == "bce":
+        p = float(np.clip(np.mean(Y), 1e-6, 1 - 1e-6))
+        yv = np.asarray(Yv, dtype=np.float64)
+        return float(-np.mean(yv * math.log(p) + (1 - yv) * math.log(1 - p))), "predicting the training frequency"
+    counts = np.bincount(np.asarray(Y).ravel(), minlength=spec["O"]) + 1.0      # add-one: no log(0)
+    logp = np.log(counts / counts.sum())
+    return float(-np.mean(logp[np.asarray(Yv).ravel()])), "predicting the training class frequencies"
+
+
+def _load_task(path):
+    """The task description written beside a checkpoint by 'fastbptt train'."""
+    task_file = _task_path(path)
+    try:
+        with open(task_file) as fh:
+            task = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"{task_file!r} is missing: {path!r} was not written by 'fastbptt train'") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{task_file!r} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {task_file!r} ({exc.strerror or exc})") from None
+    if not isinstance(task, dict) or task.get("format") != "fastbptt-train-task":
+        raise UserError(f"{task_file!r} is not a fastbptt train task file")
+    return task
+
+
+def _load_model(path, what):
+    from ..estimator import RNN
+
+    _regular_file(path, what, "model file")
+    return RNN.load(path)
+
+
 # options that shape a new model or its data; --resume takes them from the checkpoint
 _MODEL_OPTIONS = {"T": None, "n": 2000, "chars": 200_000, "hidden": 128, "optimizer": "adam", "lr": None,
                   "truncation": None, "clip_norm": 1.0, "batch_size": 32, "backend": "auto"}
+# the default sequence length per task, and other defaults of a task: settings a vanilla RNN learns
+# with here. The adding problem does not learn at T=50, nor at T=20 with Adam 1e-3 and H=128 in 20
+# epochs; at T=20, H=32, lr 1e-2 it beats the mean predictor 10x in 20 epochs (0.5 s; see the README).
+DEFAULT_T = {"char": 100, "adding": 20, "echo": 50, "copy": 20, "sine": 50}
+TASK_DEFAULTS = {"adding": {"hidden": 32, "lr": 1e-2, "epochs": 20}}
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def cmd_train(args):
@@ -286,30 +385,21 @@ def cmd_train(args):
             raise UserError("--resume continues the checkpoint's own task: leave out --task and --text")
         if given:
             raise UserError(f"--resume continues the checkpoint's own model and data: leave out {', '.join(given)}")
-        if not os.path.isfile(args.resume):
-            raise UserError(f"--resume: no such file: {args.resume!r}")
-        task_file = _task_path(args.resume)
+        _regular_file(args.resume, "--resume", "model file")
         try:
-            with open(task_file) as fh:
-                task = json.load(fh)
-        except FileNotFoundError:
-            raise UserError(f"--resume: {task_file!r} is missing: {args.resume!r} was not written by "
-                            "'fastbptt train'") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--resume: {task_file!r} is not valid JSON ({exc})") from None
-        if not isinstance(task, dict) or task.get("format") != "fastbptt-train-task":
-            raise UserError(f"--resume: {task_file!r} is not a fastbptt train task file")
-        model = RNN.load(args.resume)
+            task = _load_task(args.resume)
+        except UserError as exc:
+            raise UserError(f"--resume: {exc}") from None
+        model = _load_model(args.resume, "--resume")
         out = args.out or args.resume
     else:
-        for name, default in _MODEL_OPTIONS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, default)
         if args.text and args.task not in (None, "char"):
             raise UserError(f"--text trains a character model: it cannot be combined with --task {args.task}")
         name = args.task or "char"
-        default_T = {"char": 100, "adding": 50, "echo": 50, "copy": 20, "sine": 50}[name]
-        task = {"format": "fastbptt-train-task", "name": name, "T": args.T or default_T,
+        for option, default in {**_MODEL_OPTIONS, **TASK_DEFAULTS.get(name, {})}.items():
+            if getattr(args, option) is None:
+                setattr(args, option, default)
+        task = {"format": "fastbptt-train-task", "name": name, "T": args.T or DEFAULT_T[name],
                 "n": args.n, "seed": args.seed, "text": os.path.abspath(args.text) if args.text else None,
                 "chars": args.chars, "vocab": None}
         if name == "char":
@@ -321,7 +411,11 @@ def cmd_train(args):
             task["vocab"] = datasets.CharVocab(text).chars
         out = args.out or f"fastbptt-{name}.npz"
         model = None
-    _writable_path(out, "--out")
+    if args.epochs is None:
+        args.epochs = 1
+    save = args.epochs > 0 or args.out is not None
+    if save:
+        _writable_path(out, "--out")              # before any training: a long run must not fail at the end
 
     spec, train, val = _task_data(task)
     if model is None:
@@ -334,26 +428,63 @@ def cmd_train(args):
         raise UserError(f"--resume: the checkpoint's model (D={model.input_size}, O={model.output_size}, "
                         f"loss={model.loss}) does not fit its task file ({task['name']})")
     done = len(model.history_["loss"])
+    base, how = _baseline(spec, train, val)
     print(f"task {task['name']}: {train[0].shape[0]} training sequences of T={task['T']}, "
           f"{val[0].shape[0]} validation; {model!r}")
+    print(f"baseline: val_loss {base:.4f} ({how})", flush=True)
     if done:
-        print(f"resuming from {args.resume} after {done} epochs")
-    progress = {"auto": None, "on": True, "off": False}[args.progress]
+        print(f"resuming from {args.resume} after {_plural(done, 'epoch')}", flush=True)
+
+    def print_epoch(m, logs):
+        print(f"epoch {logs['epoch']}: loss {logs['loss']:.4f}, val_loss {logs['val_loss']:.4f}, "
+              f"{logs['seq_per_s']:.0f} seq/s", flush=True)
+
+    progress = {"auto": "bar", "on": "bar", "off": False}[args.progress]      # the bar: on a terminal only
     t0 = time.perf_counter()
-    model.fit(train[0], train[1], epochs=args.epochs, validation_data=val, progress=progress)
+    if args.epochs:
+        try:
+            model.fit(train[0], train[1], epochs=args.epochs, validation_data=val, progress=progress,
+                      callbacks=[print_epoch])
+        except KeyboardInterrupt:
+            model.save(out)
+            write_json(task, _task_path(out))
+            print(f"interrupted after {_plural(len(model.history_['loss']) - done, 'complete epoch')} of this "
+                  f"run: the model at its last completed update point (optimizer step "
+                  f"{model.optimizer_.step_count}) is saved to {out}; continue with "
+                  f"'fastbptt train --resume {out}'", file=sys.stderr, flush=True)
+            return 130
     elapsed = time.perf_counter() - t0
     h = model.history_
-    for e in range(done, len(h["loss"])):
-        print(f"epoch {e + 1}: loss {h['loss'][e]:.4f}, val_loss {h['val_loss'][e]:.4f}, "
-              f"{h['seq_per_s'][e]:.0f} seq/s")
-    print(f"trained {args.epochs} epochs in {elapsed:.1f} s")
-    model.save(out)
-    write_json(task, _task_path(out))
-    print(f"checkpoint written to {out} (task in {_task_path(out)})")
+    if args.epochs:
+        print(f"trained {_plural(args.epochs, 'epoch')} in {elapsed:.1f} s: val_loss {h['val_loss'][-1]:.4f} "
+              f"(baseline {base:.4f})")
+    if save:
+        model.save(out)
+        write_json(task, _task_path(out))
+        print(f"checkpoint written to {out} (task in {_task_path(out)})")
     if task["name"] == "char" and args.sample > 0:
+        start = "\n" if "\n" in task["vocab"] else task["vocab"][0]
         print(f"sample ({args.sample} characters, temperature 0.8):")
-        print(_sample_text(model.params, task["vocab"], task["vocab"][0] if "\n" not in task["vocab"]
-                           else "\n", args.sample, seed=args.seed))
+        print(_sample_text(model.params, task["vocab"], start, args.sample, seed=args.seed))
+    return 0
+
+
+def cmd_sample(args):
+    """Sample from a character model saved by 'fastbptt train'."""
+    task = _load_task(_regular_file(args.model, "MODEL", "model file"))
+    if task.get("name") != "char" or not isinstance(task.get("vocab"), str):
+        raise UserError(f"MODEL: {args.model!r} is a model of the {task.get('name')!r} task; sampling needs a "
+                        "character model (fastbptt train --text FILE, or the built-in corpus)")
+    model = _load_model(args.model, "MODEL")
+    if model.input_size != len(task["vocab"]) or model.loss != "ce":
+        raise UserError(f"MODEL: the model (D={model.input_size}) does not fit its vocabulary of "
+                        f"{len(task['vocab'])} characters")
+    if args.start is not None:
+        start = args.start
+    else:
+        start = "\n" if "\n" in task["vocab"] else task["vocab"][0]
+    print(_sample_text(model.params, task["vocab"], start, args.length, seed=args.seed,
+                       temperature=args.temperature))
     return 0
 
 
@@ -363,7 +494,7 @@ def build_parser():
     from .bench import ALL_IMPLS, QUICK_MIN_T, QUICK_T_DIVISOR, SHAPES
     from .tbptt_study import TASKS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Fast, exact BPTT for Elman RNNs on the CPU: benchmarks, the "
         "truncation study and a small trainer.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -433,14 +564,18 @@ def build_parser():
     p.add_argument("--resume", metavar="PATH", help="continue training this checkpoint")
     p.add_argument("--out", metavar="PATH",
                    help="checkpoint to write (default: fastbptt-TASK.npz, or the --resume file)")
-    p.add_argument("--epochs", type=_positive_int, default=1)
-    p.add_argument("--T", type=_positive_int, help="sequence length (copy: the delay)")
+    p.add_argument("--epochs", type=_nonnegative_int,
+                   help="default 1 (adding: 20); 0 trains nothing (with --resume: only sample)")
+    p.add_argument("--T", type=_positive_int,
+                   help="sequence length (copy: the delay); default: " + ", ".join(f"{k} {v}" for k, v in
+                                                                                DEFAULT_T.items()))
     p.add_argument("--n", type=_positive_int, help="sequences of a generated task (default: 2000)")
     p.add_argument("--chars", type=_positive_int,
                    help="characters of the built-in corpus to use (default: 200000)")
-    p.add_argument("--hidden", type=_positive_int, help="hidden size (default: 128)")
+    p.add_argument("--hidden", type=_positive_int, help="hidden size (default: 128; adding: 32)")
     p.add_argument("--optimizer", choices=("adam", "sgd", "rmsprop", "adagrad"), help="default: adam")
-    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="learning rate (default: the optimizer's; adding: 0.01)")
     p.add_argument("--truncation", type=_truncation, default=None,
                    help="full (default), k or k1,k2")
     p.add_argument("--clip-norm", type=_positive_float, help="default: 1.0")
@@ -449,8 +584,20 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=200, help="characters to sample (char models)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                   help="progress bar (auto: when stderr is a terminal)")
+                   help="progress bar while an epoch runs, on stderr when it is a terminal (auto, on) or "
+                   "never (off); each epoch's line is printed when the epoch ends in every case")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample text from a character model saved by 'fastbptt train'",
+                       description="Print text sampled from a character model written by 'fastbptt train' "
+                       "(MODEL and MODEL.task.json, which holds its vocabulary).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--length", type=_positive_int, default=400, help="characters to sample (default 400)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8,
+                   help="softmax temperature: lower is more conservative (default 0.8)")
+    p.add_argument("--start", metavar="TEXT", help="text the model reads first (default: a newline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
     return parser
 
 
@@ -460,7 +607,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as exc:
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:              # training diverged: not a bug, not a user error
