@@ -761,10 +761,12 @@ class RNN:
                     break
         except KeyboardInterrupt as exc:
             done = self.optimizer_.step_count - steps_before
-            _note(exc, f"RNN.fit: interrupted after {len(hist['loss'])} completed epochs of the model "
-                       f"({done} optimizer steps in this call). The model holds the parameters of its last "
-                       f"completed update point (optimizer step {self.optimizer_.step_count}) and history_ its "
-                       "completed epochs: it can be evaluated, saved, and fit again.")
+            n = len(hist["loss"])
+            _note(exc, f"RNN.fit: interrupted after {n} completed epoch{'s' * (n != 1)} of the model "
+                       f"({done} optimizer step{'s' * (done != 1)} in this call). The model holds the "
+                       f"parameters of its last completed update point (optimizer step "
+                       f"{self.optimizer_.step_count}) and history_ its completed epochs: it can be "
+                       "evaluated, saved, and fit again.")
             raise
         finally:
             bar.close()
