@@ -92,6 +92,7 @@ from ._threads import call_scope
 from .backends import BACKENDS, resolve_backend
 from .diagnostics import recurrent_spectrum
 from .engine.core import ACT_CODES
+from .engine.lengths import packing
 from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from .engine.model import hidden_grad_norms
 from .engine.stack import head_logits, stack_forward
@@ -115,6 +116,31 @@ _MISSING = {"seq_per_s": float("nan"), "val_loss": float("nan"), "lr": float("na
 def _missing(key):
     value = _MISSING.get(key, float("nan"))
     return [] if value == () else value
+
+
+def _is_ragged(X):
+    """A list (or tuple) of sequences of different lengths."""
+    if not isinstance(X, (list, tuple)) or not X:
+        return False
+    try:
+        return len({np.shape(x)[0] for x in X}) > 1
+    except (IndexError, TypeError, ValueError):
+        return False
+
+
+def _pad_ragged(seqs, name, T=None):
+    """A list of N sequences (T_i, ...) -> ``(padded (N, T, ...) zeros after each, lengths (N,))``."""
+    arrs = [np.asarray(a) for a in seqs]
+    tail = arrs[0].shape[1:]
+    for i, a in enumerate(arrs):
+        if a.ndim < 1 or a.shape[1:] != tail or a.shape[0] < 1 or a.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: expected a list of sequences of shape (T_i, {', '.join(map(str, tail))}) "
+                             f"with T_i >= 1, of real numbers; item {i} has shape {a.shape} and dtype {a.dtype}")
+    lengths = np.array([a.shape[0] for a in arrs], dtype=np.int64)
+    out = np.zeros((len(arrs), max(T or 0, int(lengths.max()))) + tail, dtype=np.result_type(*arrs))
+    for i, a in enumerate(arrs):
+        out[i, :len(a)] = a
+    return out, lengths
 
 
 def _sha256(arr):
@@ -427,9 +453,18 @@ class RNN:
             self.state_[:, idx] = h
 
     # ----------------------------------------------------------- data checks
-    def _check_X(self, X, name="X"):
-        """Samples-first X -> ``(kind, arr)``: ("dense", (T, N, D) float C-contiguous)
-        or ("ids", (T, N) int64 C-contiguous)."""
+    def _check_X(self, X, name="X", lengths=None):
+        """Samples-first X -> ``(kind, arr, lengths)``: ("dense", (T, N, D) float C-contiguous)
+        or ("ids", (T, N) int64 C-contiguous), and the checked lengths (None: full length).
+
+        With ``lengths`` (or X a list of (T_i, D) / (T_i,) sequences, padded here) only
+        each row's valid steps are checked; its padding is zeros (ids: 0) in ``arr``.
+        """
+        if _is_ragged(X):
+            if lengths is not None:
+                raise ValueError("lengths: X is a list of sequences of their own lengths; give lengths only "
+                                 "with a padded array X of shape (N, T, D)")
+            X, lengths = _pad_ragged(X, name)
         D = self.input_size
         try:
             arr = np.asarray(X)
@@ -437,13 +472,21 @@ class RNN:
             raise TypeError(f"{name}: expected an array of shape (N, T, D), got {type(X).__name__}") from exc
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"{name}: expected real numbers, got dtype {arr.dtype}")
+        valid = None
+        if lengths is not None and arr.ndim in (2, 3) and 0 not in arr.shape:
+            lengths = V.check_lengths(lengths, arr.shape[1], arr.shape[0], False)
+            valid = V.valid_steps(lengths, arr.shape[1]).T         # (N, T)
+            if arr.ndim == 3 and not np.all(valid):                  # padding is never read: zeros here
+                arr = np.where(valid[:, :, None], arr, 0)
+            elif not np.all(valid):
+                arr = np.where(valid, arr, 0)
         if arr.ndim == 2 and arr.dtype.kind in "iu":
             if 0 in arr.shape:
                 raise ValueError(f"{name}: expected N >= 1 and T >= 1, got shape {arr.shape}")
             if arr.min() < 0 or arr.max() >= D:
                 raise ValueError(f"{name}: integer (N, T) input holds token ids, expected values in "
                                  f"[0, {D}) (input_size={D}), got [{arr.min()}, {arr.max()}]")
-            return "ids", np.ascontiguousarray(arr.T, dtype=np.int64)
+            return "ids", np.ascontiguousarray(arr.T, dtype=np.int64), lengths
         if arr.ndim != 3 or arr.shape[2] != D:
             raise ValueError(f"{name}: expected shape (N, T, D) with D={D} (input_size), or integer token "
                              f"ids of shape (N, T), got shape {arr.shape} and dtype {arr.dtype}")
@@ -454,11 +497,20 @@ class RNN:
         if not np.all(np.isfinite(X3)):
             t, n, d = np.argwhere(~np.isfinite(X3))[0]
             raise ValueError(V.nonfinite_message(name, X3[t, n, d], arr[n, t, d].item(), self.dtype, (n, t, d)))
-        return "dense", X3
+        return "dense", X3, lengths
 
-    def _check_Y(self, Y, T, N, name="Y"):
-        """Samples-first targets -> time-major validated: (T, N, O)/(T, N) or (N, O)/(N,)."""
+    def _check_Y(self, Y, T, N, name="Y", lengths=None):
+        """Samples-first targets -> time-major validated: (T, N, O)/(T, N) or (N, O)/(N,).
+
+        With ``lengths`` a sequence target is checked at valid steps only (a list of
+        (T_i, O) / (T_i,) sequences is padded here)."""
         O = self.output_size
+        if self.output == "sequence" and _is_ragged(Y):
+            Y, y_lengths = _pad_ragged(Y, name, T)
+            if lengths is None or not np.array_equal(y_lengths, lengths):
+                raise ValueError(f"{name}: expected one target sequence per input sequence, of its length, "
+                                 f"got lengths {y_lengths.tolist()[:8]} for inputs of lengths "
+                                 f"{None if lengths is None else lengths.tolist()[:8]}")
         try:
             arr = np.asarray(Y)
         except Exception as exc:
@@ -472,7 +524,7 @@ class RNN:
         if seq:
             arr = np.swapaxes(arr, 0, 1)
         try:
-            return V.check_Y(arr, self.params, T, N, False, self.loss, self.output)
+            return V.check_Y(arr, self.params, T, N, False, self.loss, self.output, lengths)
         except (TypeError, ValueError) as exc:
             msg = str(exc)
             raise type(exc)(name + msg[1:] if msg.startswith("Y") else msg) from None
@@ -489,11 +541,12 @@ class RNN:
     def _batch_Y(self, Yt, idx):
         return Yt[:, idx] if self.output == "sequence" else Yt[idx]
 
-    def _check_data(self, X, Y, xname="X", yname="Y"):
-        kind, Xt = self._check_X(X, xname)
+    def _check_data(self, X, Y, xname="X", yname="Y", lengths=None):
+        """``(kind, Xt, Yt, lengths)``: see :meth:`_check_X` and :meth:`_check_Y`."""
+        kind, Xt, lengths = self._check_X(X, xname, lengths)
         T, N = Xt.shape[:2]
-        Yt = self._check_Y(Y, T, N, yname)
-        return kind, Xt, Yt
+        Yt = self._check_Y(Y, T, N, yname, lengths)
+        return kind, Xt, Yt, lengths
 
     # ------------------------------------------------------------- predict
 
@@ -529,16 +582,25 @@ class RNN:
     def _kernels(self, T, B):
         return resolve_backend(self.backend, T=T, B=B, H=self.hidden_size, dtype=self.dtype)
 
-    def _forward_chunks(self, kind, Xt, kernels):
-        """Yield ``(rows, logits)`` for chunks of rows, from zero state: (T, b, O) or (b, O) by ``output``."""
-        N = Xt.shape[1]
+    def _forward_chunks(self, kind, Xt, kernels, lengths=None):
+        """Yield ``(rows, logits, lengths)`` for chunks of rows, from zero state: logits (T, b, O)
+        (unspecified at padded steps) or (b, O) by ``output``."""
+        T, N = Xt.shape[:2]
         act = ACT_CODES[self.activation]
         for s in range(0, N, _PREDICT_CHUNK):
             idx = np.arange(s, min(s + _PREDICT_CHUNK, N))
             Xb = self._batch_X(kind, Xt, idx)
-            fwd = stack_forward(kernels, self.params, Xb, self._zero_state(len(idx)), act)
-            rows = fwd.out[1:] if self.output == "sequence" else fwd.last_output()
-            yield idx, head_logits(self.params, rows, kernels)
+            lens = None if lengths is None else lengths[idx]
+            pack = packing(lens, T)
+            if pack is not None:
+                Xb = pack.sort(Xb, 1)
+            fwd = stack_forward(kernels, self.params, Xb, self._zero_state(len(idx)), act, pack=pack)
+            if self.output == "sequence":
+                o = head_logits(self.params, fwd.out[1:], kernels)
+                yield idx, (o if pack is None else pack.unsort(o, 1)), lens
+            else:
+                o = head_logits(self.params, fwd.last_output(), kernels)
+                yield idx, (o if pack is None else pack.unsort(o, 0)), lens
 
     def _zero_state(self, b):
         return np.zeros((len(self.params.layers), b, self.hidden_size), dtype=self.dtype)
@@ -559,52 +621,68 @@ class RNN:
                              f"num_layers={self.num_layers}, bidirectional={self.bidirectional}")
         self._check_model()
         self._check_call_memory(X, 1 << 30, True, [Y])
-        kind, Xt, Yt = self._check_data(X, Y)
+        kind, Xt, Yt, lengths = self._check_data(X, Y)
+        if lengths is not None:
+            raise ValueError("X: hidden_grad_norms takes sequences of one length (an array (N, T, D))")
         Xb = self._batch_X(kind, Xt, np.arange(Xt.shape[1]))
         kernels = self._kernels(Xb.shape[0], Xb.shape[1])
         with call_scope():
             return hidden_grad_norms(kernels, self.params, Xb, Yt, None, self.loss, self.output,
                                      ACT_CODES[self.activation])
 
-    def predict(self, X):
+    def predict(self, X, lengths=None):
         """Outputs from a zero initial state (logits for mse, probabilities for bce/ce).
 
         Parameters
         ----------
-        X : array_like of shape (N, T, D), or integer token ids (N, T)
+        X : array_like of shape (N, T, D), integer token ids (N, T), or a list of
+            N sequences (T_i, D) / (T_i,) of their own lengths
+        lengths : array_like of N ints in [1, T], optional
+            Variable-length rows of a padded X (padding is never read).
 
         Returns
         -------
-        ndarray of shape (N, T, O) (``output="sequence"``) or (N, O) (``"last"``)
+        ndarray of shape (N, T, O) (``output="sequence"``; zeros at padded steps)
+        or (N, O) (``"last"``: each row's own last step)
         """
         self._check_model()
         self._check_call_memory(X, _PREDICT_CHUNK, False, outputs=True)
-        kind, Xt = self._check_X(X)
+        kind, Xt, lengths = self._check_X(X, lengths=lengths)
         T, N = Xt.shape[:2]
         kernels = self._kernels(T, min(N, _PREDICT_CHUNK))
         seq = self.output == "sequence"
         out = np.empty((N, T, self.output_size) if seq else (N, self.output_size), dtype=self.dtype)
         with call_scope():
-            for idx, o in self._forward_chunks(kind, Xt, kernels):
+            for idx, o, _ in self._forward_chunks(kind, Xt, kernels, lengths):
                 out[idx] = np.swapaxes(o, 0, 1) if seq else o
-        return predict_from_logits(out, self.loss)
+        out = predict_from_logits(out, self.loss)
+        if seq and lengths is not None:
+            out[~V.valid_steps(lengths, T).T] = 0
+        return out
 
-    def _evaluate(self, kind, Xt, Yt, kernels):
+    def _evaluate(self, kind, Xt, Yt, lengths, kernels):
         total, weight = 0.0, 0
+        seq = self.output == "sequence"
         with call_scope():
-            for idx, o in self._forward_chunks(kind, Xt, kernels):
-                value, _ = LOSS_FUNCS[self.loss](o, Yt[:, idx] if self.output == "sequence" else Yt[idx])
-                total += value * len(idx)
-                weight += len(idx)
+            for idx, o, lens in self._forward_chunks(kind, Xt, kernels, lengths):
+                y = Yt[:, idx] if seq else Yt[idx]
+                n = len(idx)
+                if seq and lens is not None:          # the mean over valid steps only
+                    valid = V.valid_steps(lens, Xt.shape[0])
+                    o, y, n = o[valid], y[valid], int(valid.sum())
+                value, _ = LOSS_FUNCS[self.loss](o, y)
+                total += value * n
+                weight += n
         return total / weight
 
-    def evaluate(self, X, Y):
+    def evaluate(self, X, Y, lengths=None):
         """The mean loss on ``(X, Y)`` from a zero initial state (torch's ``mean`` reduction).
 
         Parameters
         ----------
-        X : array_like of shape (N, T, D), or integer token ids (N, T)
+        X : array_like of shape (N, T, D), integer token ids (N, T), or a list of sequences
         Y : array_like, targets as for ``fit``
+        lengths : array_like of N ints, optional (as for ``fit``)
 
         Returns
         -------
@@ -612,23 +690,30 @@ class RNN:
         """
         self._check_model()
         self._check_call_memory(X, _PREDICT_CHUNK, False, [Y])
-        kind, Xt, Yt = self._check_data(X, Y)
-        return self._evaluate(kind, Xt, Yt, self._kernels(Xt.shape[0], min(Xt.shape[1], _PREDICT_CHUNK)))
+        kind, Xt, Yt, lengths = self._check_data(X, Y, lengths=lengths)
+        return self._evaluate(kind, Xt, Yt, lengths,
+                              self._kernels(Xt.shape[0], min(Xt.shape[1], _PREDICT_CHUNK)))
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, Y, *, epochs=1, validation_data=None, shuffle=True, stateful=False, progress=None,
-            diagnostics=False, callbacks=None, validation_every=None):
+    def fit(self, X, Y, *, lengths=None, epochs=1, validation_data=None, shuffle=True, stateful=False,
+            progress=None, diagnostics=False, callbacks=None, validation_every=None):
         """Train, continuing from the current parameters and optimizer state.
 
         Parameters
         ----------
         X : array_like of shape (N, T, D), or integer token ids of shape (N, T)
-            Samples first. Integer ids are one-hot encoded per mini-batch.
+            Samples first. Integer ids are one-hot encoded per mini-batch. Or a
+            list of N sequences (T_i, D) (or token ids (T_i,)) of their own lengths.
         Y : array_like
             (N, T, O) / (N, O) floats for mse/bce, (N, T) / (N,) class ids for
-            ce, by ``output``.
+            ce, by ``output``; with a list X and ``output="sequence"``, a list of
+            (T_i, O) / (T_i,) targets.
+        lengths : array_like of N ints in [1, T], optional
+            Variable-length rows of a padded X (torch's packed sequences): the
+            padding is never read, the losses are means over valid steps, and
+            ``output="last"`` takes each row's own last step.
         epochs : int >= 1
-        validation_data : (X_val, Y_val) or None
+        validation_data : (X_val, Y_val), (X_val, Y_val, lengths_val) or None
             Evaluated after every epoch into ``history_["val_loss"]``.
         shuffle : bool
             Shuffle the rows every epoch with the model's own generator.
@@ -705,16 +790,17 @@ class RNN:
         self._check_model()
         self._check_settings()
         if validation_data is not None and (not isinstance(validation_data, (tuple, list))
-                                            or len(validation_data) != 2):
-            raise TypeError("validation_data: expected a pair (X_val, Y_val), got "
-                            f"{type(validation_data).__name__}")
-        extra = [Y] + (list(validation_data) if validation_data is not None else [])
+                                            or len(validation_data) not in (2, 3)):
+            raise TypeError("validation_data: expected a pair (X_val, Y_val) or (X_val, Y_val, lengths_val), "
+                            f"got {type(validation_data).__name__}")
+        extra = [Y] + (list(validation_data[:2]) if validation_data is not None else [])
         self._check_call_memory(X, self.batch_size, True, extra)
-        kind, Xt, Yt = self._check_data(X, Y)
+        kind, Xt, Yt, lengths = self._check_data(X, Y, lengths=lengths)
         T, N = Xt.shape[:2]
         val = None
         if validation_data is not None:
-            val = self._check_data(*validation_data, xname="validation_data[0]", yname="validation_data[1]")
+            val = self._check_data(*validation_data[:2], xname="validation_data[0]", yname="validation_data[1]",
+                                   lengths=validation_data[2] if len(validation_data) == 3 else None)
         if stateful and self.state_ is not None and self._state_rows() != N:
             raise ValueError(f"X: stateful=True continues the {self._state_rows()} rows of the previous "
                              f"stateful fit, got N={N} rows; call reset_state() to start afresh")
@@ -730,6 +816,8 @@ class RNN:
                 raise ValueError("diagnostics: expected a one-layer unidirectional model (the norms are "
                                  f"those of its hidden state), got num_layers={self.num_layers}, "
                                  f"bidirectional={self.bidirectional}")
+            if lengths is not None:
+                raise ValueError("diagnostics: expected sequences of one length (no lengths)")
             d_idx = np.arange(B)
             d_batch = (self._batch_X(kind, Xt, d_idx), self._batch_Y(Yt, d_idx))
 
@@ -738,7 +826,7 @@ class RNN:
         _align_history(hist)
         if stateful and self.state_ is None:
             self.state_ = self._user_state(self._zero_state(N))
-        run = dict(kind=kind, Xt=Xt, Yt=Yt, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels, act=act,
+        run = dict(kind=kind, Xt=Xt, Yt=Yt, lengths=lengths, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels, act=act,
                    points=points, lr_at=lr_at, val=val, val_kernels=val_kernels,
                    validation_every=validation_every, d_batch=d_batch)
         steps_before = self.optimizer_.step_count
@@ -813,10 +901,12 @@ class RNN:
                 idx = order[s:s + B]
                 Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
                 h0s = self._internal_state(idx) if run["stateful"] else self._zero_state(len(idx))
+                lens = None if run["lengths"] is None else run["lengths"][idx]
                 h_T, ls, w = train_batch(run["kernels"], self.params, opt, Xb, Yb, h0s, loss=self.loss,
                                          output=self.output, act=run["act"], truncation=self.truncation,
                                          clip_norm=self.clip_norm, epoch=epoch, counter=counter,
-                                         points=run["points"], lr_at=run["lr_at"], after_step=after_step)
+                                         points=run["points"], lr_at=run["lr_at"], after_step=after_step,
+                                         lengths=lens)
                 if run["stateful"]:
                     self._set_state(idx, h_T)
                 loss_sum += ls

@@ -1,7 +1,17 @@
 """The online TBPTT step: one mini-batch, an optimizer step at every update point.
 
-One function shared by every trainer (the estimator, and any adapter that
-trains with fastbptt's optimizers), so that they all take the same steps.
+One implementation shared by every trainer (the estimator, the Dask trainer,
+and any adapter that trains with fastbptt's optimizers), so that they all take
+the same steps. It is cut in two at every update point:
+
+* :func:`point_grad` -- the gradient side: the forward from the stored state,
+  :func:`fastbptt.engine.model.loss_and_grad`, and the states it reached stored
+  for later windows (:class:`Carry`). It reads the parameters and changes
+  nothing else: a data-parallel trainer runs it on each worker's rows.
+* :func:`apply_step` -- the optimizer side: the finiteness checks, clipping,
+  the learning rate of a schedule and the (atomic) optimizer step.
+
+:func:`train_batch` is the two in turn on one machine.
 """
 
 import functools
@@ -11,6 +21,7 @@ import numpy as np
 
 from ..clip import clip_grad_norm
 from .core import windows
+from .lengths import packing
 from .model import loss_and_grad
 from .stack import stack_forward
 
@@ -25,8 +36,161 @@ def update_points(T, truncation):
     return tuple((int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends))
 
 
+def has_step(point, T, output, lengths=None):
+    """Whether the update point ``(s, tp, t)`` has a loss (and so an optimizer step): with
+    ``output="last"`` only the one at T has (with ``lengths``: those holding a row's last step)."""
+    if lengths is not None:
+        return point_weight(point, len(lengths), output, lengths) > 0
+    return output == "sequence" or point[2] == T
+
+
+def point_weight(point, b, output, lengths=None):
+    """The number of loss terms (steps x rows) of an update point over ``b`` rows: the weight of
+    its mean loss in the epoch's running loss, and (by rows) of a part of a split batch.
+    With ``lengths`` (b,): the valid steps since the previous point, or the rows ending there."""
+    _, tp, t = point
+    if lengths is None:
+        return (t - tp) * b if output == "sequence" else b
+    if output == "sequence":
+        return int(np.sum(np.clip(np.minimum(lengths, t) - tp, 0, None)))
+    return int(np.sum((lengths > tp) & (lengths <= t)))
+
+
+class Carry:
+    """The hidden states of one mini-batch's rows across its update points.
+
+    ``h0s`` (L·dirs, b, H) is the state at step 0. With one update point
+    nothing is stored; with several, every layer's state at every step
+    (``(k1, k2)`` re-runs a window from the state stored at its start).
+    """
+
+    __slots__ = ("h0s", "store", "h_T", "lengths")
+
+    def __init__(self, h0s, T, n_points, lengths=None):
+        self.h0s, self.h_T, self.lengths = h0s, None, lengths
+        if n_points == 1:
+            self.store = None
+        else:
+            self.store = np.empty((T + 1,) + h0s.shape, dtype=h0s.dtype)
+            self.store[0] = h0s
+
+    def at(self, s, rows=None):
+        """The state at step ``s`` (0 when there is one update point), of the first ``rows`` rows."""
+        h = self.h0s if self.store is None else self.store[s]
+        return h if rows is None else np.ascontiguousarray(h[:, :rows])
+
+    def keep(self, tp, t, fwd, offset, rows=None):
+        """Store the states the forward ``fwd`` reached at steps ``tp+1..t`` (its steps ``offset+1..``),
+        of its first ``rows`` rows (all if None; padded steps take whatever the forward left there)."""
+        if self.store is None:
+            self.h_T = fwd.h_n
+        else:
+            for i, Hs in enumerate(fwd.Hs):
+                self.store[tp + 1:t + 1, i, :rows] = Hs[offset + 1:]
+
+    def final(self, T):
+        """The state at step T (with ``lengths``: each row's at its own last step), (L·dirs, b, H), new."""
+        if self.store is None:
+            return self.h_T
+        if self.lengths is None:
+            return self.store[T].copy()
+        return self.store[self.lengths, :, np.arange(len(self.lengths))].transpose(1, 0, 2).copy()
+
+
+def point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
+    """The gradient side of one update point ``(s, tp, t)`` of the mini-batch ``Xb`` (T, b, D).
+
+    Returns ``(value, grads)``: the mean loss over the point's loss terms and its
+    gradient (an :class:`RNNParams`); or None for a point without a loss
+    (``output="last"`` before T: the state is carried, no step). The states
+    reached are kept in ``carry``. Reads ``params``, changes nothing else.
+    A variable-length batch (``carry.lengths``) has its rows sorted by length,
+    longest first: see :func:`_ragged_point_grad`.
+    """
+    if carry.lengths is not None:
+        return _ragged_point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act)
+    s, tp, t = point
+    T = Xb.shape[0]
+    seq = output == "sequence"
+    if not has_step(point, T, output):
+        fwd = stack_forward(kernels, params, Xb[tp:t], carry.at(tp), act)
+        carry.keep(tp, t, fwd, 0)
+        return None
+    one_window = (np.array([t - s], dtype=np.int64), np.zeros(1, dtype=np.int64))
+    value, grads, fwd = loss_and_grad(kernels, params, Xb[s:t], Yb[tp:t] if seq else Yb, carry.at(s), loss, output,
+                                      act, one_window, loss_from=(tp - s) if seq else 0)
+    carry.keep(tp, t, fwd, tp - s)
+    return value, grads
+
+
+def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
+    """:func:`point_grad` of a variable-length batch: the update point runs on the rows still
+    active (a prefix: the rows are sorted longest first), each within its own length."""
+    s, tp, t = point
+    seq = output == "sequence"
+    lens = carry.lengths
+    if not has_step(point, Xb.shape[0], output, lens):     # carry the active rows' states, no step
+        r = int(np.sum(lens > tp))
+        if r:
+            fwd = stack_forward(kernels, params, np.ascontiguousarray(Xb[tp:t, :r]), carry.at(tp, r), act,
+                                pack=packing(np.minimum(lens[:r], t) - tp, t - tp))
+            carry.keep(tp, t, fwd, 0, r)
+        return None
+    r = int(np.sum(lens > s))
+    pack = packing(np.minimum(lens[:r], t) - s, t - s)
+    lf = tp - s
+    last_rows = None
+    if seq:
+        Y = np.ascontiguousarray(Yb[s:t, :r])
+        if pack is None:
+            Y = Y[lf:]
+        else:               # the valid positions from the loss start on, in the packing's order
+            Y = Y.reshape((-1,) + Y.shape[2:])[pack.idx[pack.idx >= lf * r]]
+    else:
+        rows = np.flatnonzero((lens[:r] > tp) & (lens[:r] <= t))
+        last_rows = None if len(rows) == r else rows
+        Y = Yb[rows]
+    one_window = (np.array([t - s], dtype=np.int64), np.zeros(1, dtype=np.int64))
+    value, grads, fwd = loss_and_grad(kernels, params, np.ascontiguousarray(Xb[s:t, :r]), Y, carry.at(s, r), loss,
+                                      output, act, one_window, loss_from=lf if seq else 0, pack=pack,
+                                      last_rows=last_rows)
+    carry.keep(tp, t, fwd, lf, r)
+    return value, grads
+
+
+def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where):
+    """The optimizer side of one update point: check, clip, set the scheduled lr, step.
+
+    Raises ``FloatingPointError`` naming ``where`` (e.g. "epoch 2, update step
+    5 of the epoch (...)") when the loss, a gradient or the update is not
+    finite; ``params`` are then unchanged. The step itself is all or nothing
+    (see :mod:`fastbptt.optim`). ``grads`` may be scaled in place (clipping).
+    """
+    if not math.isfinite(value):
+        raise FloatingPointError(f"RNN.fit: the loss is {value} at {where}; training diverged. The "
+                                 "parameters are those of the last good step. Try a lower lr or clip_norm=...")
+    for name, g in grads.items():
+        if not np.all(np.isfinite(g)):
+            raise FloatingPointError(f"RNN.fit: non-finite gradient of {name} at {where}; training "
+                                     "diverged. The parameters are those of the last good step. Try a "
+                                     "lower lr or clip_norm=...")
+    if clip_norm is not None:
+        clip_grad_norm(grads, clip_norm)
+    if lr_at is not None:
+        optimizer.lr = lr_at(optimizer.step_count)
+    try:
+        optimizer.step(params, grads)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"RNN.fit: at {where}: {exc}") from None
+
+
+def step_where(epoch, step, point):
+    """Where an update happens, for messages."""
+    return f"epoch {epoch}, update step {step} of the epoch (steps {point[1] + 1}..{point[2]} of a mini-batch)"
+
+
 def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, truncation, clip_norm,
-                epoch, counter, points=None, lr_at=None, after_step=None):
+                epoch, counter, points=None, lr_at=None, after_step=None, lengths=None):
     """Train one time-major mini-batch in place; returns ``(h_T, loss_sum, weight)``.
 
     ``Xb`` (T, b, D), ``Yb`` time-major targets and ``h0s`` (L·dirs, b, H) are
@@ -46,6 +210,13 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     after each step, once every array this function reads is saved (it may run
     other calls, e.g. a validation pass, on this thread's work arrays).
 
+    ``lengths`` (b,) ints: a variable-length batch (padding never read). The
+    update points stay on the absolute time axis; each runs on the rows still
+    active, its loss is the mean over the valid steps since the previous update
+    point (``output="last"``: over the rows ending there), and an update point
+    without a loss carries the state without a step. ``h_T`` holds each row's
+    state at its own last step.
+
     Raises ``FloatingPointError`` naming ``epoch`` and the step when the loss, a
     gradient or an update is not finite; the parameters are then those of the
     last good step.
@@ -56,57 +227,30 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     completed update point.
     """
     T, b, _ = Xb.shape
-    seq = output == "sequence"
     if points is None:
         points = update_points(T, truncation)
-    one_window = (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    if len(points) == 1:
-        Hstore = None
-    else:
-        Hstore = np.empty((T + 1,) + h0s.shape, dtype=params.dtype)    # every layer's state at every step
-        Hstore[0] = h0s
-    loss_sum, weight, h_T = 0.0, 0, None
-    for s, tp, t in points:
-        if not seq and t < T:
-            # no loss before T with output="last": carry the state, no step
-            fwd = stack_forward(kernels, params, Xb[tp:t], Hstore[tp], act)
-            _store(Hstore, tp, t, fwd, 0)
+    order = None
+    if lengths is not None:     # rows sorted longest first: each update point runs on a prefix
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        lengths = np.asarray(lengths, dtype=np.int64)[order]
+        Xb, h0s = Xb[:, order], np.ascontiguousarray(h0s[:, order])
+        Yb = Yb[:, order] if output == "sequence" else Yb[order]
+    carry = Carry(h0s, T, len(points), lengths)
+    loss_sum, weight = 0.0, 0
+    for point in points:
+        got = point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act)
+        if got is None:
             continue
-        h0 = h0s if Hstore is None else Hstore[s]
-        one_window[0][0] = t - s
-        value, grads, fwd = loss_and_grad(kernels, params, Xb[s:t], Yb[tp:t] if seq else Yb, h0, loss, output,
-                                          act, one_window, loss_from=(tp - s) if seq else 0)
+        value, grads = got
         counter[0] += 1
-        where = f"epoch {epoch}, update step {counter[0]} of the epoch (steps {tp + 1}..{t} of a mini-batch)"
-        if not math.isfinite(value):
-            raise FloatingPointError(f"RNN.fit: the loss is {value} at {where}; training diverged. The "
-                                     "parameters are those of the last good step. Try a lower lr or clip_norm=...")
-        for name, g in grads.items():
-            if not np.all(np.isfinite(g)):
-                raise FloatingPointError(f"RNN.fit: non-finite gradient of {name} at {where}; training "
-                                         "diverged. The parameters are those of the last good step. Try a "
-                                         "lower lr or clip_norm=...")
-        if clip_norm is not None:
-            clip_grad_norm(grads, clip_norm)
-        if lr_at is not None:
-            optimizer.lr = lr_at(optimizer.step_count)
-        try:
-            optimizer.step(params, grads)
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"RNN.fit: at {where}: {exc}") from None
-        w = (t - tp) * b if seq else b
+        apply_step(params, optimizer, value, grads, clip_norm=clip_norm, lr_at=lr_at,
+                   where=step_where(epoch, counter[0], point))
+        w = point_weight(point, b, output, lengths)
         loss_sum += value * w
         weight += w
-        if Hstore is None:
-            h_T = fwd.h_n
-        else:
-            _store(Hstore, tp, t, fwd, tp - s)
         if after_step is not None:
             after_step(loss_sum, weight)
-    return (h_T if Hstore is None else Hstore[T].copy()), loss_sum, weight
-
-
-def _store(Hstore, tp, t, fwd, offset):
-    """``Hstore[tp+1 : t+1] = `` the states the forward reached (from its step ``offset + 1``)."""
-    for i, Hs in enumerate(fwd.Hs):
-        Hstore[tp + 1:t + 1, i] = Hs[offset + 1:]
+    h_T = carry.final(T)
+    if order is not None:
+        h_T[:, order] = h_T.copy()
+    return h_T, loss_sum, weight
