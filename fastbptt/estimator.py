@@ -219,6 +219,19 @@ def _check_config(input_size, hidden_size, output_size, activation, loss, output
     return cfg, opt
 
 
+_CONFIG_NAMES = ("input_size", "hidden_size", "output_size", "activation", "loss", "output", "optimizer", "lr",
+                 "truncation", "clip_norm", "batch_size", "dtype", "backend", "seed", "num_layers", "bidirectional",
+                 "init", "lr_schedule")
+
+
+def _same(a, b):
+    """Whether two constructor arguments are the same setting (``==``, False when not comparable)."""
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return False
+
+
 def _param_shapes(cfg):
     """``[(name, shape)]`` of the parameters a configuration implies, in canonical order."""
     D, H, O, L = cfg["input_size"], cfg["hidden_size"], cfg["output_size"], cfg["num_layers"]
@@ -352,6 +365,11 @@ class RNN:
                                 num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
                                 init=cfg["init"], dtype=cfg["dtype"], seed=cfg["seed"])
         self._configure(cfg, opt, _on_one_buffer(params))
+        self._given = {k: (v, getattr(self, k)) for k, v in dict(
+            input_size=input_size, hidden_size=hidden_size, output_size=output_size, activation=activation,
+            loss=loss, output=output, optimizer=optimizer, lr=lr, truncation=truncation, clip_norm=clip_norm,
+            batch_size=batch_size, dtype=dtype, backend=backend, seed=seed, num_layers=num_layers,
+            bidirectional=bidirectional, init=init, lr_schedule=lr_schedule).items()}
 
     def _configure(self, cfg, opt, params, base_lr=None):
         """Set every attribute from a checked configuration (the constructor and ``load``)."""
@@ -373,7 +391,78 @@ class RNN:
 
     # ----------------------------------------------------------------- info
     def get_params(self, deep=True):
-        """The constructor's configuration, as a dict (``deep`` is accepted for scikit-learn)."""
+        """The constructor's arguments, as a dict (scikit-learn's estimator API).
+
+        Each is returned as it was given (``dtype=np.float32`` stays the type, not
+        ``np.dtype``), unless it was changed since (``set_params``, or an
+        attribute assigned); ``deep`` changes nothing (no sub-estimators).
+        ``sklearn.base.clone(model)`` gives an unfitted model of the same
+        configuration. Without scikit-learn installed all this works too.
+        """
+        cfg = self._config()
+        for name, (given, stored) in self.__dict__.get("_given", {}).items():
+            if cfg.get(name) is stored:
+                cfg[name] = given
+        return cfg
+
+    # the constructor arguments that set_params changes on the model in place (keeping its training);
+    # any other one gives a new model, as the constructor would
+    _SETTINGS = ("activation", "loss", "output", "lr", "truncation", "clip_norm", "batch_size", "backend",
+                 "lr_schedule")
+
+    def set_params(self, **params):
+        """Set constructor arguments (scikit-learn's estimator API); returns ``self``.
+
+        Everything is validated before anything changes. The training settings
+        (``activation``, ``loss``, ``output``, ``lr``, ``truncation``,
+        ``clip_norm``, ``batch_size``, ``backend``, ``lr_schedule``) change in
+        place: parameters, optimizer state and ``history_`` are kept (a new
+        ``lr`` goes to the optimizer). Any other argument (sizes, layers,
+        ``dtype``, ``seed``, ``init``, ``optimizer``) re-creates the model as the
+        constructor does: new parameters drawn from ``seed``, a fresh optimizer,
+        empty ``history_``.
+        """
+        if not params:
+            return self
+        current = self.get_params(deep=False)
+        unknown = sorted(set(params) - set(current))
+        if unknown:
+            raise ValueError(f"set_params: invalid parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)} for "
+                             f"{type(self).__name__}; valid parameters: {', '.join(current)}")
+        merged = {**current, **params}
+        cfg, opt = _check_config(**{k: merged[k] for k in current if k in _CONFIG_NAMES})
+        changed = [k for k, v in params.items() if not (v is current[k] or _same(v, current[k]))]
+        if any(k not in self._SETTINGS for k in changed):
+            type(self).__init__(self, **merged)
+            return self
+        given = self.__dict__.setdefault("_given", {})
+        for k in params:
+            setattr(self, k, cfg[k])
+            given[k] = (params[k], cfg[k])
+        if "lr" in changed and isinstance(self.optimizer, str):
+            self.optimizer_.lr = self._base_lr = opt.lr
+        return self
+
+    def score(self, X, Y, lengths=None):
+        """Minus the mean loss on ``(X, Y)`` (greater is better: scikit-learn's convention); see
+        :meth:`evaluate`."""
+        return -self.evaluate(X, Y, lengths=lengths)
+
+    def __sklearn_tags__(self):
+        """scikit-learn >= 1.6's estimator tags (scikit-learn is imported only when it asks)."""
+        from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
+        regressor = self.loss == "mse"
+        return Tags(estimator_type="regressor" if regressor else None,
+                    target_tags=TargetTags(required=True, multi_output=True, single_output=True),
+                    regressor_tags=RegressorTags() if regressor else None,
+                    input_tags=InputTags(two_d_array=False, three_d_array=True, allow_nan=False),
+                    non_deterministic=self.seed is None, requires_fit=False)
+
+    def __sklearn_is_fitted__(self):
+        return bool(self.history_["loss"])
+
+    def _config(self):
+        """The configuration as this model holds it (checked and normalised)."""
         return {"input_size": self.input_size, "hidden_size": self.hidden_size,
                 "output_size": self.output_size, "activation": self.activation, "loss": self.loss,
                 "output": self.output, "optimizer": self.optimizer, "lr": self.lr,
@@ -402,7 +491,7 @@ class RNN:
             raise TypeError(f"params: expected an RNNParams, got {type(p).__name__}")
         key = tuple(map(id, p.arrays()))
         if key != self._checked:
-            want = _param_shapes(self.get_params())
+            want = _param_shapes(self._config())
             got = [(n, a.shape) for n, a in p.items()]
             if got != want or p.dtype != self.dtype:
                 raise ValueError(f"params: expected {want} of {self.dtype.name} (this model's configuration), "
@@ -947,7 +1036,7 @@ class RNN:
             raise IsADirectoryError(f"path: {path!r} is a directory, expected a file name")
         self._check_model()
         _align_history(self.history_)
-        cfg = self.get_params()
+        cfg = self._config()
         cfg["dtype"] = self.dtype.name
         cfg["optimizer"] = self.optimizer if isinstance(self.optimizer, str) else None
         schedule = cfg["lr_schedule"]
