@@ -7,7 +7,13 @@ with threadpoolctl, Numba with ``numba.set_num_threads`` and torch with
 resized once jax is imported; it uses all cores, which is 2 on these machines.
 To force one thread for jax, export
 ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"``
-before running. ``FASTBPTT_BENCH_THREADS`` changes the count for the rest.
+before running (``fastbptt bench`` times jax at both settings by itself, the
+other one in a worker process). torch can change its pool between tests: the
+step suite also runs it on one thread (``torch@1``).
+``FASTBPTT_BENCH_THREADS`` changes the count for the rest.
+
+``FASTBPTT_BENCH_QUICK=1``: T of every shape divided by 5 (at least 20; as
+``fastbptt bench --quick``) and the small truncation study: what CI runs.
 """
 
 import os
@@ -15,8 +21,10 @@ import os
 import pytest
 
 from fastbptt.tools import bench
+from fastbptt.tools.peers import jax_threads
 
 THREADS = int(os.environ.get("FASTBPTT_BENCH_THREADS", "2"))
+QUICK = bool(os.environ.get("FASTBPTT_BENCH_QUICK"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,6 +68,31 @@ def record_rate(benchmark, flops=None, steps=None):
         benchmark.extra_info["gflops"] = flops / median / 1e9
     if steps is not None:
         benchmark.extra_info["time_steps_per_s"] = steps / median
+
+
+def shape_of_name(name):
+    """The :class:`~fastbptt.tools.bench.Shape` a named cell runs (T shortened in quick mode)."""
+    shape = bench.SHAPES[name]
+    return bench.quick_shape(shape) if QUICK else shape
+
+
+def threads_of_impl(impl):
+    """The threads an implementation runs on here: ``torch@1`` on 1, jax on its XLA pool's, the rest on THREADS."""
+    if "@" in impl:
+        return int(impl.split("@")[1])
+    return jax_threads() if impl == "jax" else THREADS
+
+
+@pytest.fixture
+def shape_of():
+    """The :func:`shape_of_name` function."""
+    return shape_of_name
+
+
+@pytest.fixture
+def threads_of():
+    """The :func:`threads_of_impl` function."""
+    return threads_of_impl
 
 
 @pytest.fixture

@@ -66,6 +66,13 @@ def test_bench_quick_tiny_shapes_json_plot_compare(tmp_path):
         assert c["max_rel_err"] < 1e-4, c             # float32 vs the float64 reference
         assert c["steps_per_s"] == pytest.approx(1 / c["median_s"])
     assert res["meta"]["quick"] is True and res["meta"]["threads"] == 2
+    for c in res["results"]:                          # a peer's row is its best of 1 and 2 threads
+        if c["kind"] == "peer":
+            assert set(c["by_threads"]) == {"1", "2"} or (c["impl"] == "jax" and os.cpu_count() == 1)
+            assert c["median_s"] == min(t["median_s"] for t in c["by_threads"].values())
+            assert all(t["max_rel_err"] < 1e-4 for t in c["by_threads"].values())
+            if c["impl"] == "jax" and os.cpu_count() == 2:     # XLA's 1-thread setting: a worker process
+                assert c["by_threads"]["1"]["where"] == "worker"
     for c in res["results"]:                          # each impl has a row in the table
         assert any(line.startswith(c["impl"] + " ") for line in proc.stdout.splitlines())
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,6 +82,40 @@ def test_bench_quick_tiny_shapes_json_plot_compare(tmp_path):
     rows = proc.stdout.splitlines()[1:]
     assert len(rows) == len(res["results"])
     assert all(row.rstrip().endswith("1.00x") for row in rows)
+
+
+def test_bench_stack_with_its_single_layer_twins(tmp_path):
+    """A stacked cell (custom T,B,D,H,L,bi) and one layer of each of its layers' shapes: the gradients
+    are checked field by field, torch runs at 1 and 2 threads, the per-layer ratio is printed.
+    (jax's stacks: test_peers.py; its worker process: the test above.)"""
+    from fastbptt.tools.peers import available_peers
+    impls = ["numpy"] + [p for p in available_peers() if p == "torch"]
+    proc = run(["bench", "--quick", "--shapes", "12,3,4,5,2,bi", "12,3,4,5", "12,3,10,5", "--backends", *impls,
+                "--json", "r.json", "--silent"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    cells = {(c["shape"], c["impl"]): c for c in res["results"]}
+    stack = "T12_B3_D4_H5_L2_bi"
+    names = fastbptt.RNNParams.init(4, 5, 8, num_layers=2, bidirectional=True).names()
+    for impl in impls:
+        c = cells[(stack, impl)]
+        assert (c["num_layers"], c["bidirectional"]) == (2, True)
+        assert tuple(c["rel_err_by_field"]) == names            # every (layer, direction) and the head
+        assert c["max_rel_err"] == max(c["rel_err_by_field"].values()) < 1e-4, c
+        if impl != "numpy":                                       # a peer: its best of 1 and 2 threads
+            assert set(c["by_threads"]) == {"1", "2"}
+            assert c["median_s"] == min(t["median_s"] for t in c["by_threads"].values())
+            assert c["by_threads"][str(c["threads"])]["median_s"] == c["median_s"]
+    assert cells[("T12_B3_D4_H5", "numpy")]["num_layers"] == 1
+    ratios = {r["impl"]: r for r in res["stack_ratios"]}
+    assert set(ratios) == set(impls)
+    for impl, r in ratios.items():
+        l0, l1 = cells[("T12_B3_D4_H5", impl)]["median_s"], cells[("T12_B3_D10_H5", impl)]["median_s"]
+        assert r["twins"] == {"4": "T12_B3_D4_H5", "10": "T12_B3_D10_H5"}
+        assert r["ratio"] == pytest.approx(cells[(stack, impl)]["median_s"] / (2 * l0 + 2 * l1))
+        assert r["ratio_vs_first"] == pytest.approx(cells[(stack, impl)]["median_s"] / (4 * l0))
+    assert "per (layer, direction) cost of a stack" in proc.stdout
+    assert "T=12, B=3, D=4, H=5, O=8, 2 layers, bidirectional" in proc.stdout
 
 
 def test_bench_selected_backend_float64(tmp_path):
@@ -158,6 +199,8 @@ def folder(tmp_path_factory):
 USER_ERRORS = {
     "no-command": ([], "required"),
     "bad-shape": (["bench", "--shapes", "1,2,3"], "shape"),
+    "bad-shape-layers": (["bench", "--shapes", "5,1,1,1,0"], "shape"),
+    "bad-shape-direction": (["bench", "--shapes", "5,1,1,1,2,both"], "shape"),
     "bad-backend": (["bench", "--backends", "fortran"], "invalid choice"),
     "bad-threads": (["bench", "--threads", "0"], "positive int"),
     "json-folder-missing": (["bench", "--shapes", "5,1,1,1", "--json", "no/such/dir/r.json"], "--json"),

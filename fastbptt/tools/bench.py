@@ -1,9 +1,10 @@
 """The backend comparison behind ``fastbptt bench`` and the ``benchmarks/`` suite.
 
 One *training step* is what :func:`fastbptt.loss_and_grad` computes: the
-forward pass and the full-BPTT gradient of all five parameters (mse loss on
-every step, ``O = 8`` outputs). Each implementation -- every fastbptt backend
-that loads here and, when installed, the PyTorch and JAX peers
+forward pass and the full-BPTT gradient of all parameters (mse loss on
+every step, ``O = 8`` outputs), of one layer or of a stack of layers, one or
+two directions (:class:`Shape`). Each implementation -- every fastbptt
+backend that loads here and, when installed, the PyTorch and JAX peers
 (:mod:`fastbptt.tools.peers`) -- runs the same step on the same data:
 
 - the step is built and called once before timing (``compile_s`` is that
@@ -13,12 +14,23 @@ that loads here and, when installed, the PyTorch and JAX peers
   calls to last ``min_sample_s``; the result reports the best and the median
   sample (machines are noisy: compare within one run);
 - correctness: the gradients of each implementation are compared with the
-  NumPy reference in float64 on the same data (``max_rel_err`` = the largest
-  ``max|g - g_ref| / max|g_ref|`` over the five parameters).
+  NumPy reference in float64 on the same data, field by field in the
+  canonical order of ``names()`` / ``arrays()`` (``rel_err_by_field``;
+  ``max_rel_err`` = the largest ``max|g - g_ref| / max|g_ref|`` over them).
 
-Threads: ``threads`` (default 2) caps the BLAS pools (threadpoolctl), Numba's
-pool and torch's intra-op pool; XLA's pool is fixed when jax is imported (see
-:func:`fastbptt.tools.peers.set_threads`).
+Threads: ``threads`` (default 2) is fastbptt's team and caps the BLAS pools
+(threadpoolctl) and Numba's pool. The peers run at each count of
+``peer_threads`` (default 1 and ``threads``) and a peer's cell is its best
+one (a peer is often faster on one thread at small shapes: a ratio against
+its slower setting would flatter us); every count's figures stay in the
+cell's ``by_threads``. torch changes its intra-op pool between steps; XLA's
+pool is fixed when jax creates its CPU client, so jax at the count this
+process does not have runs in a worker process of its own (same data, same
+timing code; see :func:`fastbptt.tools.peers.set_threads`).
+
+Stacked models: a stacked cell's cost per (layer, direction) is read against
+single-layer cells of each layer's own shape in the same run
+(:func:`stack_ratios`; ``stacked`` with ``stacked_l0`` and ``stacked_l1``).
 """
 
 import datetime
@@ -26,7 +38,12 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,17 +53,50 @@ from ..backends import available_backends, unavailable_backends
 from .._io import atomic_write
 from ..functional import loss_and_grad
 from ..params import RNNParams
-from .peers import PEERS, make_peer_step, peer_unavailable_reason, peer_version, set_threads
+from .peers import (PEERS, jax_threads, make_peer_step, peer_unavailable_reason, peer_version,
+                    set_threads, torch_threads, xla_flags)
 
 OUTPUT_SIZE = 8
 
-#: name -> (T, B, D, H); O is :data:`OUTPUT_SIZE`
+
+class Shape(NamedTuple):
+    """A benchmark cell's model and data: ``T, B, D, H`` and the stack (one unidirectional layer by default)."""
+
+    T: int
+    B: int
+    D: int
+    H: int
+    num_layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def dirs(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def layer_inputs(self):
+        """Each layer's input size: D for layer 0, dirs·H above."""
+        return tuple(self.D if l == 0 else self.dirs * self.H for l in range(self.num_layers))
+
+    @property
+    def stacked(self):
+        """Whether this is more than one unidirectional layer."""
+        return self.num_layers * self.dirs > 1
+
+
+#: name -> :class:`Shape`; O is :data:`OUTPUT_SIZE`. ``stacked`` is 2 bidirectional layers;
+#: ``stacked_l0`` and ``stacked_l1`` are one unidirectional layer of the shape of its layer 0
+#: (input D = 64) and of its layer 1 (input 2H = 256, the two directions of layer 0), so that
+#: its cost per (layer, direction) can be read from one run (:func:`stack_ratios`).
 SHAPES = {
-    "online": (1000, 1, 8, 32),
-    "small": (100, 32, 16, 64),
-    "medium": (200, 64, 64, 256),
-    "longseq": (2000, 16, 32, 128),
-    "large": (100, 128, 256, 1024),
+    "online": Shape(1000, 1, 8, 32),
+    "small": Shape(100, 32, 16, 64),
+    "medium": Shape(200, 64, 64, 256),
+    "longseq": Shape(2000, 16, 32, 128),
+    "large": Shape(100, 128, 256, 1024),
+    "stacked_l0": Shape(200, 64, 64, 128),
+    "stacked_l1": Shape(200, 64, 256, 128),
+    "stacked": Shape(200, 64, 64, 128, num_layers=2, bidirectional=True),
 }
 
 #: --quick divides T by this (never below QUICK_MIN_T) and takes fewer samples
@@ -58,8 +108,20 @@ ALL_IMPLS = FASTBPTT_IMPLS + PEERS
 
 
 # ----------------------------------------------------------------- shapes
+def format_shape(shape):
+    """``"T,B,D,H"``, with ``",L"`` for a stack and ``",L,bi"`` for two directions (as :func:`parse_shape` reads it)."""
+    shape = Shape(*shape)
+    text = ",".join(map(str, shape[:4]))
+    if shape.num_layers > 1 or shape.bidirectional:
+        text += f",{shape.num_layers}"
+    return text + (",bi" if shape.bidirectional else "")
+
+
 def parse_shape(token):
-    """A shape name of :data:`SHAPES` or a custom ``"T,B,D,H"``; returns ``(name, (T, B, D, H))``.
+    """A shape name of :data:`SHAPES` or a custom ``"T,B,D,H[,L[,bi]]"``; returns ``(name, Shape)``.
+
+    ``L`` is the number of layers (default 1); ``bi`` makes them bidirectional
+    (``uni``, the default, does not).
 
     Raises
     ------
@@ -71,37 +133,62 @@ def parse_shape(token):
     if token in SHAPES:
         return token, SHAPES[token]
     parts = token.split(",")
+    bidirectional = False
+    if len(parts) == 6 and parts[5].strip() in ("bi", "uni"):
+        bidirectional = parts.pop().strip() == "bi"
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         dims = ()
-    if len(dims) != 4 or min(dims) < 1:
-        raise ValueError(f"shape: expected one of {', '.join(SHAPES)} or 'T,B,D,H' with four "
-                         f"positive ints, got {token!r}")
-    return f"T{dims[0]}_B{dims[1]}_D{dims[2]}_H{dims[3]}", dims
+    if len(dims) not in (4, 5) or min(dims) < 1:
+        raise ValueError(f"shape: expected one of {', '.join(SHAPES)} or 'T,B,D,H' with four positive "
+                         f"ints, optionally followed by ',L' (layers) and ',bi' (bidirectional), "
+                         f"got {token!r}")
+    shape = Shape(*dims, bidirectional=bidirectional) if len(dims) == 5 else Shape(*dims)
+    name = f"T{shape.T}_B{shape.B}_D{shape.D}_H{shape.H}"
+    if shape.num_layers > 1:
+        name += f"_L{shape.num_layers}"
+    return name + ("_bi" if bidirectional else ""), shape
 
 
 def quick_shape(shape):
     """The --quick version of a shape: T divided by :data:`QUICK_T_DIVISOR` (at least :data:`QUICK_MIN_T`)."""
-    T, B, D, H = shape
-    return (min(T, max(QUICK_MIN_T, T // QUICK_T_DIVISOR)), B, D, H)
+    shape = Shape(*shape)
+    return shape._replace(T=min(shape.T, max(QUICK_MIN_T, shape.T // QUICK_T_DIVISOR)))
 
 
-def step_flops(T, B, D, H, O=OUTPUT_SIZE):
-    """Multiply-adds x 2 of one training step: 2·T·B·H·(2D + 3H + 3O).
+def step_flops(T, B, D, H, O=OUTPUT_SIZE, *, num_layers=1, bidirectional=False):
+    """Multiply-adds x 2 of one training step; one layer: 2·T·B·H·(2D + 3H + 3O).
 
-    Forward: input projection (D), recurrence (H), output layer (O); backward:
-    ∂L/∂h from the output (O), dW_hy (O), the δ chain (H), dW_xh (D), dW_hh (H).
+    Per (layer, direction) with input size D_in (D for layer 0, dirs·H above):
+    forward, the input projection (D_in) and the recurrence (H); backward,
+    the δ chain (H), dW_xh (D_in), dW_hh (H), and for layers above the first
+    the gradient sent down to the layer below (D_in). The head on dirs·H
+    features: the logits, ∂L/∂h from the output and dW_hy (O each).
     Element-wise work is not counted.
     """
-    return 2.0 * T * B * H * (2 * D + 3 * H + 3 * O)
+    dirs = 2 if bidirectional else 1
+    per_row = 3 * dirs * H * O
+    for l in range(num_layers):
+        d_in = D if l == 0 else dirs * H
+        per_row += dirs * H * ((2 if l == 0 else 3) * d_in + 3 * H)
+    return 2.0 * T * B * per_row
+
+
+def shape_flops(shape, O=OUTPUT_SIZE):
+    """:func:`step_flops` of a :class:`Shape`."""
+    shape = Shape(*shape)
+    return step_flops(*shape[:4], O, num_layers=shape.num_layers, bidirectional=shape.bidirectional)
 
 
 def make_problem(shape, dtype=np.float32, seed=0, O=OUTPUT_SIZE):
-    """``(params, X, Y)`` for a shape: torch-style init, X ~ N(0, 1), mse targets ~ N(0, 1)."""
-    T, B, D, H = shape
+    """``(params, X, Y)`` for a shape: torch-style init, X ~ N(0, 1), mse targets ~ N(0, 1).
+
+    A single-layer shape draws exactly what it drew before stacks existed (same seed, same data).
+    """
+    T, B, D, H, L, bi = Shape(*shape)
     rng = np.random.default_rng(seed)
-    params = RNNParams.init(D, H, O, dtype=dtype, seed=rng)
+    params = RNNParams.init(D, H, O, num_layers=L, bidirectional=bi, dtype=dtype, seed=rng)
     X = rng.standard_normal((T, B, D)).astype(dtype)
     Y = rng.standard_normal((T, B, O)).astype(dtype)
     return params, X, Y
@@ -150,14 +237,29 @@ def reference_grads(params, X, Y):
     return value, grads
 
 
-def max_rel_err(grads, ref):
-    """The largest ``max|g - g_ref| / max|g_ref|`` over the five parameters."""
-    worst = 0.0
-    for g, r in zip(grads.arrays(), ref.arrays()):
+def rel_errs(grads, ref):
+    """``{name: max|g - g_ref| / max|g_ref|}`` field by field, in the canonical order of ``ref.names()``.
+
+    Raises
+    ------
+    ValueError
+        If the two do not have the same fields (names) and shapes.
+    """
+    if grads.names() != ref.names():
+        raise ValueError(f"grads: expected the fields {ref.names()}, got {grads.names()}")
+    out = {}
+    for name, g, r in zip(ref.names(), grads.arrays(), ref.arrays()):
+        if g.shape != r.shape:
+            raise ValueError(f"grads.{name}: expected shape {r.shape}, got {g.shape}")
         r = np.asarray(r, dtype=np.float64)
         diff = np.max(np.abs(np.asarray(g, dtype=np.float64) - r))
-        worst = max(worst, float(diff / max(np.max(np.abs(r)), 1e-30)))
-    return worst
+        out[name] = float(diff / max(np.max(np.abs(r)), 1e-30))
+    return out
+
+
+def max_rel_err(grads, ref):
+    """The largest of :func:`rel_errs`: every field of every (layer, direction) and the head."""
+    return max(rel_errs(grads, ref).values())
 
 
 def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeats=3):
@@ -184,6 +286,136 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
             fn()
         samples.append((time.perf_counter() - t0) / number)
     return samples
+
+
+def measure(impl, params, X, Y, *, repeats=7, budget_s=10.0, min_sample_s=0.05, check=True):
+    """Build ``impl``'s step on this data, call it once, time it, and run it once more for the check.
+
+    Returns
+    -------
+    dict
+        ``times_s`` (:func:`time_callable`), ``compile_s`` (build + first call),
+        and with ``check`` ``result``: ``(loss, grads)`` of one more step.
+    """
+    t0 = time.perf_counter()
+    step, result = make_step(impl, params, X, Y)
+    step()
+    compile_s = time.perf_counter() - t0
+    times = time_callable(step, repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s)
+    out = {"times_s": times, "compile_s": compile_s}
+    if check:
+        out["result"] = result()
+    return out
+
+
+def peer_thread_plan(impl, threads, peer_threads):
+    """``[(n, where), ...]``: the thread counts ``impl`` is timed at, and where (``"here"`` or ``"worker"``).
+
+    fastbptt runs at ``threads`` only. torch at every count of ``peer_threads``,
+    in this process. jax at 1 thread or on all cores (XLA has nothing in
+    between): the setting this process's jax has runs here, the other one in a
+    worker process (:class:`PeerWorker`).
+    """
+    if impl not in PEERS:
+        return [(threads, "here")]
+    if impl == "torch":
+        return [(n, "here") for n in sorted(set(peer_threads))]
+    cores = os.cpu_count() or 1
+    here = jax_threads()
+    counts = sorted({1 if n == 1 else cores for n in peer_threads})
+    return [(n, "here" if n == here else "worker") for n in counts]
+
+
+class PeerWorker:
+    """A Python process that times a peer at a thread count this process cannot give it (jax's
+    XLA pool is fixed when jax starts): the same :func:`make_problem` data and :func:`measure`
+    code, one JSON line per cell each way, so its figures sit beside this process's.
+
+    ``threads`` sets its ``XLA_FLAGS`` (:func:`fastbptt.tools.peers.xla_flags`), its BLAS
+    pools and torch's. Started on first use, closed by :meth:`close`.
+    """
+
+    PREFIX = "FASTBPTT-BENCH-CELL "
+
+    def __init__(self, threads):
+        self.threads = int(threads)
+        self._proc = None
+        self._stderr = None
+
+    def _start(self):
+        env = dict(os.environ, XLA_FLAGS=xla_flags(self.threads, os.environ.get("XLA_FLAGS", "")))
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from fastbptt.tools.bench import worker_main; "
+             "sys.exit(worker_main(sys.argv[1:]))", str(self.threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+
+    def _failure(self, what):
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-2000:]
+        return RuntimeError(f"the {self.threads}-thread peer worker {what}: {tail.strip() or '(no output)'}")
+
+    def run(self, impl, shape, dtype, *, repeats, budget_s, min_sample_s, check):
+        """One cell in the worker: a dict as :func:`measure`'s, ``result`` replaced by the
+        check's figures (``rel_err_by_field``, ``loss_rel_err``), computed there."""
+        if self._proc is None:
+            self._start()
+        request = {"impl": impl, "shape": list(Shape(*shape)), "dtype": str(np.dtype(dtype)),
+                   "repeats": repeats, "budget_s": budget_s, "min_sample_s": min_sample_s,
+                   "check": bool(check)}
+        try:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            while True:
+                line = self._proc.stdout.readline()
+                if not line:
+                    raise self._failure("stopped")
+                if line.startswith(self.PREFIX):
+                    break
+        except BrokenPipeError:
+            raise self._failure("stopped") from None
+        reply = json.loads(line[len(self.PREFIX):])
+        if "error" in reply:
+            raise RuntimeError(f"the {self.threads}-thread peer worker failed on {impl} "
+                               f"{format_shape(shape)}: {reply['error']}")
+        return reply
+
+    def close(self):
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - a worker that does not stop is killed
+                self._proc.kill()
+                self._proc.wait()
+            self._stderr.close()
+            self._proc = None
+
+
+def worker_main(argv):
+    """The loop of a :class:`PeerWorker` process: ``argv = [threads]``; requests on stdin, cells on stdout."""
+    threads = int(argv[0])            # XLA_FLAGS came with the environment; torch never runs here
+    with _ThreadLimits(threads):
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                dtype = np.dtype(req["dtype"])
+                params, X, Y = make_problem(Shape(*req["shape"]), dtype)
+                r = measure(req["impl"], params, X, Y, repeats=req["repeats"], budget_s=req["budget_s"],
+                            min_sample_s=req["min_sample_s"], check=req["check"])
+                reply = {"times_s": r["times_s"], "compile_s": r["compile_s"]}
+                if req["check"]:
+                    value, grads = r.pop("result")
+                    ref_loss, ref = reference_grads(params, X, Y)
+                    reply["rel_err_by_field"] = rel_errs(grads, ref)
+                    reply["loss_rel_err"] = abs(value - ref_loss) / max(abs(ref_loss), 1e-30)
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            sys.stdout.write(PeerWorker.PREFIX + json.dumps(reply) + "\n")
+            sys.stdout.flush()
+    return 0
 
 
 class _ThreadLimits:
@@ -259,20 +491,25 @@ def machine_info():
 
 
 # ----------------------------------------------------------------- the run
-def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick=False,
+def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_threads=None, quick=False,
                   repeats=None, budget_s=None, check=True, progress=None):
     """Run the comparison and return the results as a JSON-ready dict.
 
     Parameters
     ----------
     shapes : list of str, optional
-        Names of :data:`SHAPES` or custom ``"T,B,D,H"``; all five by default.
+        Names of :data:`SHAPES` or custom ``"T,B,D,H[,L[,bi]]"`` (:func:`parse_shape`);
+        all of :data:`SHAPES` by default.
     impls : list of str, optional
         Among ``cython, numba, numpy, torch, jax``; every one that runs here by
         default. Naming one that does not run here is a ``ValueError``.
     dtype : float32 or float64
     threads : int
-        Thread cap for BLAS, Numba and torch (see module docstring).
+        fastbptt's team, and the cap of the BLAS and Numba pools (see module docstring).
+    peer_threads : list of int, optional
+        The thread counts each peer is timed at (default: 1 and ``threads``); a
+        peer's cell is its fastest count (by median), every count is kept in
+        ``by_threads``. jax runs on 1 thread or on all cores.
     quick : bool
         T of the named shapes divided by 5 (at least 20; see :func:`quick_shape`), 3 samples,
         at most about 1 s of samples per cell.
@@ -287,15 +524,20 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
     Returns
     -------
     dict
-        ``{"meta": ..., "skipped": {impl: reason}, "results": [cell, ...]}``;
+        ``{"meta": ..., "skipped": {impl: reason}, "results": [cell, ...], "stack_ratios": [...]}``;
         one cell per (shape, impl) with ``times_s``, ``best_s``, ``median_s``,
-        ``steps_per_s``, ``gflops``, ``compile_s``, ``max_rel_err``, ...
+        ``steps_per_s``, ``gflops``, ``compile_s``, ``threads``, ``max_rel_err``,
+        ``rel_err_by_field``, ... (a peer's also ``by_threads``); ``stack_ratios``
+        is :func:`stack_ratios` of the results.
     """
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected a positive int, got {threads!r}")
+    peer_threads = sorted({1, threads}) if peer_threads is None else list(peer_threads)
+    if not peer_threads or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in peer_threads):
+        raise ValueError(f"peer_threads: expected positive ints, got {peer_threads!r}")
     parsed = [parse_shape(s) for s in (list(SHAPES) if shapes is None else shapes)]
     if not parsed:
         raise ValueError("shapes: expected at least one shape, got none")
@@ -326,57 +568,101 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, quick
             skipped["jax"] = "float64 needs JAX_ENABLE_X64=1 in the environment"
     repeats = (3 if quick else 7) if repeats is None else int(repeats)
     budget_s = (1.0 if quick else 10.0) if budget_s is None else float(budget_s)
+    min_sample_s = 0.02 if quick else 0.05
+    plans = {impl: peer_thread_plan(impl, threads, peer_threads) for impl in impls}
+    if any(impl in PEERS for impl in impls):
+        thread_notes["peers"] = (
+            "each peer timed at " + "; ".join(
+                f"{impl}: " + ", ".join(f"{n}" + (" (worker process)" if where == "worker" else "")
+                                        for n, where in plans[impl])
+                for impl in impls if impl in PEERS)
+            + " threads; its row is its fastest count (median), every count in by_threads")
 
     results = []
+    workers = {}
     limits = _ThreadLimits(threads)
     thread_notes = dict(thread_notes, fastbptt=limits.describe())
-    with limits:
-        for name, shape in parsed:
-            # --quick shortens the named shapes; a custom T,B,D,H runs as given
-            run_shape = quick_shape(shape) if quick and name in SHAPES else shape
-            T, B, D, H = run_shape
-            params, X, Y = make_problem(run_shape, dtype)
-            flops = step_flops(T, B, D, H)
-            checks = []
-            for impl in impls:
-                if progress is not None:
-                    progress(f"{name} {run_shape} {impl}")
-                t0 = time.perf_counter()
-                step, result = make_step(impl, params, X, Y)
-                step()
-                compile_s = time.perf_counter() - t0
-                times = time_callable(step, repeats=repeats, budget_s=budget_s,
-                                      min_sample_s=0.02 if quick else 0.05)
-                cell = {
-                    "shape": name, "T": T, "B": B, "D": D, "H": H, "O": OUTPUT_SIZE,
-                    "impl": impl, "kind": "peer" if impl in PEERS else "fastbptt",
-                    "dtype": str(dtype), "times_s": times,
-                    "best_s": min(times), "median_s": float(np.median(times)),
-                    "compile_s": compile_s,
-                }
-                cell["steps_per_s"] = 1.0 / cell["median_s"]
-                cell["gflops"] = flops / cell["median_s"] / 1e9
-                if check:
-                    checks.append((cell, result()))
-                results.append(cell)
-                del step, result
-            if check:   # the float64 reference runs after the timings, not between them
-                ref_loss, ref = reference_grads(params, X, Y)
-                for cell, (value, grads) in checks:
-                    cell["max_rel_err"] = max_rel_err(grads, ref)
-                    cell["loss_rel_err"] = abs(value - ref_loss) / max(abs(ref_loss), 1e-30)
+    try:
+        with limits:
+            for name, shape in parsed:
+                # --quick shortens the named shapes; a custom shape runs as given
+                run_shape = quick_shape(shape) if quick and name in SHAPES else shape
+                params, X, Y = make_problem(run_shape, dtype)
+                flops = shape_flops(run_shape)
+                checks = []
+                for impl in impls:
+                    runs = {}
+                    for n, where in plans[impl]:
+                        if progress is not None:
+                            progress(f"{name} {format_shape(run_shape)} {impl}"
+                                     + (f" ({n} threads{', worker' if where == 'worker' else ''})"
+                                        if impl in PEERS else ""))
+                        if where == "worker":
+                            worker = workers.setdefault(n, PeerWorker(n))
+                            runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats, budget_s=budget_s,
+                                                 min_sample_s=min_sample_s, check=check)
+                        else:
+                            with torch_threads(n) if impl == "torch" else nullcontext():
+                                runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
+                                                  min_sample_s=min_sample_s, check=check)
+                        runs[n]["where"] = where
+                    best_n = min(runs, key=lambda n: float(np.median(runs[n]["times_s"])))
+                    best = runs[best_n]
+                    T, B, D, H, L, bi = run_shape
+                    cell = {
+                        "shape": name, "T": T, "B": B, "D": D, "H": H, "O": OUTPUT_SIZE,
+                        "num_layers": L, "bidirectional": bi,
+                        "impl": impl, "kind": "peer" if impl in PEERS else "fastbptt",
+                        "dtype": str(dtype), "threads": best_n, "times_s": best["times_s"],
+                        "best_s": min(best["times_s"]), "median_s": float(np.median(best["times_s"])),
+                        "compile_s": best["compile_s"],
+                    }
+                    cell["steps_per_s"] = 1.0 / cell["median_s"]
+                    cell["gflops"] = flops / cell["median_s"] / 1e9
+                    if impl in PEERS:
+                        cell["by_threads"] = {
+                            str(n): {"where": r["where"], "times_s": r["times_s"], "best_s": min(r["times_s"]),
+                                     "median_s": float(np.median(r["times_s"])), "compile_s": r["compile_s"]}
+                            for n, r in runs.items()}
+                    if check:
+                        for n, r in runs.items():
+                            checks.append((cell, n, r))
+                    results.append(cell)
+                if check:   # the float64 reference runs after the timings, not between them
+                    ref_loss, ref = reference_grads(params, X, Y)
+                    for cell, n, r in checks:
+                        if "result" in r:
+                            value, grads = r.pop("result")
+                            errs = rel_errs(grads, ref)
+                            loss_err = abs(value - ref_loss) / max(abs(ref_loss), 1e-30)
+                        else:                     # checked in the worker, against its own reference
+                            errs, loss_err = r["rel_err_by_field"], r["loss_rel_err"]
+                        if "by_threads" in cell:
+                            cell["by_threads"][str(n)]["max_rel_err"] = max(errs.values())
+                        # the worst over the thread counts, field by field
+                        worst = cell.setdefault("rel_err_by_field", {})
+                        for field, e in errs.items():
+                            worst[field] = max(worst.get(field, 0.0), e)
+                        cell["max_rel_err"] = max(worst.values())
+                        cell["loss_rel_err"] = max(cell.get("loss_rel_err", 0.0), loss_err)
+    finally:
+        for worker in workers.values():
+            worker.close()
 
     meta = machine_info()
     meta.update({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": str(dtype), "threads": threads, "thread_settings": thread_notes,
+        "dtype": str(dtype), "threads": threads, "peer_threads": peer_threads,
+        "thread_settings": thread_notes,
         "quick": bool(quick), "repeats": repeats, "budget_s": budget_s,
         "quick_note": (f"--quick: T of the named shapes divided by {QUICK_T_DIVISOR} (at least "
                        f"{QUICK_MIN_T}), {repeats} samples per cell" if quick else None),
         "backends_available": available_backends(),
         "step": "forward + full-BPTT gradient of all parameters, mse on every step, O=8",
     })
-    return {"meta": meta, "skipped": skipped, "results": results}
+    out = {"meta": meta, "skipped": skipped, "results": results}
+    out["stack_ratios"] = stack_ratios(out)
+    return out
 
 
 # ------------------------------------------------------------- reporting
@@ -396,6 +682,107 @@ def best_fastbptt(cells):
     return min(ours, key=lambda c: c["median_s"]) if ours else None
 
 
+def _cell_shape(cell):
+    """The :class:`Shape` a result cell ran (files written before stacks hold one layer)."""
+    return Shape(cell["T"], cell["B"], cell["D"], cell["H"], cell.get("num_layers", 1),
+                 bool(cell.get("bidirectional", False)))
+
+
+def _describe(shape):
+    text = f"T={shape.T}, B={shape.B}, D={shape.D}, H={shape.H}, O={OUTPUT_SIZE}"
+    if shape.stacked:
+        text += f", {shape.num_layers} layer{'s' * (shape.num_layers > 1)}"
+        text += ", bidirectional" if shape.bidirectional else ""
+    return text
+
+
+def stack_ratios(results):
+    """The cost of a stacked cell per (layer, direction), against single-layer cells of the same run.
+
+    For every stacked cell whose *twins* ran too -- one unidirectional layer of
+    each of its layers' shapes: the same T, B, H and that layer's input size
+    (D for layer 0, dirs·H above; e.g. ``stacked`` with ``stacked_l0`` and
+    ``stacked_l1``) -- and every implementation in all of them:
+
+    - ``ratio`` = t(stacked) / Σ_layers dirs·t(twin of that layer), by median
+      (``ratio_best``: by best sample). 1.0: a (layer, direction) of the stack
+      costs what a single-layer step of its shape does.
+    - ``flop_ratio``: the stack's flops over its twins' (:func:`step_flops`):
+      it does more than the twins -- each layer above the first also sends its
+      gradient down (one more GEMM of its input size), and it has one head on
+      dirs·H features where the twins have one each -- and ``ratio_per_flop`` =
+      ``ratio / flop_ratio`` takes that out.
+    - ``ratio_vs_first`` = t(stacked) / (L·dirs·t(layer 0's twin)): the simple
+      reading (every layer as layer 0); layers above it have the larger input
+      dirs·H, so this one overstates the stack's overhead.
+
+    Returns
+    -------
+    list of dict
+        One per (stacked shape, impl).
+    """
+    order, cells = _by_shape(results)
+    shapes = {name: _cell_shape(next(iter(cells[name].values()))) for name in order}
+    by_dims = {}
+    for name in order:
+        by_dims.setdefault(shapes[name], name)
+    out = []
+    for name in order:
+        shape = shapes[name]
+        if not shape.stacked:
+            continue
+        twins = {d: by_dims.get(Shape(shape.T, shape.B, d, shape.H)) for d in set(shape.layer_inputs)}
+        if None in twins.values():
+            continue
+        f_stack = shape_flops(shape)
+        f_twins = sum(shape.dirs * shape_flops(Shape(shape.T, shape.B, d, shape.H)) for d in shape.layer_inputs)
+        for impl, c in cells[name].items():
+            if not all(impl in cells[t] for t in twins.values()):
+                continue
+
+            def twins_s(key):
+                return sum(shape.dirs * cells[twins[d]][impl][key] for d in shape.layer_inputs)
+
+            ratio = c["median_s"] / twins_s("median_s")
+            first = cells[twins[shape.D]][impl]["median_s"]
+            out.append({
+                "shape": name, "impl": impl, "num_layers": shape.num_layers, "dirs": shape.dirs,
+                "twins": {str(d): twins[d] for d in shape.layer_inputs},
+                "stacked_s": c["median_s"], "twins_s": twins_s("median_s"),
+                "ratio": ratio, "ratio_best": c["best_s"] / twins_s("best_s"),
+                "flop_ratio": f_stack / f_twins, "ratio_per_flop": ratio / (f_stack / f_twins),
+                "ratio_vs_first": c["median_s"] / (shape.num_layers * shape.dirs * first),
+            })
+    return out
+
+
+def format_stack_ratios(ratios):
+    """:func:`stack_ratios` as text lines (none if there are none)."""
+    if not ratios:
+        return []
+    lines = ["", "per (layer, direction) cost of a stack: ratio = t(stack) / Σ dirs·t(one layer of each "
+                 "layer's shape), same run (1.00x: no overhead)"]
+    groups = {}
+    for r in ratios:
+        groups.setdefault(r["shape"], []).append(r)
+    for name, rows in groups.items():
+        r0 = rows[0]
+        L, dirs = r0["num_layers"], r0["dirs"]
+        inputs = list(r0["twins"])
+        parts = [f"{dirs * inputs.count(d)} x {r0['twins'][d]} (input {d})" for d in dict.fromkeys(inputs)]
+        first = r0["twins"][inputs[0]]
+        lines.append(f"{name} ({L} layers{', bidirectional' if dirs == 2 else ''}) against "
+                     + " + ".join(parts) + f"; the stack does {r0['flop_ratio']:.2f}x their flops "
+                     "(each layer above the first sends its gradient down; one head instead of one per twin)")
+        lines.append(f"  {'impl':<8} {'stack ms':>10} {'twins ms':>10} {'ratio':>7} {'(best)':>8} "
+                     f"{'per flop':>9} {'vs ' + str(L * dirs) + ' x ' + first:>{max(14, len(first) + 8)}}")
+        for r in rows:
+            lines.append(f"  {r['impl']:<8} {r['stacked_s'] * 1e3:>10.3f} {r['twins_s'] * 1e3:>10.3f} "
+                         f"{r['ratio']:>6.2f}x {'(' + format(r['ratio_best'], '.2f') + 'x)':>8} "
+                         f"{r['ratio_per_flop']:>8.2f}x {r['ratio_vs_first']:>{max(13, len(first) + 7)}.2f}x")
+    return lines
+
+
 def format_table(results):
     """The results as a plain-text table, one block per shape, with speed-ups and a summary."""
     order, cells = _by_shape(results)
@@ -404,29 +791,34 @@ def format_table(results):
     if meta.get("quick"):
         lines.append(f"QUICK RUN ({meta.get('quick_note')}): figures are indicative only.")
     lines.append(f"one training step = {meta.get('step', 'forward + BPTT')}; dtype {meta.get('dtype')}, "
-                 f"{meta.get('threads')} threads; ms per step (median of samples, best in brackets)")
+                 f"{meta.get('threads')} threads (thr: a row's thread count; a peer's is its fastest); "
+                 f"ms per step (median of samples, and the best sample)")
     if meta.get("thread_settings"):
         lines.append("threads: " + "; ".join(f"{k}: {v}" for k, v in meta["thread_settings"].items()))
     peers_here = [p for p in PEERS if any(p in c for c in cells.values())]
     ref_cols = ["numpy"] * any("numpy" in c for c in cells.values()) + peers_here
-    header = (f"{'impl':<8} {'median ms':>10} {'best ms':>9} {'steps/s':>9} {'GFLOP/s':>8} "
+    header = (f"{'impl':<8} {'thr':>3} {'median ms':>10} {'best ms':>9} {'steps/s':>9} {'GFLOP/s':>8} "
               f"{'compile s':>9} {'rel err':>8}" + "".join(f" {'vs ' + r:>9}" for r in ref_cols))
     summary = []
     for name in order:
         row = cells[name]
-        any_cell = next(iter(row.values()))
         lines.append("")
-        lines.append(f"{name}: T={any_cell['T']}, B={any_cell['B']}, D={any_cell['D']}, "
-                     f"H={any_cell['H']}, O={any_cell['O']}")
+        lines.append(f"{name}: {_describe(_cell_shape(next(iter(row.values()))))}")
         lines.append(header)
         for impl, c in row.items():
             err = f"{c['max_rel_err']:.1e}" if "max_rel_err" in c else "-"
             ratios = "".join(
                 f" {row[r]['median_s'] / c['median_s']:>8.2f}x" if r in row else f" {'-':>9}"
                 for r in ref_cols)
-            lines.append(f"{impl:<8} {c['median_s'] * 1e3:>10.3f} {c['best_s'] * 1e3:>9.3f} "
-                         f"{c['steps_per_s']:>9.1f} {c['gflops']:>8.2f} {c['compile_s']:>9.3f} "
-                         f"{err:>8}{ratios}")
+            lines.append(f"{impl:<8} {str(c.get('threads', '-')):>3} {c['median_s'] * 1e3:>10.3f} "
+                         f"{c['best_s'] * 1e3:>9.3f} {c['steps_per_s']:>9.1f} {c['gflops']:>8.2f} "
+                         f"{c['compile_s']:>9.3f} {err:>8}{ratios}")
+        per_thread = [f"{impl} " + ", ".join(
+            f"{n} thr {t['median_s'] * 1e3:.3f}" + (" (worker)" if t.get("where") == "worker" else "")
+            for n, t in c["by_threads"].items())
+            for impl, c in row.items() if len(c.get("by_threads", {})) > 1]
+        if per_thread:
+            lines.append("  peers by threads, median ms: " + "; ".join(per_thread))
         best = best_fastbptt(row)
         if best is not None:
             ups = [f"{r} {row[r]['median_s'] / best['median_s']:.2f}x" for r in ref_cols
@@ -435,8 +827,10 @@ def format_table(results):
                            + (f"; speed-up over {', '.join(ups)}" if ups else ""))
     if summary:
         lines.append("")
-        lines.append("summary (speed-up = other's median / fastbptt-best's median; > 1: fastbptt faster):")
+        lines.append("summary (speed-up = other's median / fastbptt-best's median; > 1: fastbptt faster; "
+                     "peers at their fastest thread count):")
         lines.extend("  " + s for s in summary)
+    lines.extend(format_stack_ratios(stack_ratios(results)))
     for impl, reason in results.get("skipped", {}).items():
         lines.append(f"skipped {impl}: {reason}")
     return "\n".join(lines)
@@ -453,8 +847,9 @@ def compare_table(old, new):
             if o is None:
                 lines.append(f"{name:<22} {impl:<8} {'-':>10} {c['median_s'] * 1e3:>10.3f} {'-':>8}")
             else:
-                note = "" if (o["T"], o["B"], o["D"], o["H"]) == (c["T"], c["B"], c["D"], c["H"]) \
-                    else "  (different T/B/D/H)"
+                note = "" if _cell_shape(o) == _cell_shape(c) else "  (different shape)"
+                if o.get("threads") != c.get("threads") and c["kind"] == "peer":
+                    note += f"  (threads {o.get('threads', '?')} -> {c.get('threads', '?')})"
                 lines.append(f"{name:<22} {impl:<8} {o['median_s'] * 1e3:>10.3f} "
                              f"{c['median_s'] * 1e3:>10.3f} {c['median_s'] / o['median_s']:>7.2f}x{note}")
     return "\n".join(lines)
@@ -501,7 +896,8 @@ def plot_results(results, path):
         ys = [cells[name][impl]["median_s"] * 1e3 for name in order if impl in cells[name]]
         ax.bar(xs, ys, width=width, label=impl)
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([f"{n}\nT={next(iter(cells[n].values()))['T']}" for n in order])
+    ax.set_xticklabels([f"{n}\n{format_shape(_cell_shape(next(iter(cells[n].values()))))}" for n in order],
+                       fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("ms per training step (median, lower is better)")
     meta = results.get("meta", {})
