@@ -381,6 +381,7 @@ def make_peer_step(name, params, X, Y, *, loss="mse", output="sequence", activat
     reason = peer_unavailable_reason(name)
     if reason is not None:
         raise ValueError(f"peer: {name!r} is not available here ({reason}); "
-                         f"install it with: pip install {'torch==2.13.0' if name == 'torch' else 'jax'}")
+                         f"install it with: pip install "
+                         f"{'torch --index-url https://download.pytorch.org/whl/cpu' if name == 'torch' else 'jax'}")
     cls = TorchStep if name == "torch" else JaxStep
     return cls(params, X, Y, loss=loss, output=output, activation=activation, h0=h0)
