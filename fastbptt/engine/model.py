@@ -43,6 +43,9 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     fwd = stack_forward(kernels, params, X3, h0s, act, pack=pack)
     HD = params.num_directions * params.hidden_size
 
+    if params.bidirectional and pack is None and output == "sequence":
+        return _bidirectional_sequence_loss(kernels, params, fwd, Y, loss, wins)
+
     # output layer and loss: one GEMM over all loss steps (or the last one)
     Tl = T - loss_from
     loss_pos = None if pack is None or not loss_from else pack.idx[pack.idx >= loss_from * B]
@@ -88,6 +91,31 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
             dOut[0, rows, H:] = dlast[:, H:]
 
     layer_grads, _, _ = stack_backward(fwd, dOut, wins=wins)
+    return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
+
+
+def _bidirectional_sequence_loss(kernels, params, fwd, Y, loss, wins):
+    """:func:`loss_and_grad`'s head and backward for a full-length bidirectional stack with a loss at
+    every step, straight from each direction's states: o_t = W_hy[:, :H]·h_t^fwd + W_hy[:, H:]·h_t^rev
+    + b_y, the reverse term reversed on the (T, B, O) logits, not on the (T, B, H) states."""
+    H, O = params.hidden_size, params.output_size
+    Hf, Hr = (Hs[1:].reshape(-1, H) for Hs in fwd.Hs[-2:])
+    T, B = fwd.Hs[-1].shape[0] - 1, fwd.Hs[-1].shape[1]
+    W_f, W_r = np.ascontiguousarray(params.W_hy[:, :H]), np.ascontiguousarray(params.W_hy[:, H:])
+    O_logits = pmatmul(Hf, W_f, trans_b=True, kernels=kernels).reshape(T, B, O)
+    O_logits += pmatmul(Hr, W_r, trans_b=True, kernels=kernels).reshape(T, B, O)[::-1]
+    O_logits += params.b_y
+    value, dO = LOSS_FUNCS[loss](O_logits if loss == "ce" else O_logits.reshape(Y.shape), Y)
+    dO = dO.reshape(T * B, O)
+    dO_rev = np.ascontiguousarray(dO.reshape(T, B, O)[::-1]).reshape(T * B, O)
+    dW_hy = np.empty_like(params.W_hy)
+    dW_hy[:, :H] = pmatmul(dO, Hf, trans_a=True, kernels=kernels)
+    dW_hy[:, H:] = pmatmul(dO_rev, Hr, trans_a=True, kernels=kernels)
+    db_y = column_sums(dO)
+    G_f, G_r = scratch("dOut.f", (T, B, H), params.dtype), scratch("dOut.r", (T, B, H), params.dtype)
+    pmatmul(dO, W_f, out=G_f.reshape(T * B, H), kernels=kernels)
+    pmatmul(dO_rev, W_r, out=G_r.reshape(T * B, H), kernels=kernels)
+    layer_grads, _, _ = stack_backward(fwd, (G_f, G_r), wins=wins)
     return value, pack_grads(params, layer_grads, (dW_hy, db_y)), fwd
 
 
