@@ -492,7 +492,7 @@ def machine_info():
 
 # ----------------------------------------------------------------- the run
 def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_threads=None, quick=False,
-                  repeats=None, budget_s=None, check=True, progress=None):
+                  repeats=None, budget_s=None, check=True, progress=None, client=None):
     """Run the comparison and return the results as a JSON-ready dict.
 
     Parameters
@@ -519,7 +519,12 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
     check : bool
         Compare every implementation's gradients with the float64 reference.
     progress : callable(str), optional
-        Called with a short line before each cell.
+        Called with a short line before each cell (with ``client``: as each cell comes back).
+    client : distributed.Client, optional
+        Run each (shape, impl) cell as one task on this Dask cluster (``client.map``,
+        :func:`bench_cell`): the worker makes the same data, times the cell and checks it; the
+        cells come back in the local run's order, each naming its ``worker``. Which
+        implementations run is decided here, so every worker must have them.
 
     Returns
     -------
@@ -582,78 +587,61 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
     workers = {}
     limits = _ThreadLimits(threads)
     thread_notes = dict(thread_notes, fastbptt=limits.describe())
-    try:
-        with limits:
-            for name, shape in parsed:
-                # --quick shortens the named shapes; a custom shape runs as given
-                run_shape = quick_shape(shape) if quick and name in SHAPES else shape
-                params, X, Y = make_problem(run_shape, dtype)
-                flops = shape_flops(run_shape)
-                checks = []
-                for impl in impls:
-                    runs = {}
-                    for n, where in plans[impl]:
-                        if progress is not None:
-                            progress(f"{name} {format_shape(run_shape)} {impl}"
-                                     + (f" ({n} threads{', worker' if where == 'worker' else ''})"
-                                        if impl in PEERS else ""))
-                        if where == "worker":
-                            worker = workers.setdefault(n, PeerWorker(n))
-                            runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats, budget_s=budget_s,
-                                                 min_sample_s=min_sample_s, check=check)
-                        else:
-                            with torch_threads(n) if impl == "torch" else nullcontext():
-                                runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
-                                                  min_sample_s=min_sample_s, check=check)
-                        runs[n]["where"] = where
-                    best_n = min(runs, key=lambda n: float(np.median(runs[n]["times_s"])))
-                    best = runs[best_n]
-                    T, B, D, H, L, bi = run_shape
-                    cell = {
-                        "shape": name, "T": T, "B": B, "D": D, "H": H, "O": OUTPUT_SIZE,
-                        "num_layers": L, "bidirectional": bi,
-                        "impl": impl, "kind": "peer" if impl in PEERS else "fastbptt",
-                        "dtype": str(dtype), "threads": best_n, "times_s": best["times_s"],
-                        "best_s": min(best["times_s"]), "median_s": float(np.median(best["times_s"])),
-                        "compile_s": best["compile_s"],
-                    }
-                    cell["steps_per_s"] = 1.0 / cell["median_s"]
-                    cell["gflops"] = flops / cell["median_s"] / 1e9
-                    if impl in PEERS:
-                        cell["by_threads"] = {
-                            str(n): {"where": r["where"], "times_s": r["times_s"], "best_s": min(r["times_s"]),
-                                     "median_s": float(np.median(r["times_s"])), "compile_s": r["compile_s"]}
-                            for n, r in runs.items()}
-                    if check:
-                        for n, r in runs.items():
-                            checks.append((cell, n, r))
-                    results.append(cell)
-                if check:   # the float64 reference runs after the timings, not between them
-                    ref_loss, ref = reference_grads(params, X, Y)
-                    for cell, n, r in checks:
-                        if "result" in r:
-                            value, grads = r.pop("result")
-                            errs = rel_errs(grads, ref)
-                            loss_err = abs(value - ref_loss) / max(abs(ref_loss), 1e-30)
-                        else:                     # checked in the worker, against its own reference
-                            errs, loss_err = r["rel_err_by_field"], r["loss_rel_err"]
-                        if "by_threads" in cell:
-                            cell["by_threads"][str(n)]["max_rel_err"] = max(errs.values())
-                        # the worst over the thread counts, field by field
-                        worst = cell.setdefault("rel_err_by_field", {})
-                        for field, e in errs.items():
-                            worst[field] = max(worst.get(field, 0.0), e)
-                        cell["max_rel_err"] = max(worst.values())
-                        cell["loss_rel_err"] = max(cell.get("loss_rel_err", 0.0), loss_err)
-    finally:
-        for worker in workers.values():
-            worker.close()
+    cells = []                                    # (name, run_shape) per shape, in table order
+    for name, shape in parsed:
+        # --quick shortens the named shapes; a custom shape runs as given
+        cells.append((name, quick_shape(shape) if quick and name in SHAPES else shape))
+    if client is not None:
+        # one task per (shape, impl) cell; each worker makes the same data and times the cell itself
+        jobs = [(name, run_shape, impl) for name, run_shape in cells for impl in impls]
+        results = map_on_client(
+            client, bench_cell, [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs],
+            dtype=str(dtype), threads=threads, peer_threads=peer_threads, repeats=repeats,
+            budget_s=budget_s, min_sample_s=min_sample_s, check=check,
+            labels=[f"{name} {format_shape(s)} {impl}" for name, s, impl in jobs], progress=progress)
+        thread_notes["cluster"] = (f"each (shape, impl) cell ran as one task on a worker of the Dask "
+                                   f"scheduler {client.scheduler.address}, timed there (its 'worker')")
+    else:
+        try:
+            with limits:
+                for name, run_shape in cells:
+                    params, X, Y = make_problem(run_shape, dtype)
+                    checks = []
+                    for impl in impls:
+                        runs = {}
+                        for n, where in plans[impl]:
+                            if progress is not None:
+                                progress(f"{name} {format_shape(run_shape)} {impl}"
+                                         + (f" ({n} threads{', worker' if where == 'worker' else ''})"
+                                            if impl in PEERS else ""))
+                            if where == "worker":
+                                worker = workers.setdefault(n, PeerWorker(n))
+                                runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats,
+                                                     budget_s=budget_s, min_sample_s=min_sample_s, check=check)
+                            else:
+                                with torch_threads(n) if impl == "torch" else nullcontext():
+                                    runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
+                                                      min_sample_s=min_sample_s, check=check)
+                            runs[n]["where"] = where
+                        cell = _make_cell(name, run_shape, impl, dtype, runs)
+                        if check:
+                            for n, r in runs.items():
+                                checks.append((cell, n, r))
+                        results.append(cell)
+                    if check:   # the float64 reference runs after the timings, not between them
+                        ref_loss, ref = reference_grads(params, X, Y)
+                        for cell, n, r in checks:
+                            _check_cell(cell, n, r, ref_loss, ref)
+        finally:
+            for worker in workers.values():
+                worker.close()
 
     meta = machine_info()
     meta.update({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(dtype), "threads": threads, "peer_threads": peer_threads,
         "thread_settings": thread_notes,
+        "scheduler": client.scheduler.address if client is not None else None,
         "quick": bool(quick), "repeats": repeats, "budget_s": budget_s,
         "quick_note": (f"--quick: T of the named shapes divided by {QUICK_T_DIVISOR} (at least "
                        f"{QUICK_MIN_T}), {repeats} samples per cell" if quick else None),
@@ -663,6 +651,107 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
     out = {"meta": meta, "skipped": skipped, "results": results}
     out["stack_ratios"] = stack_ratios(out)
     return out
+
+
+def _make_cell(name, run_shape, impl, dtype, runs):
+    """The result cell of one (shape, impl) from its timed ``runs`` ``{threads: measure() dict}``:
+    the fastest thread count (median) is the cell, a peer keeps every count in ``by_threads``."""
+    best_n = min(runs, key=lambda n: float(np.median(runs[n]["times_s"])))
+    best = runs[best_n]
+    T, B, D, H, L, bi = run_shape
+    cell = {
+        "shape": name, "T": T, "B": B, "D": D, "H": H, "O": OUTPUT_SIZE,
+        "num_layers": L, "bidirectional": bi,
+        "impl": impl, "kind": "peer" if impl in PEERS else "fastbptt",
+        "dtype": str(np.dtype(dtype)), "threads": best_n, "times_s": best["times_s"],
+        "best_s": min(best["times_s"]), "median_s": float(np.median(best["times_s"])),
+        "compile_s": best["compile_s"],
+    }
+    cell["steps_per_s"] = 1.0 / cell["median_s"]
+    cell["gflops"] = shape_flops(run_shape) / cell["median_s"] / 1e9
+    if impl in PEERS:
+        cell["by_threads"] = {
+            str(n): {"where": r["where"], "times_s": r["times_s"], "best_s": min(r["times_s"]),
+                     "median_s": float(np.median(r["times_s"])), "compile_s": r["compile_s"]}
+            for n, r in runs.items()}
+    return cell
+
+
+def _check_cell(cell, n, r, ref_loss, ref):
+    """Fold the check of the run at ``n`` threads (``r``) into ``cell``: the worst over the counts."""
+    if "result" in r:
+        value, grads = r.pop("result")
+        errs = rel_errs(grads, ref)
+        loss_err = abs(value - ref_loss) / max(abs(ref_loss), 1e-30)
+    else:                     # checked in the peer worker, against its own reference
+        errs, loss_err = r["rel_err_by_field"], r["loss_rel_err"]
+    if "by_threads" in cell:
+        cell["by_threads"][str(n)]["max_rel_err"] = max(errs.values())
+    worst = cell.setdefault("rel_err_by_field", {})
+    for field, e in errs.items():
+        worst[field] = max(worst.get(field, 0.0), e)
+    cell["max_rel_err"] = max(worst.values())
+    cell["loss_rel_err"] = max(cell.get("loss_rel_err", 0.0), loss_err)
+
+
+def bench_cell(name, run_shape, impl, *, dtype, threads, peer_threads, repeats, budget_s, min_sample_s,
+               check):
+    """One (shape, impl) cell, whole, where it runs (a Dask worker): the same data
+    (:func:`make_problem`), thread settings, timings and check as :func:`run_benchmark`'s loop.
+
+    Returns the cell dict, with ``worker``: the address of the worker that timed it.
+    """
+    dtype = np.dtype(dtype)
+    run_shape = Shape(*run_shape)
+    if impl in PEERS:
+        set_threads(threads)
+    runs, workers = {}, {}
+    try:
+        with _ThreadLimits(threads):
+            params, X, Y = make_problem(run_shape, dtype)
+            for n, where in peer_thread_plan(impl, threads, peer_threads):
+                if where == "worker":
+                    worker = workers.setdefault(n, PeerWorker(n))
+                    runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats, budget_s=budget_s,
+                                         min_sample_s=min_sample_s, check=check)
+                else:
+                    with torch_threads(n) if impl == "torch" else nullcontext():
+                        runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
+                                          min_sample_s=min_sample_s, check=check)
+                runs[n]["where"] = where
+            cell = _make_cell(name, run_shape, impl, dtype, runs)
+            if check:
+                ref_loss, ref = reference_grads(params, X, Y)
+                for n, r in runs.items():
+                    _check_cell(cell, n, r, ref_loss, ref)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    try:
+        from distributed import get_worker
+        cell["worker"] = get_worker().address
+    except (ImportError, ValueError):           # not on a Dask worker
+        cell["worker"] = None
+    return cell
+
+
+def map_on_client(client, fn, *iterables, labels, progress=None, **kwargs):
+    """``[fn(*args, **kwargs) for args in zip(*iterables)]``, each call one task on ``client``'s cluster
+    (``client.map``, ``pure=False``), in the order given; ``progress(label)`` as each one finishes.
+
+    A task that fails raises its error here, and the tasks still pending are cancelled.
+    """
+    from distributed import as_completed
+
+    futures = client.map(fn, *iterables, pure=False, **kwargs)
+    try:
+        if progress is not None:
+            index = {f.key: i for i, f in enumerate(futures)}
+            for f in as_completed(futures):
+                progress(f"{labels[index[f.key]]} (done on the cluster)")
+        return client.gather(futures)
+    finally:
+        client.cancel(futures)
 
 
 # ------------------------------------------------------------- reporting

@@ -247,14 +247,17 @@ def learn(task_spec, train, val, variant, cfg):
 
 
 # ----------------------------------------------------------------- study
-def run_study(cfg=None, *, progress=None):
+def run_study(cfg=None, *, progress=None, client=None):
     """Run the study; returns ``{"config", "throughput", "fidelity", "learning", "notes"}``.
 
     Parameters
     ----------
     cfg : StudyConfig, optional
     progress : callable(str), optional
-        Called with a short line before each part.
+        Called with a short line before each part (with ``client``: as each cell comes back).
+    client : distributed.Client, optional
+        Run each (task, variant) cell as one task on this Dask cluster (``client.map``): the
+        results are the local run's, apart from the timings, which are measured on the workers.
     """
     cfg = StudyConfig() if cfg is None else cfg
     say = progress or (lambda s: None)
@@ -278,20 +281,45 @@ def run_study(cfg=None, *, progress=None):
                "variants": [variant_label(v) for v in all_variants],
                "throughput": {}, "fidelity": {}, "learning": {}, "baselines": {}, "notes": notes}
 
+    if client is not None:
+        _run_on_client(client, cfg, tasks, all_variants, no_estimator, results, say)
+        return results
     for task in tasks:
-        spec, train, val = make_task(task, cfg)
         results["learning"][task] = {}
-        results["baselines"][task] = spec["baseline"]
+        results["baselines"][task] = make_task(task, cfg)[0]["baseline"]
         trained = None
         if not no_estimator:
             for v in all_variants:
                 say(f"learning: {task} {variant_label(v)}")
-                res, model = learn(spec, train, val, v, cfg)
+                res, params = learn_cell(cfg, task, v)
                 results["learning"][task][variant_label(v)] = res
                 if v is None:
-                    trained = model.params.copy()
+                    trained = params
+        say(f"fidelity and throughput: {task}")
+        results["fidelity"][task], results["throughput"][task] = measure_cell(cfg, task, all_variants, trained)
+    return results
 
-        # fidelity on one batch of the training data, same weights for every variant
+
+def learn_cell(cfg, task, variant, threads=None):
+    """One learning cell: ``variant`` trained on ``task`` (:func:`learn`); returns ``(result, params)``,
+    the trained parameters for full BPTT (``variant is None``) only. Makes its own data, so it runs
+    as well on a Dask worker; ``threads`` fixes fastbptt's team there (:func:`fastbptt.set_num_threads`)."""
+    with _team(threads):
+        spec, train, val = make_task(task, cfg)
+        res, model = learn(spec, train, val, variant, cfg)
+        return res, (model.params.copy() if variant is None else None)
+
+
+def measure_cell(cfg, task, variants, trained, threads=None):
+    """Gradient fidelity and throughput of ``variants`` on ``task``: ``(fidelity, throughput)``.
+
+    Fidelity on one batch of the training data, at initialisation and at ``trained`` (the full-BPTT
+    model's weights; without them a W_hh of spectral radius 1), the same weights for every variant;
+    throughput on a batch of ``batch_size``. Each variant's figures depend on that variant alone (and
+    full BPTT), so a subset of the variants gives the same numbers as the whole.
+    """
+    with _team(threads):
+        spec, train, _ = make_task(task, cfg)
         nb = min(cfg.fidelity_batch, train[0].shape[0])
         Xb, Yb = _time_major(train[0][:nb], train[1][:nb], spec["output"], spec["D"])
         init = RNNParams.init(spec["D"], spec["H"], spec["O"], dtype=np.float32, seed=cfg.seed)
@@ -302,21 +330,72 @@ def run_study(cfg=None, *, progress=None):
             states["rho=1"] = _with_radius(init, 1.0)
         fid = {}
         for state, params in states.items():
-            say(f"fidelity: {task} {state}")
             fid[state] = {"spectral_radius": spectral_radius(params.W_hh),
-                          "cos": gradient_fidelity(params, Xb, Yb, all_variants, loss=spec["loss"],
+                          "cos": gradient_fidelity(params, Xb, Yb, variants, loss=spec["loss"],
                                                    output=spec["output"], backend=cfg.backend)}
-        results["fidelity"][task] = fid
-
-        say(f"throughput: {task}")
         Xt, Yt = _time_major(train[0][:cfg.batch_size], train[1][:cfg.batch_size], spec["output"],
                             spec["D"])
-        results["throughput"][task] = {
-            "T": spec["T"], "B": int(Xt.shape[1]), "D": spec["D"], "H": spec["H"],
-            "variants": gradient_throughput(init, Xt, Yt, all_variants, loss=spec["loss"],
-                                            output=spec["output"], backend=cfg.backend,
-                                            repeats=cfg.throughput_repeats)}
-    return results
+        tp = {"T": spec["T"], "B": int(Xt.shape[1]), "D": spec["D"], "H": spec["H"],
+              "variants": gradient_throughput(init, Xt, Yt, variants, loss=spec["loss"],
+                                              output=spec["output"], backend=cfg.backend,
+                                              repeats=cfg.throughput_repeats)}
+        return fid, tp
+
+
+class _team:
+    """Fix fastbptt's team of threads at ``threads`` while active (``None``: leave it)."""
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def __enter__(self):
+        from .. import _threads
+        self._prev = _threads._forced
+        if self.threads is not None:
+            _threads.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc):
+        from .. import _threads
+        _threads._forced = self._prev
+        return False
+
+
+def _run_on_client(client, cfg, tasks, all_variants, no_estimator, results, say):
+    """The study's cells as tasks on a Dask cluster, results merged as the local run has them: first
+    every (task, variant) learning cell, then every (task, variant) fidelity + throughput cell (it
+    needs the full-BPTT model trained in the first round). Each cell is timed on its worker."""
+    from .. import _threads
+    from .bench import map_on_client
+
+    threads = _threads.get_num_threads()          # the team this process would use, on every worker
+    pairs = [(t, v) for t in tasks for v in all_variants]
+    trained = {}
+    for task in tasks:
+        results["learning"][task] = {}
+        results["baselines"][task] = make_task(task, cfg)[0]["baseline"]
+    if not no_estimator:
+        say(f"learning: {len(pairs)} cells on the cluster")
+        learned = map_on_client(client, learn_cell, [cfg] * len(pairs), [t for t, _ in pairs],
+                                [v for _, v in pairs], threads=threads,
+                                labels=[f"learning: {t} {variant_label(v)}" for t, v in pairs], progress=say)
+        for (task, v), (res, params) in zip(pairs, learned):
+            results["learning"][task][variant_label(v)] = res
+            if v is None:
+                trained[task] = params
+    say(f"fidelity and throughput: {len(pairs)} cells on the cluster")
+    measured = map_on_client(client, measure_cell, [cfg] * len(pairs), [t for t, _ in pairs],
+                             [(v,) for _, v in pairs], [trained.get(t) for t, _ in pairs], threads=threads,
+                             labels=[f"fidelity and throughput: {t} {variant_label(v)}" for t, v in pairs],
+                             progress=say)
+    for (task, v), (fid, tp) in zip(pairs, measured):
+        fid_all = results["fidelity"].setdefault(task, {})
+        for state, f in fid.items():
+            fid_all.setdefault(state, {"spectral_radius": f["spectral_radius"], "cos": {}})["cos"].update(f["cos"])
+        tp_all = results["throughput"].setdefault(task, dict(tp, variants={}))
+        tp_all["variants"].update(tp["variants"])
+    results["notes"].append(f"each (task, variant) cell ran as one task on the Dask scheduler "
+                            f"{client.scheduler.address}; timings measured on the workers")
 
 
 def format_study(res):
