@@ -254,3 +254,49 @@ def _rnn(params, X, h0, lengths, activation, backend, fresh):
         return grads, (dX[:, 0, :] if single else dX), _user_states(dh0, params, single)
 
     return output_u, h_n_u, vjp
+
+
+def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", need_dX=True, need_dh0=True):
+    """Private: :func:`rnn_vjp` for ``fastbptt.torch``, on arguments its caller has checked.
+
+    ``params`` a stack (its arrays may be views of the caller's: copied here for the
+    vjp); ``X3`` (T, B, D) and ``h0s`` (L·dirs, B, H) or None (zeros) arrays of the
+    params' dtype, any strides (copied here); ``lengths`` None or (B,) ints;
+    ``activation`` "tanh" or "relu". Nothing is checked for finiteness (NaN
+    propagates, as in torch). Returns ``(output (T, B, dirs·H), h_n (L·dirs, B, H),
+    vjp)`` with ``vjp(d_output, d_h_n=None) -> (grads, dX or None, dh0 or None)``:
+    ``d_output`` (T, B, dirs·H) and ``d_h_n`` (L·dirs, B, H) arrays (not written);
+    dX is computed only when ``need_dX``, dh0 only when ``need_dh0``. The results
+    are those of :func:`rnn_vjp` on the same arrays.
+    """
+    T, B, _ = X3.shape
+    dtype = params.dtype
+    params = params.copy()          # the vjp's own weights (an optimizer step writes them in place)
+    X3 = np.array(X3, dtype=dtype, order="C", copy=True)
+    h0s = (np.zeros((len(params.layers), B, params.hidden_size), dtype=dtype) if h0s is None
+           else np.array(h0s, dtype=dtype, order="C", copy=True))
+    pack = None
+    if lengths is not None:
+        lengths = V.check_lengths(lengths, T, B, False)
+        pack = packing(lengths, T)
+        if pack is not None:
+            X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
+    kernels = _kernels("auto", params, X3)
+    with call_scope():
+        fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
+        output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
+        h_n = _unsort(fwd.h_n, pack)
+    full = windows(T, None)
+
+    def vjp(d_output, d_h_n=None):
+        d_out = np.array(d_output, dtype=dtype, order="C", copy=True)     # a work array for the engine
+        d_hn = None if d_h_n is None else np.array(d_h_n, dtype=dtype, order="C", copy=True)
+        if pack is not None:
+            d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
+        with call_scope():
+            layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=need_dX,
+                                                  want_dh0=need_dh0)
+        grads = pack_grads(params, layer_grads)
+        return grads, (None if dX is None else _unsort(dX, pack)), (None if dh0 is None else _unsort(dh0, pack))
+
+    return output, h_n, vjp

@@ -66,7 +66,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import get_num_threads as _fb_get_num_threads, set_num_threads as _fb_set_num_threads
-from .functional import rnn as _fb_rnn, rnn_vjp as _fb_rnn_vjp
+from .functional import _rnn_vjp_trusted as _fb_rnn_vjp, rnn as _fb_rnn   # the private trusted rnn_vjp
 from .params import RNNParams
 
 __all__ = ["RNN", "rnn"]
@@ -199,19 +199,26 @@ def _threads(n):
 
 
 # ------------------------------------------------- forward and backward on arrays
-def _forward(input, hx, weights, lengths, has_biases, num_layers, bidirectional, nonlinearity, need_grad):
+def _forward(input, hx, weights, lengths, has_biases, num_layers, bidirectional, nonlinearity, need_grad,
+             need_dX=True, need_dh0=True):
     """``(output (T, B, dirs·H), h_n (L·dirs, B, H), vjp or None)``: fastbptt on views of the tensors.
 
     ``hx`` None is zeros (fastbptt makes them: cheaper than checking a tensor of zeros).
-    The arguments are checked already (:func:`_check_stack`, or the module's checks).
+    The arguments are checked already (:func:`_check_stack`, or the module's checks), so
+    with ``need_grad`` the forward takes fastbptt's private trusted path (no second
+    validation); its vjp computes ``d_input`` only if ``need_dX`` and ``d_hx`` only if
+    ``need_dh0`` (else None).
     """
     params = _params(weights, has_biases, bidirectional)
-    X, h0, kw = _np(input), _states_in(hx), _lengths_kw(lengths)
+    X = _np(input)
     with _threads(_team(X.shape[1], params.hidden_size)):
         if need_grad:
-            output, h_n, vjp = _fb_rnn_vjp(params, X, h0, activation=nonlinearity, **kw)
+            output, h_n, vjp = _fb_rnn_vjp(params, X, None if hx is None else _np(hx),
+                                           lengths=None if lengths is None else _np(lengths),
+                                           activation=nonlinearity, need_dX=need_dX, need_dh0=need_dh0)
         else:
-            (output, h_n), vjp = _fb_rnn(params, X, h0, activation=nonlinearity, **kw), None
+            (output, h_n), vjp = _fb_rnn(params, X, _states_in(hx), activation=nonlinearity,
+                                         **_lengths_kw(lengths)), None
     states = (len(params.layers), X.shape[1], params.hidden_size)
     return torch.from_numpy(output), torch.from_numpy(h_n.reshape(states)), vjp
 
@@ -221,10 +228,7 @@ def _backward_arrays(vjp, grad_output, grad_hy, has_biases, bidirectional, hx_sh
 
     ``grad_hy`` None is zeros; ``hx_shape`` None (no hx was given) makes ``d_hx`` None.
     """
-    d_hn = None
-    if grad_hy is not None:
-        d_hn = _np(grad_hy)
-        d_hn = d_hn[0] if d_hn.shape[0] == 1 else d_hn
+    d_hn = None if grad_hy is None else _np(grad_hy)
     with _threads(_team(grad_output.shape[1], grad_output.shape[2] // (2 if bidirectional else 1))):
         grads, dX, dh0 = vjp(_np(grad_output), d_hn)
     d_weights = []
@@ -232,8 +236,8 @@ def _backward_arrays(vjp, grad_output, grad_hy, has_biases, bidirectional, hx_sh
         d_weights += [torch.from_numpy(layer.W_xh), torch.from_numpy(layer.W_hh)]
         if has_biases:
             d_weights += [torch.from_numpy(layer.b_h), torch.from_numpy(layer.b_h.copy())]
-    d_hx = None if hx_shape is None else torch.from_numpy(dh0.reshape(hx_shape))
-    return torch.from_numpy(dX), d_hx, d_weights
+    d_hx = None if hx_shape is None or dh0 is None else torch.from_numpy(dh0.reshape(hx_shape))
+    return (None if dX is None else torch.from_numpy(dX)), d_hx, d_weights
 
 
 # ------------------------------------------------------------- eager mode
@@ -251,7 +255,9 @@ class _RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, hx, lengths, config, *weights):
         ctx.set_materialize_grads(False)
-        output, h_n, ctx.vjp = _forward(input, hx, weights, lengths, *config, True)
+        # d_input and d_hx only when autograd asks for them (skips the dX GEMM of layer 0 for data)
+        need_dX, need_dh0 = ctx.needs_input_grad[0], hx is not None and ctx.needs_input_grad[1]
+        output, h_n, ctx.vjp = _forward(input, hx, weights, lengths, *config, True, need_dX, need_dh0)
         ctx.flags, ctx.hx_shape = (config[0], config[2]), (None if hx is None else hx.shape)
         ctx.output_shape, ctx.dtype = output.shape, output.dtype
         return output, h_n
