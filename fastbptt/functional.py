@@ -262,8 +262,8 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
     ``params`` a stack (its arrays may be views of the caller's: copied here for the
     vjp); ``X3`` (T, B, D) and ``h0s`` (L·dirs, B, H) or None (zeros) arrays of the
     params' dtype, any strides (copied here); ``lengths`` None or (B,) ints;
-    ``activation`` "tanh" or "relu". Nothing is checked for finiteness (NaN
-    propagates, as in torch). Returns ``(output (T, B, dirs·H), h_n (L·dirs, B, H),
+    ``activation`` "tanh" or "relu". The input and the initial state are checked
+    finite (outside the padding), as by :func:`rnn_vjp`; ``d_output`` is not. Returns ``(output (T, B, dirs·H), h_n (L·dirs, B, H),
     vjp)`` with ``vjp(d_output, d_h_n=None) -> (grads, dX or None, dh0 or None)``:
     ``d_output`` (T, B, dirs·H) and ``d_h_n`` (L·dirs, B, H) arrays (not written);
     dX is computed only when ``need_dX``, dh0 only when ``need_dh0``. The results
@@ -276,8 +276,12 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
     h0s = (np.zeros((len(params.layers), B, params.hidden_size), dtype=dtype) if h0s is None
            else np.array(h0s, dtype=dtype, order="C", copy=True))
     pack = None
-    if lengths is not None:
+    V.check_finite("hx", h0s)
+    if lengths is None:
+        V.check_finite("input", X3)
+    else:
         lengths = V.check_lengths(lengths, T, B, False)
+        V.check_finite_where("input", X3, V.valid_steps(lengths, T))
         pack = packing(lengths, T)
         if pack is not None:
             X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)

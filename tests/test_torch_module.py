@@ -579,3 +579,14 @@ def test_a_call_uses_no_more_threads_than_torch(monkeypatch):
         torch.set_num_threads(old_torch)
         fastbptt.set_num_threads(None)
     assert seen == [1, 2, 1]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_nan_in_the_input_is_refused_on_every_path(requires_grad):
+    """With or without autograd, as the README says (nn.RNN would propagate it)."""
+    rnn = ft.RNN(3, 4, dtype=torch.float64)
+    x = torch.zeros(5, 2, 3, dtype=torch.float64)
+    x[2, 1, 0] = float("nan")
+    x.requires_grad_(requires_grad)
+    with pytest.raises(ValueError, match="input"):
+        rnn(x)
