@@ -137,8 +137,12 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         (as detaching h every k steps in torch). ``(k1, k2)``: Williams &
         Peng's TBPTT(k1, k2): update points at k1, 2k1, ... and T; at each,
         the losses since the previous one are backpropagated through its
-        last k2 steps only; the gradient is summed over update points. A
-        stacked model is cut at the same steps in every layer; a
+        last k2 steps only; the gradient is summed over update points.
+        ``("artbp", c, seed)``: unbiased truncation (Tallec & Ollivier 2017):
+        a cut at each step boundary with probability c (drawn from
+        ``numpy.random.default_rng(seed)``), the gradient that crosses a
+        boundary uncut multiplied by 1/(1-c): its expectation is full BPTT's.
+        A stacked model is cut at the same steps in every layer; a
         bidirectional model takes None only.
     backend : {"auto", "cython", "numba", "numpy"}
 
