@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 import fastbptt
+from fastbptt.tools.bench import time_interleaved
 
 QUICK = bool(os.environ.get("FASTBPTT_BENCH_QUICK"))
 
@@ -115,21 +116,6 @@ def _jax_step(params, X, Y, lengths):
     return step
 
 
-def _interleaved(fns, rounds, min_sample_s=0.05):
-    number, samples = {}, {k: [] for k in fns}
-    for key, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        number[key] = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(number[key]):
-                fn()
-            samples[key].append((time.perf_counter() - t0) / number[key])
-    return {k: float(np.median(v)) for k, v in samples.items()}
-
-
 @pytest.mark.parametrize("kind", ["uniform", "skewed"])
 def test_packed_cell(benchmark, kind):
     params, X, Y, lengths = _problem(kind)
@@ -167,7 +153,7 @@ def test_packed_cell(benchmark, kind):
     if getattr(benchmark, "disabled", False):          # --benchmark-disable: correctness only
         benchmark(ours)
         return
-    medians = _interleaved(fns, rounds=3 if QUICK else 7)
+    medians = {k: float(np.median(v)) for k, v in time_interleaved(fns, rounds=3 if QUICK else 7).items()}
     info.update({f"ms_{k}": v * 1e3 for k, v in medians.items()})
     info["packed_vs_full"] = medians["fastbptt"] / medians["fastbptt-full"]
     torch_best = min((v for k, v in medians.items() if k.startswith("torch")), default=None)

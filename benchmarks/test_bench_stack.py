@@ -26,8 +26,6 @@ runs (each step once, the stacked gradients against the float64 reference).
 Run: ``pytest benchmarks/test_bench_stack.py --benchmark-json=stack.json``.
 """
 
-import time
-
 import numpy as np
 import pytest
 
@@ -35,23 +33,6 @@ from fastbptt.tools import bench
 
 IMPLS = list(bench.ALL_IMPLS)
 TWINS = ("stacked_l0", "stacked_l1")
-
-
-def _interleaved(fns, rounds, min_sample_s=0.05):
-    """``{key: [seconds per call, one sample per round]}``, the callables timed in turns."""
-    number = {}
-    for key, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        number[key] = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
-    samples = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(number[key]):
-                fn()
-            samples[key].append((time.perf_counter() - t0) / number[key])
-    return samples
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -78,7 +59,7 @@ def test_stack_per_layer_cost(benchmark, impl, oracle, require, rate, shape_of, 
                                  "shapes": {k: bench.format_shape(v) for k, v in shapes.items()},
                                  "stacked_rel_err_by_field": errs, "max_rel_err": max(errs.values())})
     if not benchmark.disabled:
-        samples = _interleaved(steps, rounds=7)
+        samples = bench.time_interleaved(steps, rounds=7)
         cells = [{"shape": name, "impl": impl, "kind": "any", "T": s.T, "B": s.B, "D": s.D, "H": s.H,
                   "num_layers": s.num_layers, "bidirectional": s.bidirectional,
                   "median_s": float(np.median(samples[name])), "best_s": min(samples[name])}

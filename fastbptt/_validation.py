@@ -262,6 +262,16 @@ def check_lengths(lengths, T, B, single):
     return np.array(arr, dtype=np.int64, copy=True)
 
 
+def check_batch_sizes(batch_sizes, T, B):
+    """A kernel's ``batch_sizes``: None, or T non-increasing counts in [0, B] (int64, C-contiguous)."""
+    if batch_sizes is None:
+        return None
+    bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    if bs.shape != (T,) or (T and (bs[0] > B or bs[-1] < 0 or np.any(bs[1:] > bs[:-1]))):
+        raise ValueError(f"batch_sizes: expected {T} non-increasing counts in [0, {B}], got {batch_sizes!r}")
+    return bs
+
+
 def valid_steps(lengths, T):
     """(T, B) bool: step t of row b is within its length."""
     return np.arange(T)[:, None] < lengths[None, :]

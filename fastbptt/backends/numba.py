@@ -44,7 +44,7 @@ from numba import types
 from numba.extending import overload
 
 from ..engine.blas import numpy_cblas
-from .._validation import is_int
+from .._validation import check_batch_sizes, is_int
 from .._threads import parts, row_parts, run
 from .reference import ACT_TANH   # an int: Numba freezes it as a compile-time constant
 
@@ -435,12 +435,8 @@ _ALL_ROWS = np.empty(0, dtype=np.int64)
 
 
 def _batch_sizes(batch_sizes, T, B):
-    if batch_sizes is None:
-        return _ALL_ROWS
-    bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
-    if bs.shape != (T,) or (T and (bs[0] > B or bs[-1] < 0 or np.any(bs[1:] > bs[:-1]))):
-        raise ValueError(f"batch_sizes: expected {T} non-increasing counts in [0, {B}], got {batch_sizes!r}")
-    return bs
+    bs = check_batch_sizes(batch_sizes, T, B)
+    return _ALL_ROWS if bs is None else bs
 
 
 def forward_recurrence(A, W_hhT, Hs, act, threads=1, batch_sizes=None, rows=None):

@@ -288,6 +288,24 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
     return samples
 
 
+def time_interleaved(fns, rounds, min_sample_s=0.05):
+    """``{key: [seconds per call, one sample per round]}``: the callables ``fns`` timed in turns,
+    so that the machine's drift hits them alike (each sample at least ``min_sample_s``)."""
+    number = {}
+    for key, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        number[key] = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
+    samples = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(number[key]):
+                fn()
+            samples[key].append((time.perf_counter() - t0) / number[key])
+    return samples
+
+
 def measure(impl, params, X, Y, *, repeats=7, budget_s=10.0, min_sample_s=0.05, check=True):
     """Build ``impl``'s step on this data, call it once, time it, and run it once more for the check.
 

@@ -20,6 +20,7 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from fastbptt._threads import row_parts
+from fastbptt._validation import check_batch_sizes
 
 from cython cimport floating
 from fastbptt.backends.cython.pool cimport part_start, run_parts
@@ -560,16 +561,6 @@ def _rows(rows, Py_ssize_t B):
     return b0, b1
 
 
-def _batch_sizes(batch_sizes, Py_ssize_t T, Py_ssize_t B):
-    """``batch_sizes`` checked: None, or T non-increasing counts in [0, B] (int64, C-contiguous)."""
-    if batch_sizes is None:
-        return None
-    bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
-    if bs.shape != (T,) or (T and (bs[0] > B or bs[-1] < 0 or np.any(bs[1:] > bs[:-1]))):
-        raise ValueError(f"batch_sizes: expected {T} non-increasing counts in [0, {B}], got {batch_sizes!r}")
-    return bs
-
-
 def _work_bounds(bs, Py_ssize_t b0, Py_ssize_t b1, Py_ssize_t n, bint cols):
     """A variable-length batch split by rows: ``n`` parts of near-equal work (None: equal rows)."""
     if bs is None or cols or n < 2:
@@ -753,7 +744,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
-    cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
+    cdef const int64_t[::1] bs = check_batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     job.bs = &bs[0] if bs is not None else NULL
     cdef const int64_t[::1] bounds = _work_bounds(bs, b0, b1, n, job.cols)
@@ -824,7 +815,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     b0, b1 = _rows(rows, B)
     cdef _Job job
     cdef fb_barrier barrier
-    cdef const int64_t[::1] bs = _batch_sizes(batch_sizes, T, B)
+    cdef const int64_t[::1] bs = check_batch_sizes(batch_sizes, T, B)
     n = _setup_job(&job, &barrier, T, B, H, b0, b1, act, threads, _path, _split, floating is double)
     job.bs = &bs[0] if bs is not None else NULL
     cdef const int64_t[::1] bounds = _work_bounds(bs, b0, b1, n, job.cols)
