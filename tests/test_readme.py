@@ -13,8 +13,8 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 1
 
 
-# the optional extras a block imports (without them, it is skipped with the reason)
-OPTIONAL = {"torch": "torch", "distributed": "distributed"}
+# the optional extras a block may import (without them, it is skipped with the reason)
+OPTIONAL = ("torch", "distributed")
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
