@@ -24,12 +24,15 @@ def rel_err(a, b):
 
 
 def make_problem(T, B, D, H, O, *, loss="mse", output="sequence", dtype=np.float64, seed=0,
-                 single=False, scale=1.0):
-    """Random params, X, Y for a shape; Y matches loss and output. single=True drops B (B must be 1)."""
+                 single=False, scale=1.0, num_layers=1, bidirectional=False):
+    """Random params, X, Y for a shape; Y matches loss and output. single=True drops B (B must be 1);
+    ``scale`` multiplies every W_hh."""
     rng = np.random.default_rng(seed)
-    params = fastbptt.RNNParams.init(D, H, O, dtype=dtype, seed=rng)
+    params = fastbptt.RNNParams.init(D, H, O, num_layers=num_layers, bidirectional=bidirectional,
+                                     dtype=dtype, seed=rng)
     if scale != 1.0:
-        params.W_hh *= scale
+        for layer in params.layers:
+            layer.W_hh *= scale
     X = rng.normal(size=(T, B, D))
     lead = (T, B) if output == "sequence" else (B,)
     if loss == "mse":

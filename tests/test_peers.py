@@ -35,19 +35,8 @@ def _need(peer):
 
 def make_stack_problem(L, bidirectional, loss, output, dtype, *, T=11, B=3, D=5, H=6, O=4, seed=7):
     """Random params of a stack (W_hh scaled by 1.5), X, and Y for the loss and output."""
-    rng = np.random.default_rng(seed)
-    params = fastbptt.RNNParams.init(D, H, O, num_layers=L, bidirectional=bidirectional, dtype=dtype, seed=rng)
-    for layer in params.layers:
-        layer.W_hh *= 1.5
-    X = rng.normal(size=(T, B, D))
-    lead = (T, B) if output == "sequence" else (B,)
-    if loss == "mse":
-        Y = rng.normal(size=lead + (O,))
-    elif loss == "bce":
-        Y = (rng.random(size=lead + (O,)) < 0.5).astype(np.float64)
-    else:
-        Y = rng.integers(0, O, size=lead)
-    return params, X, Y
+    return make_problem(T, B, D, H, O, loss=loss, output=output, dtype=dtype, seed=seed, scale=1.5,
+                        num_layers=L, bidirectional=bidirectional)
 
 
 def _check(peer, dtype, loss, output, activation="tanh", with_h0=False, stack=None):

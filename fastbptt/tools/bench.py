@@ -626,21 +626,13 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
                     params, X, Y = make_problem(run_shape, dtype)
                     checks = []
                     for impl in impls:
-                        runs = {}
-                        for n, where in plans[impl]:
+                        def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
                             if progress is not None:
-                                progress(f"{name} {format_shape(run_shape)} {impl}"
-                                         + (f" ({n} threads{', worker' if where == 'worker' else ''})"
-                                            if impl in PEERS else ""))
-                            if where == "worker":
-                                worker = workers.setdefault(n, PeerWorker(n))
-                                runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats,
-                                                     budget_s=budget_s, min_sample_s=min_sample_s, check=check)
-                            else:
-                                with torch_threads(n) if impl == "torch" else nullcontext():
-                                    runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
-                                                      min_sample_s=min_sample_s, check=check)
-                            runs[n]["where"] = where
+                                progress(label + (f" ({n} threads{', worker' if where == 'worker' else ''})"
+                                                  if impl in PEERS else ""))
+                        runs = _time_runs(impl, plans[impl], run_shape, params, X, Y, dtype, workers,
+                                          dict(repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s,
+                                               check=check), announce)
                         cell = _make_cell(name, run_shape, impl, dtype, runs)
                         if check:
                             for n, r in runs.items():
@@ -712,6 +704,23 @@ def _check_cell(cell, n, r, ref_loss, ref):
     cell["loss_rel_err"] = max(cell.get("loss_rel_err", 0.0), loss_err)
 
 
+def _time_runs(impl, plan, run_shape, params, X, Y, dtype, workers, timing, announce=None):
+    """``{threads: run}`` for one (shape, impl) cell: each ``(n, where)`` of its thread ``plan`` timed
+    in this process or in a :class:`PeerWorker` (kept in ``workers``), ``timing`` the keyword
+    arguments of :func:`measure`."""
+    runs = {}
+    for n, where in plan:
+        if announce is not None:
+            announce(n, where)
+        if where == "worker":
+            runs[n] = workers.setdefault(n, PeerWorker(n)).run(impl, run_shape, dtype, **timing)
+        else:
+            with torch_threads(n) if impl == "torch" else nullcontext():
+                runs[n] = measure(impl, params, X, Y, **timing)
+        runs[n]["where"] = where
+    return runs
+
+
 def bench_cell(name, run_shape, impl, *, dtype, threads, peer_threads, repeats, budget_s, min_sample_s,
                check):
     """One (shape, impl) cell, whole, where it runs (a Dask worker): the same data
@@ -723,20 +732,13 @@ def bench_cell(name, run_shape, impl, *, dtype, threads, peer_threads, repeats, 
     run_shape = Shape(*run_shape)
     if impl in PEERS:
         set_threads(threads)
-    runs, workers = {}, {}
+    workers = {}
     try:
         with _ThreadLimits(threads):
             params, X, Y = make_problem(run_shape, dtype)
-            for n, where in peer_thread_plan(impl, threads, peer_threads):
-                if where == "worker":
-                    worker = workers.setdefault(n, PeerWorker(n))
-                    runs[n] = worker.run(impl, run_shape, dtype, repeats=repeats, budget_s=budget_s,
-                                         min_sample_s=min_sample_s, check=check)
-                else:
-                    with torch_threads(n) if impl == "torch" else nullcontext():
-                        runs[n] = measure(impl, params, X, Y, repeats=repeats, budget_s=budget_s,
-                                          min_sample_s=min_sample_s, check=check)
-                runs[n]["where"] = where
+            runs = _time_runs(impl, peer_thread_plan(impl, threads, peer_threads), run_shape, params, X, Y,
+                              dtype, workers, dict(repeats=repeats, budget_s=budget_s,
+                                                   min_sample_s=min_sample_s, check=check))
             cell = _make_cell(name, run_shape, impl, dtype, runs)
             if check:
                 ref_loss, ref = reference_grads(params, X, Y)
