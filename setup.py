@@ -38,6 +38,7 @@ extensions = [
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
         + ([("FASTBPTT_LIBMVEC", "1")] if LIBMVEC else []),
         libraries=["mvec"] if LIBMVEC else [],
+        depends=[str(h) for h in sorted(pyx.parent.glob("*.h"))] if pyx.stem == "kernels" else [],
         extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
     for pyx in sorted(Path("fastbptt").rglob("*.pyx"))

@@ -132,6 +132,72 @@ cdef extern from *:
 
 fastbptt_tanh_init()
 
+# The small-batch kernels (B <= 4): the forward and backward loops with a register-blocked
+# matrix-vector step in place of a BLAS call per step, for AVX-512, AVX2 or the portable
+# baseline, picked at import from the CPU (see simd_step.h and ``_use_simd``).
+cdef extern from "simd_step.h":
+    int fb_simd_level
+    int fb_simd_best() noexcept nogil
+    int fb_simd_supported(int level) noexcept nogil
+    int fb_simd_set_level(int level) noexcept nogil
+    int fb_simd_forward_f32(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const float *A, Py_ssize_t sA,
+                            const float *W, float *Hs, Py_ssize_t sH, int act, const int64_t *bs,
+                            Py_ssize_t lo) noexcept nogil
+    int fb_simd_forward_f64(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const double *A, Py_ssize_t sA,
+                            const double *W, double *Hs, Py_ssize_t sH, int act, const int64_t *bs,
+                            Py_ssize_t lo) noexcept nogil
+    int fb_simd_backward_f32(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const float *G, Py_ssize_t sG,
+                             const float *Hs, Py_ssize_t sH, const float *W, Py_ssize_t n_win,
+                             const int64_t *ends, const int64_t *bp_starts, int act, float *dZ,
+                             Py_ssize_t sZ, const int64_t *bs, Py_ssize_t lo) noexcept nogil
+    int fb_simd_backward_f64(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, const double *G, Py_ssize_t sG,
+                             const double *Hs, Py_ssize_t sH, const double *W, Py_ssize_t n_win,
+                             const int64_t *ends, const int64_t *bp_starts, int act, double *dZ,
+                             Py_ssize_t sZ, const int64_t *bs, Py_ssize_t lo) noexcept nogil
+
+#: the instruction sets of the small-batch kernels, by level (``SIMD_IMPL`` is the one in force)
+SIMD_LEVELS = ("portable", "avx2", "avx512")
+_SIMD_NEEDS = {"portable": "nothing", "avx2": "AVX2 and FMA", "avx512": "AVX-512F and FMA"}
+
+
+def _set_simd_level(name):
+    """Run the small-batch kernels on ``name`` ("avx512", "avx2", "portable" or "auto": the best
+    the CPU has); returns the name now in force.
+
+    Raises ValueError for another name and RuntimeError for a level this CPU lacks (nothing
+    changes then). Not thread-safe: call it only when no kernel runs (tests, or at import from
+    ``FASTBPTT_SIMD``).
+    """
+    global SIMD_IMPL
+    key = str(name).strip().lower()
+    if key == "auto":
+        level = fb_simd_best()
+    elif key in SIMD_LEVELS:
+        level = SIMD_LEVELS.index(key)
+    else:
+        raise ValueError(f"SIMD level: expected one of 'auto', 'avx512', 'avx2', 'portable', got {name!r}")
+    if not fb_simd_supported(level):
+        have = [lv for i, lv in enumerate(SIMD_LEVELS) if fb_simd_supported(i)]
+        raise RuntimeError(f"SIMD level {key!r} needs {_SIMD_NEEDS[key]}, which this CPU (or this "
+                           f"build) lacks; available here: {', '.join(have)}")
+    fb_simd_set_level(level)
+    SIMD_IMPL = SIMD_LEVELS[fb_simd_level]
+    return SIMD_IMPL
+
+
+def _simd_from_env():
+    """The level at import: ``FASTBPTT_SIMD`` (auto, avx512, avx2 or portable), else the best."""
+    import os
+    value = os.environ.get("FASTBPTT_SIMD", "auto")
+    try:
+        return _set_simd_level(value or "auto")
+    except (ValueError, RuntimeError) as exc:
+        raise type(exc)(f"FASTBPTT_SIMD={value!r}: {exc}") from None
+
+
+#: which instruction set the small-batch kernels use: "avx512", "avx2" or "portable"
+SIMD_IMPL = _simd_from_env()
+
 # The small-shape product on AVX-512 (x86-64, checked at import): per batch row and block of 16
 # (f32) or 8 (f64) outputs, eight independent accumulators over the contraction index -- the
 # SSE2 loop below has one chain of dependent adds per output, and lost to a BLAS call from
@@ -272,6 +338,12 @@ cdef inline bint _use_small(Py_ssize_t B, Py_ssize_t H) noexcept nogil:
     if fastbptt_mv_level == 2:
         return H <= 16 and B * H <= 32
     return B * H <= 16
+
+
+cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept nogil:
+    """Whether a part of B rows runs on the small-batch kernels (simd_step.h) rather than
+    ``_forward``/``_backward``. PLACEHOLDER: measured below."""
+    return B <= 4 and fb_simd_level == 2
 
 
 cdef inline void _small_matmul(Py_ssize_t B, Py_ssize_t H, const floating *X,
@@ -576,6 +648,7 @@ cdef struct _Job:
     Py_ssize_t T, H, stride, b0, rows, n_win
     int act
     bint small, is_double, cols
+    bint simd                   # the rows go to the small-batch kernels of simd_step.h
     fb_barrier *barrier
     const void *A
     const void *W
@@ -588,6 +661,29 @@ cdef struct _Job:
     const int64_t *bp_starts
     const int64_t *bs
     const int64_t *bounds       # the parts' first rows (n + 1, absolute), or NULL: equal row counts
+
+
+cdef int _simd_forward_part(_Job *j, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """Rows lo..hi of a forward job on the small-batch kernels; -1 (out of memory): not done."""
+    if j.is_double:
+        return fb_simd_forward_f64(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride,
+                                   <const double *> j.W, <double *> j.Hs + lo * j.H, j.stride, j.act,
+                                   j.bs, lo)
+    return fb_simd_forward_f32(j.T, hi - lo, j.H, <const float *> j.A + lo * j.H, j.stride,
+                               <const float *> j.W, <float *> j.Hs + lo * j.H, j.stride, j.act, j.bs, lo)
+
+
+cdef int _simd_backward_part(_Job *j, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """Rows lo..hi of a backward job on the small-batch kernels; -1 (out of memory): not done."""
+    if j.is_double:
+        return fb_simd_backward_f64(j.T, hi - lo, j.H, <const double *> j.G + lo * j.H, j.stride,
+                                    <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W,
+                                    j.n_win, j.ends, j.bp_starts, j.act, <double *> j.dZ + lo * j.H,
+                                    j.stride, j.bs, lo)
+    return fb_simd_backward_f32(j.T, hi - lo, j.H, <const float *> j.G + lo * j.H, j.stride,
+                                <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W,
+                                j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H,
+                                j.stride, j.bs, lo)
 
 
 cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -611,6 +707,8 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     else:
         lo = j.b0 + part_start(p, n, j.rows)
         hi = j.b0 + part_start(p + 1, n, j.rows)
+    if j.simd and _simd_forward_part(j, lo, hi) == 0:
+        return
     if j.is_double:
         _forward(j.T, hi - lo, j.H, <const double *> j.A + lo * j.H, j.stride, <const double *> j.W,
                  <double *> j.Hs + lo * j.H, j.stride, j.act, j.small, j.bs, lo)
@@ -644,6 +742,8 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
         r0 = part_start(p, n, j.rows)
         r1 = part_start(p + 1, n, j.rows)
     lo = j.b0 + r0
+    if j.simd and _simd_backward_part(j, lo, lo + r1 - r0) == 0:
+        return
     if j.is_double:
         _backward(j.T, r1 - r0, j.H, <const double *> j.G + lo * j.H, j.stride,
                   <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W, j.n_win,
@@ -674,6 +774,8 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
     job.rows = b1 - b0
     job.act = act
     job.small = _pick((b1 - b0 + n - 1) // n, H, path)
+    job.simd = not job.cols and (path == 2 or (path == -1 and _use_simd((b1 - b0 + n - 1) // n, H,
+                                                                        is_double)))
     job.is_double = is_double
     return n
 
@@ -698,9 +800,10 @@ def _n_parts(int threads, Py_ssize_t rows):
 def _pick(Py_ssize_t B, Py_ssize_t H, int path):
     if path == -1:
         return _use_small(B, H)
-    if path in (0, 1):
+    if path in (0, 1, 2):
         return path == 1
-    raise ValueError(f"_path: expected -1 (auto), 0 (BLAS) or 1 (small loop), got {path}")
+    raise ValueError(f"_path: expected -1 (auto), 0 (BLAS), 1 (small loop) or 2 (small-batch SIMD "
+                     f"kernels), got {path}")
 
 
 def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT,
@@ -726,7 +829,8 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
         rows sorted by length, longest first); None: every row.
     _path : int, optional
-        -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
+        -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop, 2 the small-batch
+        SIMD kernels at the level in force (``SIMD_IMPL``; tests).
     _split : int, optional
         With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
         rows, 1 the columns of every step (tests).
@@ -785,7 +889,8 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
         rows sorted by length, longest first); None: every row.
     _path : int, optional
-        -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
+        -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop, 2 the small-batch
+        SIMD kernels at the level in force (``SIMD_IMPL``; tests).
     _split : int, optional
         With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
         rows, 1 the columns of every step (tests).
@@ -839,6 +944,11 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
 def uses_small_loop(Py_ssize_t B, Py_ssize_t H):
     """Whether ``_path=-1`` sends a (B, H) problem to the small-shape loop (for tests and benchmarks)."""
     return _use_small(B, H)
+
+
+def uses_simd(Py_ssize_t B, Py_ssize_t H, dtype=np.float64):
+    """Whether ``_path=-1`` sends a part of B rows, hidden size H, to the small-batch SIMD kernels."""
+    return _use_simd(B, H, np.dtype(dtype) == np.float64)
 
 
 def _tanh_inplace(floating[::1] x):

@@ -1,0 +1,236 @@
+/* One instance of the small-batch recurrence kernels (see simd_step.h), for one element type and
+ * one instruction set. simd_step.h includes this file once per (ISA, dtype) with
+ *   FB_T      float or double
+ *   FB_SFX    the name suffix, e.g. _f32_avx512
+ *   FB_VBYTES the vector width in bytes (64, 32 or 16)
+ *   FB_BUDGET the most accumulators a tile keeps in registers (rows x blocks)
+ *   FB_IT     the integer type of FB_T's size (int32_t or int64_t)
+ *   FB_VTANH  optional: glibc's vector tanh for this vector type
+ * under a `#pragma GCC target` for that ISA, so one source serves every path.
+ */
+
+#define FB_CAT_(a, b) a##b
+#define FB_CAT(a, b) FB_CAT_(a, b)
+#define FB_N(name) FB_CAT(name, FB_SFX)
+#define FB_V FB_N(fb_vec)
+#define FB_IV FB_N(fb_ivec)
+#define FB_VL ((ptrdiff_t)(FB_VBYTES / sizeof(FB_T)))
+
+typedef FB_T FB_V __attribute__((vector_size(FB_VBYTES)));
+typedef FB_IT FB_IV __attribute__((vector_size(FB_VBYTES)));
+
+static inline __attribute__((always_inline)) FB_V FB_N(fb_load)(const FB_T *p) {
+    FB_V v;
+    memcpy(&v, p, sizeof v);        /* an unaligned vector load */
+    return v;
+}
+
+/* f(a + z) on one vector: relu, or tanh where the build has glibc's vector tanh (FB_VTANH: the same
+ * libmvec functions as kernels.pyx's fastbptt_tanhf/d); without it tanh is left to the caller. */
+static inline __attribute__((always_inline)) FB_V FB_N(fb_act)(FB_V s, int act) {
+    if (act != 0) {
+        FB_IV keep = (FB_IV)(s > (FB_V){0});          /* as kernels.pyx: h > 0 ? h : 0 */
+        return (FB_V)((FB_IV)s & keep);
+    }
+#ifdef FB_VTANH
+    return FB_VTANH(s);
+#else
+    return s;
+#endif
+}
+
+/* Z[b, 0:NJ*VL] = sum_i X[b, i] * W[i, 0:NJ*VL] for b < NB: NB rows x NJ vector blocks of outputs in
+ * registers, KU independent partial sums over i so that at least ~8 FMA chains are in flight
+ * (a single chain waits on the FMA latency at small H). With A (the forward), Z = f(A + X.W)
+ * instead, and the tile's last block holds only `last` columns (the rest is neither read nor
+ * written); without A every block is stored whole. */
+#define FB_TILE(NB, NJ)                                                                               \
+static void FB_N(fb_tile_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,     \
+                                      ptrdiff_t ldw, FB_T *Z, ptrdiff_t ldz, const FB_T *A,          \
+                                      ptrdiff_t lda, int act, ptrdiff_t last) {                      \
+    enum { KU = (NB) * (NJ) >= 8 ? 1 : (NB) * (NJ) >= 4 ? 2 : (NB) * (NJ) >= 2 ? 4 : 8 };           \
+    FB_V acc[KU][NB][NJ];                                                                             \
+    for (int k = 0; k < KU; k++)                                                                      \
+        for (int b = 0; b < (NB); b++)                                                                \
+            for (int j = 0; j < (NJ); j++) acc[k][b][j] = (FB_V){0};                                  \
+    ptrdiff_t i = 0;                                                                                  \
+    for (; i + KU <= H; i += KU) {                                                                    \
+        for (int k = 0; k < KU; k++) {                                                                \
+            const FB_T *w = W + (i + k) * ldw;                                                        \
+            FB_V wv[NJ];                                                                              \
+            for (int j = 0; j < (NJ); j++) wv[j] = FB_N(fb_load)(w + j * FB_VL);                      \
+            for (int b = 0; b < (NB); b++) {                                                          \
+                FB_T xb = X[b * ldx + i + k];                                             \
+                for (int j = 0; j < (NJ); j++) acc[k][b][j] += xb * wv[j];                            \
+            }                                                                                         \
+        }                                                                                             \
+    }                                                                                                 \
+    for (; i < H; i++) {                                                                              \
+        const FB_T *w = W + i * ldw;                                                                  \
+        for (int b = 0; b < (NB); b++) {                                                              \
+            FB_T xb = X[b * ldx + i];                                                     \
+            for (int j = 0; j < (NJ); j++) acc[0][b][j] += xb * FB_N(fb_load)(w + j * FB_VL);         \
+        }                                                                                             \
+    }                                                                                                 \
+    for (int b = 0; b < (NB); b++)                                                                    \
+        for (int j = 0; j < (NJ); j++) {                                                              \
+            FB_V s = acc[0][b][j];                                                                    \
+            for (int k = 1; k < KU; k++) s += acc[k][b][j];                                           \
+            FB_T *z = Z + b * ldz + j * FB_VL;                                                        \
+            if (A == NULL) {                                                                          \
+                memcpy(z, &s, sizeof s);                                                              \
+            } else if (j < (NJ) - 1 || last == FB_VL) {                                               \
+                s = FB_N(fb_act)(FB_N(fb_load)(A + b * lda + j * FB_VL) + s, act);                    \
+                memcpy(z, &s, sizeof s);                                                              \
+            } else {                /* a partial last block: only its `last` columns exist */         \
+                FB_V a = (FB_V){0};                                                                   \
+                memcpy(&a, A + b * lda + j * FB_VL, (size_t)last * sizeof(FB_T));                     \
+                s = FB_N(fb_act)(a + s, act);                                                         \
+                memcpy(z, &s, (size_t)last * sizeof(FB_T));                                           \
+            }                                                                                         \
+        }                                                                                             \
+}
+
+FB_TILE(1, 1) FB_TILE(1, 2) FB_TILE(1, 4) FB_TILE(1, 8)
+FB_TILE(2, 1) FB_TILE(2, 2) FB_TILE(2, 4) FB_TILE(2, 8)
+FB_TILE(3, 1) FB_TILE(3, 2) FB_TILE(3, 4) FB_TILE(3, 8)
+FB_TILE(4, 1) FB_TILE(4, 2) FB_TILE(4, 4) FB_TILE(4, 8)
+
+/* Z (n, ldz) = X (n, ldx) . W (H, ldw) over ceil(H/VL) blocks of VL columns: the whole blocks read
+ * W (rows ldw apart), the last partial one (H % VL columns) reads P, a zero-padded copy of those
+ * columns (H, VL), so every load of W is a whole vector. Without A, every store too (ldz >=
+ * ceil(H/VL)*VL); with A (lda), Z = f(A + X.W) over exactly H columns (see the tiles). */
+static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,
+                        ptrdiff_t ldw, const FB_T *P, FB_T *Z, ptrdiff_t ldz, const FB_T *A,
+                        ptrdiff_t lda, int act) {
+    ptrdiff_t nfull = H / FB_VL;
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += 4) {
+        int nb = n - b0 < 4 ? (int)(n - b0) : 4;
+        const FB_T *x = X + b0 * ldx;
+        for (ptrdiff_t j0 = 0; j0 < nfull + (P != NULL);) {
+            ptrdiff_t left = j0 < nfull ? nfull - j0 : 1;
+            int nj = 8;
+            while (nj > 1 && (nj > left || nb * nj > FB_BUDGET)) nj >>= 1;
+            const FB_T *w = j0 < nfull ? W + j0 * FB_VL : P;
+            ptrdiff_t ld = j0 < nfull ? ldw : FB_VL;
+            FB_T *z = Z + b0 * ldz + j0 * FB_VL;
+            const FB_T *a = A ? A + b0 * lda + j0 * FB_VL : NULL;
+            ptrdiff_t last = j0 < nfull ? FB_VL : H - nfull * FB_VL;
+            switch (nb * 16 + nj) {
+#define FB_CASE(NB, NJ) case (NB) * 16 + (NJ):                                                      \
+                FB_N(fb_tile_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last); break;
+            FB_CASE(1, 1) FB_CASE(1, 2) FB_CASE(1, 4) FB_CASE(1, 8)
+            FB_CASE(2, 1) FB_CASE(2, 2) FB_CASE(2, 4) FB_CASE(2, 8)
+            FB_CASE(3, 1) FB_CASE(3, 2) FB_CASE(3, 4) FB_CASE(3, 8)
+            FB_CASE(4, 1) FB_CASE(4, 2) FB_CASE(4, 4) FB_CASE(4, 8)
+#undef FB_CASE
+            }
+            j0 += nj;
+        }
+    }
+}
+
+/* The per-call buffers: P, the last H % VL columns of W (H, H) zero-padded to VL (NULL when H is a
+ * whole number of vectors; W itself is read in place and stays in L1/L2 across the steps), and Z,
+ * rows x ldz with ldz = ceil(H/VL)*VL. One malloc (*mem, to free); returns -1 when out of memory. */
+static int FB_N(fb_prepare)(ptrdiff_t H, ptrdiff_t rows, const FB_T *W, FB_T **P, ptrdiff_t *ldz,
+                            FB_T **mem, FB_T **Z) {
+    ptrdiff_t nfull = H / FB_VL, rem = H - nfull * FB_VL, ld = (nfull + (rem > 0)) * FB_VL;
+    size_t panel = rem ? (size_t)(H * FB_VL) : 0;
+    FB_T *m = (FB_T *)malloc((panel + (size_t)(rows * ld)) * sizeof(FB_T));
+    if (m == NULL) return -1;
+    if (rem) {
+        for (ptrdiff_t i = 0; i < H; i++)      /* a fixed-length inner loop: no library call per row */
+            for (ptrdiff_t c = 0; c < FB_VL; c++)
+                m[i * FB_VL + c] = c < rem ? W[i * H + nfull * FB_VL + c] : 0;
+    }
+    *P = rem ? m : NULL;
+    *ldz = ld;
+    *mem = m;
+    *Z = m + panel;
+    return 0;
+}
+
+/* One row of a backward step (as _dz_step in kernels.pyx): delta = [carried c] + [G[t] g] (NULL:
+ * absent), dz = delta * f'(from h), and dZ[t] = dz on a loss step (g given), dZ[t] += dz otherwise. */
+static inline void FB_N(fb_dz_row)(ptrdiff_t H, int act, const FB_T *restrict c,
+                                   const FB_T *restrict g, const FB_T *restrict h,
+                                   FB_T *restrict d, FB_T *restrict zt) {
+    if (c && g) for (ptrdiff_t e = 0; e < H; e++) d[e] = c[e] + g[e];
+    else if (c) memcpy(d, c, (size_t)H * sizeof(FB_T));
+    else if (g) memcpy(d, g, (size_t)H * sizeof(FB_T));
+    else memset(d, 0, (size_t)H * sizeof(FB_T));
+    if (act == 0) for (ptrdiff_t e = 0; e < H; e++) d[e] = d[e] * (1 - h[e] * h[e]);
+    else for (ptrdiff_t e = 0; e < H; e++) d[e] = h[e] > 0 ? d[e] : 0;
+    if (g) memcpy(zt, d, (size_t)H * sizeof(FB_T));
+    else for (ptrdiff_t e = 0; e < H; e++) zt[e] += d[e];
+}
+
+/* The forward kernel of the contract (as _forward in kernels.pyx): rows lo..lo+B of a batch, time
+ * strides sA/sH, step t on the rows still active (bs). Returns -1 (nothing written) when out of memory. */
+static int FB_N(fb_simd_forward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const FB_T *A, ptrdiff_t sA,
+                                 const FB_T *W_hhT, FB_T *Hs, ptrdiff_t sH, int act,
+                                 const int64_t *bs, ptrdiff_t lo) {
+    FB_T *P, *mem, *Z;          /* Z: no rows (the forward stores straight into Hs) */
+    ptrdiff_t ldz;
+    if (FB_N(fb_prepare)(H, 0, W_hhT, &P, &ldz, &mem, &Z)) return -1;
+    for (ptrdiff_t t = 0; t < T; t++) {
+        ptrdiff_t n = fb_simd_active(bs, t, lo, B);
+        if (n == 0) break;
+        /* h_t = f(A[t] + h_{t-1}.W_hhT), in registers from the product to the store */
+        FB_N(fb_mv)(n, H, Hs + t * sH, H, W_hhT, H, P, Hs + (t + 1) * sH, H, A + t * sA, H, act);
+#ifndef FB_VTANH
+        if (act == 0) FB_CAT(fb_simd_tanh_, FB_T)(Hs + (t + 1) * sH, n * H);
+#endif
+    }
+    free(mem);
+    return 0;
+}
+
+/* The backward kernel of the contract (as _backward in kernels.pyx, window for window): fills
+ * dZ with the sum over windows of dz_t. Returns -1 (nothing written) when out of memory. */
+static int FB_N(fb_simd_backward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const FB_T *G, ptrdiff_t sG,
+                                  const FB_T *Hs, ptrdiff_t sH, const FB_T *W_hh, ptrdiff_t n_win,
+                                  const int64_t *ends, const int64_t *bp_starts, int act, FB_T *dZ,
+                                  ptrdiff_t sZ, const int64_t *bs, ptrdiff_t lo) {
+    FB_T *P, *mem, *carried, *dz;
+    ptrdiff_t ldz, loss_start = 0;
+    /* Z holds 2B rows: carried (the delta from step t+1, rows ldz apart) and dz (rows H apart) */
+    if (FB_N(fb_prepare)(H, 2 * B, W_hh, &P, &ldz, &mem, &carried)) return -1;
+    dz = carried + B * ldz;
+    for (ptrdiff_t w = 0; w < n_win; w++) {
+        ptrdiff_t end = (ptrdiff_t)ends[w], bp_start = (ptrdiff_t)bp_starts[w], n_carried = 0;
+        for (ptrdiff_t t = loss_start; t < bp_start; t++)      /* steps in no window: zero */
+            memset(dZ + t * sZ, 0, (size_t)(B * H) * sizeof(FB_T));
+        for (ptrdiff_t t = end - 1; t >= bp_start; t--) {
+            ptrdiff_t n = fb_simd_active(bs, t, lo, B);
+            int inject = t >= loss_start;
+            for (ptrdiff_t b = 0; b < n; b++)    /* rows at their own last step (b >= n_carried): delta 0 */
+                FB_N(fb_dz_row)(H, act, b < n_carried ? carried + b * ldz : NULL,
+                                inject ? G + t * sG + b * H : NULL, Hs + (t + 1) * sH + b * H,
+                                dz + b * H, dZ + t * sZ + b * H);
+            n_carried = 0;
+            if (t > bp_start && n > 0) {            /* delta_{t-1} = W_hh^T dz_t: dz_t . W_hh by rows */
+                FB_N(fb_mv)(n, H, dz, H, W_hh, H, P, carried, ldz, NULL, 0, 0);
+                n_carried = n;
+            }
+        }
+        loss_start = end;
+    }
+    for (ptrdiff_t t = loss_start; t < T; t++)                 /* after the last window */
+        memset(dZ + t * sZ, 0, (size_t)(B * H) * sizeof(FB_T));
+    free(mem);
+    return 0;
+}
+
+#undef FB_TILE
+#undef FB_VTANH
+#undef FB_T
+#undef FB_IT
+#undef FB_SFX
+#undef FB_VL
+#undef FB_V
+#undef FB_IV
+#undef FB_N
+#undef FB_CAT
+#undef FB_CAT_
