@@ -4,10 +4,16 @@ The kernel contract itself (parity with the reference, windows, ``rows=``,
 ``threads=``, inputs left alone) is tested once per backend in
 ``test_kernels.py``, and the C team's row and column splits in
 ``test_parallel.py``. Here: each per-step product path forced (BLAS, the
-small-shape loop portable and, where the CPU has it, AVX-512) on both sides of
-the crossover, the argument checks of the ``def`` entry points, the BLAS
-wrapper, and each tanh implementation.
+small-shape loop portable and, where the CPU has it, AVX-512, and the
+small-batch SIMD kernels at each of their levels: AVX-512, AVX2 and portable,
+every one on every CPU -- a level the CPU lacks fails, it is not skipped) on
+both sides of the crossover, the argument checks of the ``def`` entry points,
+the BLAS wrapper, and each tanh implementation.
 """
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,21 +30,31 @@ ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")
 # the small-shape loop: the portable one (level 0) and, where the CPU has it, the AVX-512 one
 _MV_START = K._set_matvec_level(2)
 K._set_matvec_level(_MV_START)
+_SIMD_START = K.SIMD_IMPL
+# the small-batch SIMD kernels (_path=2) at each level: all three on every CPU, since this suite
+# runs on x86-64 machines with AVX-512 (CI included); elsewhere the missing levels fail with
+# _set_simd_level's RuntimeError naming what the CPU lacks
+SIMD_PATHS = [pytest.param((2, level), id=f"simd-{level}") for level in ("avx512", "avx2", "portable")]
 # forced paths ("auto", the per-shape choice, is the contract's: test_kernels.py)
 PATHS = ([pytest.param(0, id="blas"), pytest.param((1, 0), id="small-portable")]
-         + ([pytest.param((1, 2), id="small-avx512")] if _MV_START == 2 else []))
+         + ([pytest.param((1, 2), id="small-avx512")] if _MV_START == 2 else []) + SIMD_PATHS)
 
 
 @pytest.fixture(autouse=True)
 def _restore_matvec_level():
     yield
     K._set_matvec_level(_MV_START)
+    K._set_simd_level(_SIMD_START)
 
 
 def _use_path(path):
-    """``_path`` for the kernels, after setting the small loop's level when ``path`` is (1, level)."""
+    """``_path`` for the kernels, after setting the small loop's level when ``path`` is (1, level)
+    or the SIMD kernels' level when it is (2, name)."""
     if isinstance(path, tuple):
-        assert K._set_matvec_level(path[1]) == path[1]
+        if path[0] == 2:
+            assert K._set_simd_level(path[1]) == path[1]
+        else:
+            assert K._set_matvec_level(path[1]) == path[1]
         return path[0]
     return path
 
@@ -52,7 +68,9 @@ SHAPES = {  # T, B, H
     "small_B4H4": (12, 4, 4),
     "blas_B1H24": (15, 1, 24),      # just above the crossover: BLAS under "auto"
     "blas_B3H40": (8, 3, 40),
-    "odd_H70B17": (5, 17, 70),
+    "odd_H70B17": (5, 17, 70),     # forced SIMD kernels: rows in groups of 4, then 1
+    "simd_B2H100": (6, 2, 100),    # whole vectors and a partial last one at every width
+    "simd_B1H300": (5, 1, 300),    # several tiles of 8 vectors per row, then a partial one
 }
 
 
@@ -66,6 +84,16 @@ def _forward(mod, A, W_hh, h0, act, **kw):
 
 def test_activation_codes_are_the_references():
     assert (K.ACT_TANH, K.ACT_RELU) == (R.ACT_TANH, R.ACT_RELU)
+
+
+def test_simd_rule_sides():
+    """Where "auto" sends a part of the batch to the SIMD kernels (at the AVX-512 level)."""
+    K._set_simd_level("avx512")
+    for B, H in ((1, 32), (1, 100), (1, 7), (4, 256), (3, 64), (2, 48), (4, 4)):   # online, chunk, ...
+        assert K.uses_simd(B, H, np.float32), (B, H)
+    for B, H in ((5, 32), (8, 64), (2, 64), (3, 8)):
+        assert not K.uses_simd(B, H, np.float32), (B, H)
+    assert K.uses_simd(4, 256, np.float64) and not K.uses_simd(2, 64, np.float64)
 
 
 def test_crossover_rule_sides():
@@ -102,7 +130,7 @@ def test_custom_windows_each_path_and_split(dtype):
     for ends, bp_starts in (([5, 6, 12], [3, 0, 9]), ([4, 9], [2, 7])):
         ends, bp_starts = np.array(ends, dtype=np.int64), np.array(bp_starts, dtype=np.int64)
         Hs, ref = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
-        for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()):
+        for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()) + tuple(p.values[0] for p in SIMD_PATHS):
             for threads, split in ((1, 0), (2, 0), (2, 1)):
                 got = np.full_like(G, np.nan)
                 K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got,
@@ -123,6 +151,9 @@ def test_kernel_bad_input():
         K.forward_recurrence(A, W_hh, Hs.copy(), 2)
     with pytest.raises(ValueError, match="_path"):
         K.forward_recurrence(A, W_hh, Hs.copy(), R.ACT_TANH, _path=5)
+    K._set_simd_level("off")
+    with pytest.raises(ValueError, match="_path=2: the small-batch SIMD kernels are off"):
+        K.forward_recurrence(A, W_hh, Hs.copy(), R.ACT_TANH, _path=2)
     with pytest.raises((TypeError, ValueError)):          # mixed dtypes: no fused signature
         K.forward_recurrence(A.astype(np.float32), W_hh, Hs.copy(), R.ACT_TANH)
     with pytest.raises(ValueError):                       # not C-contiguous
@@ -214,3 +245,48 @@ def test_forward_parity_each_tanh(tanh_level, dtype, act):
     for shape in (SHAPES["B1"], SHAPES["H13"], SHAPES["odd_H70B17"]):
         A, W_hh, h0, _ = kernel_problem(*shape, dtype, seed=0)
         assert rel_err(_forward(K, A, W_hh, h0, act), _forward(R, A, W_hh, h0, act)) <= RTOL[dtype]
+
+
+# --- the small-batch SIMD kernels: their level, FASTBPTT_SIMD ----------------------------------
+
+def test_simd_level_names_are_checked():
+    assert K.SIMD_IMPL in K.SIMD_LEVELS
+    with pytest.raises(ValueError, match="SIMD level: expected one of 'auto', 'avx512', 'avx2', "
+                                         "'portable', 'off', got 'sse9'"):
+        K._set_simd_level("sse9")
+    assert K.SIMD_IMPL == _SIMD_START                   # a refused name changes nothing
+    assert K._set_simd_level("off") == "off"
+    assert not K.uses_simd(1, 32, np.float32)           # "off": auto never picks them
+    assert K._set_simd_level("auto") == _SIMD_START     # the best the CPU has, as at import
+
+
+def _import_kernels_with(value):
+    env = dict(os.environ, FASTBPTT_SIMD=value)
+    code = ("import fastbptt.backends.cython.kernels as K; print(K.SIMD_IMPL); "
+            "print(K.uses_simd(1, 32, 'float32'))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("value,impl", [("avx512", "avx512"), ("AVX2", "avx2"), ("portable", "portable"),
+                                        ("off", "off"), ("auto", _SIMD_START), ("", _SIMD_START)])
+def test_simd_environment_variable_sets_the_level(value, impl):
+    proc = _import_kernels_with(value)
+    assert proc.returncode == 0, proc.stderr
+    got, picked = proc.stdout.split()
+    assert got == impl
+    if impl == "off":
+        assert picked == "False"            # the online shape, which "auto" sends to them otherwise
+
+
+def test_simd_environment_variable_bad_value_names_it():
+    """A bad FASTBPTT_SIMD makes the backend fail to load, and the registry says why."""
+    proc = _import_kernels_with("neon")
+    assert proc.returncode != 0
+    assert "ValueError: FASTBPTT_SIMD='neon': SIMD level: expected one of" in proc.stderr
+    env = dict(os.environ, FASTBPTT_SIMD="neon")
+    code = ("import fastbptt; from fastbptt.backends import resolve_backend\n"
+            "assert 'cython' not in fastbptt.available_backends()\n"
+            "resolve_backend('cython')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "FASTBPTT_SIMD='neon'" in proc.stderr, proc.stderr

@@ -604,7 +604,7 @@ def _kernel_calls(name):
     """``(label, kwargs)``: the ways to call a backend's kernels (threads, and Cython's forced routes)."""
     calls = [("threads=1", {}), ("threads=2", {"threads": 2})]
     if name == "cython":
-        calls += [("small loop", {"_path": 1}), ("BLAS", {"_path": 0}),
+        calls += [("small loop", {"_path": 1}), ("BLAS", {"_path": 0}), ("SIMD kernels", {"_path": 2}),
                   ("2 threads, rows", {"threads": 2, "_split": 0}),
                   ("2 threads, columns", {"threads": 2, "_split": 1})]
     return calls

@@ -160,33 +160,42 @@ SIMD_LEVELS = ("portable", "avx2", "avx512")
 _SIMD_NEEDS = {"portable": "nothing", "avx2": "AVX2 and FMA", "avx512": "AVX-512F and FMA"}
 
 
+cdef bint _simd_on = True      # False: "auto" never picks the small-batch kernels (FASTBPTT_SIMD=off)
+
+
 def _set_simd_level(name):
     """Run the small-batch kernels on ``name`` ("avx512", "avx2", "portable" or "auto": the best
-    the CPU has); returns the name now in force.
+    the CPU has), or never pick them ("off"); returns the name now in force (``SIMD_IMPL``).
 
     Raises ValueError for another name and RuntimeError for a level this CPU lacks (nothing
     changes then). Not thread-safe: call it only when no kernel runs (tests, or at import from
     ``FASTBPTT_SIMD``).
     """
-    global SIMD_IMPL
+    global SIMD_IMPL, _simd_on
     key = str(name).strip().lower()
+    if key == "off":
+        _simd_on = False
+        SIMD_IMPL = "off"
+        return SIMD_IMPL
     if key == "auto":
         level = fb_simd_best()
     elif key in SIMD_LEVELS:
         level = SIMD_LEVELS.index(key)
     else:
-        raise ValueError(f"SIMD level: expected one of 'auto', 'avx512', 'avx2', 'portable', got {name!r}")
+        raise ValueError(f"SIMD level: expected one of 'auto', 'avx512', 'avx2', 'portable', 'off', "
+                         f"got {name!r}")
     if not fb_simd_supported(level):
         have = [lv for i, lv in enumerate(SIMD_LEVELS) if fb_simd_supported(i)]
         raise RuntimeError(f"SIMD level {key!r} needs {_SIMD_NEEDS[key]}, which this CPU (or this "
                            f"build) lacks; available here: {', '.join(have)}")
     fb_simd_set_level(level)
+    _simd_on = True
     SIMD_IMPL = SIMD_LEVELS[fb_simd_level]
     return SIMD_IMPL
 
 
 def _simd_from_env():
-    """The level at import: ``FASTBPTT_SIMD`` (auto, avx512, avx2 or portable), else the best."""
+    """The level at import: ``FASTBPTT_SIMD`` (auto, avx512, avx2, portable or off), else the best."""
     import os
     value = os.environ.get("FASTBPTT_SIMD", "auto")
     try:
@@ -195,7 +204,7 @@ def _simd_from_env():
         raise type(exc)(f"FASTBPTT_SIMD={value!r}: {exc}") from None
 
 
-#: which instruction set the small-batch kernels use: "avx512", "avx2" or "portable"
+#: which instruction set the small-batch kernels use: "avx512", "avx2" or "portable"; "off": none
 SIMD_IMPL = _simd_from_env()
 
 # The small-shape product on AVX-512 (x86-64, checked at import): per batch row and block of 16
@@ -341,9 +350,27 @@ cdef inline bint _use_small(Py_ssize_t B, Py_ssize_t H) noexcept nogil:
 
 
 cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept nogil:
-    """Whether a part of B rows runs on the small-batch kernels (simd_step.h) rather than
-    ``_forward``/``_backward``. PLACEHOLDER: measured below."""
-    return B <= 4 and fb_simd_level == 2
+    """Whether a part of B rows runs on the small-batch SIMD kernels (simd_step.h) rather than
+    ``_forward``/``_backward`` (BLAS or the small loop, as ``_use_small`` picks).
+
+    Only where they won in docs/kernels_simd.md (paired timings of forward + backward, tanh,
+    against that per-step path): at B = 1 always (the BLAS call per step is most of the step),
+    at B = 2..4 unless OpenBLAS's own small kernels tie or win (B = 2 beyond H = 48/32, H = 8,
+    float64 at B = 3 for mid H). The AVX2 rule is from the AVX2 code on Zen 4; never portable.
+    """
+    if B < 1 or B > 4 or fb_simd_level == 0:
+        return False
+    if fb_simd_level == 1:
+        return B == 1 or H <= 4 or (not is_double and 16 <= H <= 24)
+    if B == 1 or H <= 4:
+        return True
+    if H <= 8:
+        return False
+    if B == 2:
+        return H <= (32 if is_double else 48)
+    if B == 3 and is_double:
+        return H >= 100
+    return True
 
 
 cdef inline void _small_matmul(Py_ssize_t B, Py_ssize_t H, const floating *X,
@@ -774,8 +801,10 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
     job.rows = b1 - b0
     job.act = act
     job.small = _pick((b1 - b0 + n - 1) // n, H, path)
-    job.simd = not job.cols and (path == 2 or (path == -1 and _use_simd((b1 - b0 + n - 1) // n, H,
-                                                                        is_double)))
+    if path == 2 and not _simd_on:
+        raise ValueError("_path=2: the small-batch SIMD kernels are off (FASTBPTT_SIMD=off)")
+    job.simd = not job.cols and (path == 2 or (path == -1 and _simd_on
+                                               and _use_simd((b1 - b0 + n - 1) // n, H, is_double)))
     job.is_double = is_double
     return n
 
@@ -948,7 +977,7 @@ def uses_small_loop(Py_ssize_t B, Py_ssize_t H):
 
 def uses_simd(Py_ssize_t B, Py_ssize_t H, dtype=np.float64):
     """Whether ``_path=-1`` sends a part of B rows, hidden size H, to the small-batch SIMD kernels."""
-    return _use_simd(B, H, np.dtype(dtype) == np.float64)
+    return _simd_on and _use_simd(B, H, np.dtype(dtype) == np.float64)
 
 
 def _tanh_inplace(floating[::1] x):

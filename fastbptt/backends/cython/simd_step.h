@@ -148,10 +148,20 @@ static int fb_simd_set_level(int level) {
     return fb_simd_level;
 }
 
+/* The level a call runs at: the level in force caps the instruction set, and a narrower vector is
+ * taken while one vector would be more than half of a row (lanes > H/2): at H <= 8 (float32) the
+ * 512-bit code spends most lanes on padding, and lost to the 256- and 128-bit code (docs). */
+static inline int fb_simd_width(ptrdiff_t H, ptrdiff_t lanes_portable) {
+    int level = fb_simd_level;
+    while (level > 0 && (lanes_portable << level) > H / 2) level--;
+    return level;
+}
+
 #if FB_SIMD_X86
 #define FB_SIMD_DISPATCH(T, SFX, CALL)                                                               \
-    (fb_simd_level == 2 ? fb_simd_##CALL##_##SFX##_avx512 : fb_simd_level == 1                      \
-        ? fb_simd_##CALL##_##SFX##_avx2 : fb_simd_##CALL##_##SFX##_portable)
+    (fb_simd_width(H, 16 / (ptrdiff_t)sizeof(T)) == 2 ? fb_simd_##CALL##_##SFX##_avx512             \
+        : fb_simd_width(H, 16 / (ptrdiff_t)sizeof(T)) == 1 ? fb_simd_##CALL##_##SFX##_avx2         \
+        : fb_simd_##CALL##_##SFX##_portable)
 #else
 #define FB_SIMD_DISPATCH(T, SFX, CALL) fb_simd_##CALL##_##SFX##_portable
 #endif
