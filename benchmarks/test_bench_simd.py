@@ -24,7 +24,8 @@ from fastbptt.engine.core import windows
 from fastbptt.tools.bench import time_interleaved
 
 QUICK = bool(os.environ.get("FASTBPTT_BENCH_QUICK"))
-ROUNDS = 3 if QUICK else 9
+ROUNDS = 2 if QUICK else 9
+SAMPLE_S = 0.005 if QUICK else 0.02        # each timed sample at least this long
 SHAPES = {"online": (1000, 1, 32), "chunk": (25, 1, 100), "b4h256": (100, 4, 256)}
 LEVELS = ("avx512", "avx2", "portable")
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
@@ -80,7 +81,7 @@ def test_kernels(benchmark, shape, dtype, kernel):
     fns.update({f"simd-{level}": call(2, level) for level in LEVELS})
     ref = Hs_ref if kernel == "forward" else dZ_ref
     errors = {key: _rel(fn(), ref) for key, fn in fns.items()}
-    samples = time_interleaved(fns, ROUNDS, min_sample_s=0.02)
+    samples = time_interleaved(fns, ROUNDS, min_sample_s=SAMPLE_S)
     medians = {key: float(np.median(s)) for key, s in samples.items()}
     benchmark.group = f"simd {shape} {np.dtype(dtype).name} {kernel}"
     benchmark.extra_info.update(
@@ -111,7 +112,7 @@ def test_loss_and_grad(benchmark, shape, dtype):
 
     fns = {"off": call("off"), "on": call(K.SIMD_IMPL)}
     (loss_off, g_off, _), (loss_on, g_on, _) = fns["off"](), fns["on"]()
-    samples = time_interleaved(fns, ROUNDS, min_sample_s=0.02)
+    samples = time_interleaved(fns, ROUNDS, min_sample_s=SAMPLE_S)
     medians = {key: float(np.median(s)) for key, s in samples.items()}
     benchmark.group = f"simd loss_and_grad {shape} {np.dtype(dtype).name}"
     benchmark.extra_info.update(
