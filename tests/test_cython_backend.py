@@ -290,3 +290,22 @@ def test_simd_environment_variable_bad_value_names_it():
             "resolve_backend('cython')")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "FASTBPTT_SIMD='neon'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", [p.values[0][1] for p in SIMD_PATHS])
+def test_simd_kernels_tanh_against_numpy(level, dtype):
+    """The SIMD kernels' own tanh (libmvec on the accumulator registers, or libm after the store):
+    a forward step with W_hh = 0 is h = tanh(A), every width, tail and awkward value included."""
+    assert K._set_simd_level(level) == level
+    rng = np.random.default_rng(11)
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-8, -3e-5, 0.5, -0.549, 0.55, 1.0, 9.0, 9.1, -9.2,
+                        17.0, -20.0, 44.0, 1e4, -1e30])
+    tol = {np.float64: 1e-15, np.float32: 3e-7}[dtype]      # a few ulp, as libm's own tanh
+    for H in (1, 3, 7, 8, 16, 18, 33, 64, 257):
+        x = np.concatenate([special, rng.normal(scale=3, size=H)])[:H].astype(dtype)
+        Hs = np.zeros((2, 1, H), dtype=dtype)
+        K.forward_recurrence(x.reshape(1, 1, H).copy(), np.zeros((H, H), dtype=dtype), Hs, R.ACT_TANH, _path=2)
+        exact = np.tanh(x.astype(np.float64) + 0.0)
+        err = np.abs(Hs[1, 0] - exact) / np.maximum(np.abs(exact), np.finfo(dtype).tiny)
+        assert np.all(err <= tol), (H, x[err > tol], Hs[1, 0][err > tol])
