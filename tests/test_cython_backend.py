@@ -260,6 +260,24 @@ def test_simd_level_names_are_checked():
     assert K._set_simd_level("auto") == _SIMD_START     # the best the CPU has, as at import
 
 
+def test_simd_level_the_cpu_lacks_is_refused():
+    """On a CPU without AVX-512 (simulated): forcing it raises, naming what is missing; "auto"
+    takes AVX2, and the level in force never changes to a missing one."""
+    try:
+        K._hide_simd_levels(["avx512"])
+        with pytest.raises(RuntimeError, match="SIMD level 'avx512' needs AVX-512F and FMA, which this CPU "
+                                               r"\(or this build\) lacks; available here: portable, avx2"):
+            K._set_simd_level("avx512")
+        assert K.SIMD_IMPL == _SIMD_START
+        assert K._set_simd_level("auto") == "avx2"
+        K._hide_simd_levels(["avx512", "avx2"])
+        with pytest.raises(RuntimeError, match="available here: portable$"):
+            K._set_simd_level("avx2")
+        assert K._set_simd_level("auto") == "portable"
+    finally:
+        K._hide_simd_levels(())
+
+
 def _import_kernels_with(value):
     env = dict(os.environ, FASTBPTT_SIMD=value)
     code = ("import fastbptt.backends.cython.kernels as K; print(K.SIMD_IMPL); "

@@ -137,6 +137,7 @@ fastbptt_tanh_init()
 # baseline, picked at import from the CPU (see simd_step.h and ``_use_simd``).
 cdef extern from "simd_step.h":
     int fb_simd_level
+    int fb_simd_hidden
     int fb_simd_best() noexcept nogil
     int fb_simd_supported(int level) noexcept nogil
     int fb_simd_set_level(int level) noexcept nogil
@@ -192,6 +193,14 @@ def _set_simd_level(name):
     _simd_on = True
     SIMD_IMPL = SIMD_LEVELS[fb_simd_level]
     return SIMD_IMPL
+
+
+def _hide_simd_levels(names):
+    """Tests only: treat the levels ``names`` as missing from the CPU (as on an older CPU), so that
+    forcing one raises and "auto" takes the best of the others; ``()`` undoes it. Does not change
+    the level in force: call ``_set_simd_level`` after it."""
+    global fb_simd_hidden
+    fb_simd_hidden = sum(1 << SIMD_LEVELS.index(name) for name in names)
 
 
 def _simd_from_env():
