@@ -44,8 +44,8 @@ static inline __attribute__((always_inline)) FB_V FB_N(fb_act)(FB_V s, int act) 
  * (a single chain waits on the FMA latency at small H). With A (the forward), Z = f(A + X.W)
  * instead, and the tile's last block holds only `last` columns (the rest is neither read nor
  * written); without A every block is stored whole. */
-#define FB_TILE(NB, NJ)                                                                               \
-static void FB_N(fb_tile_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,     \
+#define FB_TILE(FWD, NB, NJ)                                                                          \
+static void FB_N(fb_tile_##FWD##_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,     \
                                       ptrdiff_t ldw, FB_T *Z, ptrdiff_t ldz, const FB_T *A,          \
                                       ptrdiff_t lda, int act, ptrdiff_t last) {                      \
     enum { KU = (NB) * (NJ) >= 8 ? 1 : (NB) * (NJ) >= 4 ? 2 : (NB) * (NJ) >= 2 ? 4 : 8 };           \
@@ -77,7 +77,7 @@ static void FB_N(fb_tile_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx,
             FB_V s = acc[0][b][j];                                                                    \
             for (int k = 1; k < KU; k++) s += acc[k][b][j];                                           \
             FB_T *z = Z + b * ldz + j * FB_VL;                                                        \
-            if (A == NULL) {                                                                          \
+            if (!(FWD)) {           /* a tile of each kind: no spill for the forward's tanh call */   \
                 memcpy(z, &s, sizeof s);                                                              \
             } else if (j < (NJ) - 1 || last == FB_VL) {                                               \
                 s = FB_N(fb_act)(FB_N(fb_load)(A + b * lda + j * FB_VL) + s, act);                    \
@@ -91,10 +91,14 @@ static void FB_N(fb_tile_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx,
         }                                                                                             \
 }
 
-FB_TILE(1, 1) FB_TILE(1, 2) FB_TILE(1, 4) FB_TILE(1, 8)
-FB_TILE(2, 1) FB_TILE(2, 2) FB_TILE(2, 4) FB_TILE(2, 8)
-FB_TILE(3, 1) FB_TILE(3, 2) FB_TILE(3, 4) FB_TILE(3, 8)
-FB_TILE(4, 1) FB_TILE(4, 2) FB_TILE(4, 4) FB_TILE(4, 8)
+#define FB_TILES(FWD)                                                                                 \
+    FB_TILE(FWD, 1, 1) FB_TILE(FWD, 1, 2) FB_TILE(FWD, 1, 4) FB_TILE(FWD, 1, 8)                       \
+    FB_TILE(FWD, 2, 1) FB_TILE(FWD, 2, 2) FB_TILE(FWD, 2, 4) FB_TILE(FWD, 2, 8)                       \
+    FB_TILE(FWD, 3, 1) FB_TILE(FWD, 3, 2) FB_TILE(FWD, 3, 4) FB_TILE(FWD, 3, 8)                       \
+    FB_TILE(FWD, 4, 1) FB_TILE(FWD, 4, 2) FB_TILE(FWD, 4, 4) FB_TILE(FWD, 4, 8)
+FB_TILES(0)
+FB_TILES(1)
+#undef FB_TILES
 
 /* Z (n, ldz) = X (n, ldx) . W (H, ldw) over ceil(H/VL) blocks of VL columns: the whole blocks read
  * W (rows ldw apart), the last partial one (H % VL columns) reads P, a zero-padded copy of those
@@ -118,7 +122,9 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
             ptrdiff_t last = j0 < nfull ? FB_VL : H - nfull * FB_VL;
             switch (nb * 16 + nj) {
 #define FB_CASE(NB, NJ) case (NB) * 16 + (NJ):                                                      \
-                FB_N(fb_tile_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last); break;
+                if (a) FB_N(fb_tile_1_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);        \
+                else FB_N(fb_tile_0_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);          \
+                break;
             FB_CASE(1, 1) FB_CASE(1, 2) FB_CASE(1, 4) FB_CASE(1, 8)
             FB_CASE(2, 1) FB_CASE(2, 2) FB_CASE(2, 4) FB_CASE(2, 8)
             FB_CASE(3, 1) FB_CASE(3, 2) FB_CASE(3, 4) FB_CASE(3, 8)
