@@ -45,10 +45,11 @@ static inline __attribute__((always_inline)) FB_V FB_N(fb_act)(FB_V s, int act) 
  * instead, and the tile's last block holds only `last` columns (the rest is neither read nor
  * written); without A every block is stored whole. */
 #define FB_TILE(FWD, NB, NJ)                                                                          \
-static void FB_N(fb_tile_##FWD##_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,     \
-                                      ptrdiff_t ldw, FB_T *Z, ptrdiff_t ldz, const FB_T *A,          \
-                                      ptrdiff_t lda, int act, ptrdiff_t last) {                      \
-    enum { KU = (NB) * (NJ) >= 8 ? 1 : (NB) * (NJ) >= 4 ? 2 : (NB) * (NJ) >= 2 ? 4 : 8 };           \
+static void FB_N(fb_tile_##FWD##_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdiff_t ldx,              \
+                                              const FB_T *W, ptrdiff_t ldw, FB_T *Z,                  \
+                                              ptrdiff_t ldz, const FB_T *A, ptrdiff_t lda,            \
+                                              int act, ptrdiff_t last) {                              \
+    enum { KU = (NB) * (NJ) >= 8 ? 1 : (NB) * (NJ) >= 4 ? 2 : (NB) * (NJ) >= 2 ? 4 : 8 };             \
     FB_V acc[KU][NB][NJ];                                                                             \
     for (int k = 0; k < KU; k++)                                                                      \
         for (int b = 0; b < (NB); b++)                                                                \
@@ -60,7 +61,7 @@ static void FB_N(fb_tile_##FWD##_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdif
             FB_V wv[NJ];                                                                              \
             for (int j = 0; j < (NJ); j++) wv[j] = FB_N(fb_load)(w + j * FB_VL);                      \
             for (int b = 0; b < (NB); b++) {                                                          \
-                FB_T xb = X[b * ldx + i + k];                                             \
+                FB_T xb = X[b * ldx + i + k];                                                         \
                 for (int j = 0; j < (NJ); j++) acc[k][b][j] += xb * wv[j];                            \
             }                                                                                         \
         }                                                                                             \
@@ -68,7 +69,7 @@ static void FB_N(fb_tile_##FWD##_##NB##_##NJ)(ptrdiff_t H, const FB_T *X, ptrdif
     for (; i < H; i++) {                                                                              \
         const FB_T *w = W + i * ldw;                                                                  \
         for (int b = 0; b < (NB); b++) {                                                              \
-            FB_T xb = X[b * ldx + i];                                                     \
+            FB_T xb = X[b * ldx + i];                                                                 \
             for (int j = 0; j < (NJ); j++) acc[0][b][j] += xb * FB_N(fb_load)(w + j * FB_VL);         \
         }                                                                                             \
     }                                                                                                 \
@@ -122,8 +123,8 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
             ptrdiff_t last = j0 < nfull ? FB_VL : H - nfull * FB_VL;
             switch (nb * 16 + nj) {
 #define FB_CASE(NB, NJ) case (NB) * 16 + (NJ):                                                      \
-                if (a) FB_N(fb_tile_1_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);        \
-                else FB_N(fb_tile_0_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);          \
+                if (a) FB_N(fb_tile_1_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);      \
+                else FB_N(fb_tile_0_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);        \
                 break;
             FB_CASE(1, 1) FB_CASE(1, 2) FB_CASE(1, 4) FB_CASE(1, 8)
             FB_CASE(2, 1) FB_CASE(2, 2) FB_CASE(2, 4) FB_CASE(2, 8)
@@ -143,7 +144,7 @@ static int FB_N(fb_prepare)(ptrdiff_t H, ptrdiff_t rows, const FB_T *W, FB_T **P
                             FB_T **mem, FB_T **Z) {
     ptrdiff_t nfull = H / FB_VL, rem = H - nfull * FB_VL, ld = (nfull + (rem > 0)) * FB_VL;
     size_t panel = rem ? (size_t)(H * FB_VL) : 0;
-    FB_T *m = (FB_T *)malloc((panel + (size_t)(rows * ld)) * sizeof(FB_T));
+    FB_T *m = (FB_T *)malloc((panel + (size_t)(rows * ld) + 1) * sizeof(FB_T));   /* never 0 bytes */
     if (m == NULL) return -1;
     if (rem) {
         for (ptrdiff_t i = 0; i < H; i++)      /* a fixed-length inner loop: no library call per row */
@@ -174,7 +175,8 @@ static inline __attribute__((always_inline)) void FB_N(fb_dz_pass)(
 static void FB_N(fb_dz_row)(ptrdiff_t H, int act, const FB_T *restrict c, const FB_T *restrict g,
                             const FB_T *restrict h, FB_T *restrict d, FB_T *restrict zt) {
     switch ((c != NULL) * 4 + (g != NULL) * 2 + (act != 0)) {
-#define FB_DZ(C, G, ACT) case (C) * 4 + (G) * 2 + (ACT): FB_N(fb_dz_pass)(H, C, G, ACT, c, g, h, d, zt); break;
+#define FB_DZ(C, G, ACT)                                                                              \
+    case (C) * 4 + (G) * 2 + (ACT): FB_N(fb_dz_pass)(H, C, G, ACT, c, g, h, d, zt); break;
     FB_DZ(0, 0, 0) FB_DZ(0, 0, 1) FB_DZ(0, 1, 0) FB_DZ(0, 1, 1)
     FB_DZ(1, 0, 0) FB_DZ(1, 0, 1) FB_DZ(1, 1, 0) FB_DZ(1, 1, 1)
 #undef FB_DZ
@@ -182,7 +184,8 @@ static void FB_N(fb_dz_row)(ptrdiff_t H, int act, const FB_T *restrict c, const 
 }
 
 /* The forward kernel of the contract (as _forward in kernels.pyx): rows lo..lo+B of a batch, time
- * strides sA/sH, step t on the rows still active (bs). Returns -1 (nothing written) when out of memory. */
+ * strides sA/sH, step t on the rows still active (bs). Returns -1 (nothing written) when out of
+ * memory. */
 static int FB_N(fb_simd_forward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const FB_T *A, ptrdiff_t sA,
                                  const FB_T *W_hhT, FB_T *Hs, ptrdiff_t sH, int act,
                                  const int64_t *bs, ptrdiff_t lo) {
@@ -220,7 +223,8 @@ static int FB_N(fb_simd_backward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const F
         for (ptrdiff_t t = end - 1; t >= bp_start; t--) {
             ptrdiff_t n = fb_simd_active(bs, t, lo, B);
             int inject = t >= loss_start;
-            for (ptrdiff_t b = 0; b < n; b++)    /* rows at their own last step (b >= n_carried): delta 0 */
+            /* rows at their own last step (b >= n_carried) start their delta at zero */
+            for (ptrdiff_t b = 0; b < n; b++)
                 FB_N(fb_dz_row)(H, act, b < n_carried ? carried + b * ldz : NULL,
                                 inject ? G + t * sG + b * H : NULL, Hs + (t + 1) * sH + b * H,
                                 dz + b * H, dZ + t * sZ + b * H);
