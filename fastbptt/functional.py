@@ -28,6 +28,7 @@ from .engine.core import ACT_CODES, windows
 from .engine.lengths import packing
 from .engine.losses import LOSSES
 from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
+from .engine.plan import plan_for
 from .engine.stack import head_logits, stack_backward, stack_forward
 from ._threads import call_scope
 from .params import RNNParams
@@ -57,6 +58,10 @@ def _prepare(params, X, h0, lengths, *, head):
     if pack is not None:
         X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
     return X3, h0s, single, lengths, pack
+
+
+def _is_artbp(truncation):
+    return isinstance(truncation, tuple) and truncation[0] == "artbp"
 
 
 def _unsort(a, pack, axis=1):
@@ -169,9 +174,14 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
     kernels = _kernels(backend, params, X3)
     with call_scope():
-        value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
-                                                 ACT_CODES[activation], windows(T, truncation), pack=pack)
-        h_last = _unsort(fwd.h_n, pack)
+        if pack is None and not _is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
+            plan = plan_for(kernels, params, T, B, loss, output, ACT_CODES[activation], truncation)
+            value, arrays, h_last = plan.run(params, X3, Y_, h0s)
+            grads = RNNParams._trusted_like(params, arrays)
+        else:
+            value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
+                                                     ACT_CODES[activation], windows(T, truncation), pack=pack)
+            h_last = _unsort(fwd.h_n, pack)
     return value, grads, _user_states(h_last, params, single)
 
 

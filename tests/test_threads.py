@@ -168,3 +168,42 @@ def test_concurrent_calls_from_user_threads_agree_and_restore_blas():
             t.join()
         assert _blas_threads() == before
     assert all(v == want for vals in out for v in vals)
+
+
+@pytest.mark.parametrize("helper", ["clip_grad_norm", "optimizer", "spectral_radius", "max_singular_value",
+                                    "orthogonal_init"])
+def test_helpers_run_on_the_thread_pin(helper, monkeypatch):
+    """Nothing in fastbptt wakes a multi-threaded BLAS pool: each helper's BLAS/LAPACK call runs pinned."""
+    from threadpoolctl import threadpool_limits
+    from fastbptt import diagnostics, optim
+    seen = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def recording(*args, **kwargs):
+            seen.append(_blas_threads())
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, recording)
+
+    params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
+    _, grads, _ = fastbptt.loss_and_grad(params, X, Y, backend="numpy")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if helper == "clip_grad_norm":
+            spy(np.linalg, "norm")
+            fastbptt.clip_grad_norm(grads, 1e-3)
+        elif helper == "optimizer":
+            spy(optim, "_finite")
+            optim.Adam(1e-3).step(params, grads)
+        elif helper == "spectral_radius":
+            spy(np.linalg, "eigvals")
+            diagnostics.spectral_radius(params)
+        elif helper == "max_singular_value":
+            spy(np.linalg, "norm")
+            diagnostics.max_singular_value(params)
+        else:
+            spy(np.linalg, "qr")
+            fastbptt.RNNParams.init(3, 8, 2, init="orthogonal", seed=0)
+        assert _blas_threads() == before
+    assert seen and all(set(s) == {1} for s in seen), seen

@@ -6,7 +6,7 @@ Each loss takes logits ``o`` of shape (..., O) and targets, and returns
 """
 
 import numpy as np
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, softmax
 
 LOSSES = ("mse", "bce", "ce")
 
@@ -31,14 +31,17 @@ def ce(o, y):
 
     ``o`` is (..., C), ``y`` holds integer class ids of shape ``o.shape[:-1]``.
     """
-    logp = log_softmax(o, axis=-1)
-    picked = np.take_along_axis(logp, y[..., None], axis=-1)
-    n = y.size
-    value = float(-np.sum(picked, dtype=np.float64) / n)
-    d = np.exp(logp)
-    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], axis=-1) - 1, axis=-1)
-    d /= n
-    return value, d.astype(o.dtype, copy=False)
+    C = o.shape[-1]
+    o2 = o.reshape(-1, C)
+    rows, cols = np.arange(o2.shape[0]), y.reshape(-1)
+    n = rows.shape[0]
+    shifted = o2 - o2.max(axis=1, keepdims=True)      # log softmax = shifted - log Σ exp(shifted)
+    d = np.exp(shifted)
+    s = d.sum(axis=1, keepdims=True)
+    value = float(-np.add.reduce(shifted[rows, cols] - np.log(s[:, 0]), dtype=np.float64) / n)
+    d *= (1.0 / n) / s                                  # softmax / n, then minus one-hot / n
+    d[rows, cols] -= o.dtype.type(1.0 / n)
+    return value, d.reshape(o.shape)
 
 
 LOSS_FUNCS = {"mse": mse, "bce": bce, "ce": ce}

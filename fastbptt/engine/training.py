@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..clip import clip_grad_norm
+from ..clip import clip_grad_norm, clip_grad_value
 from .core import windows
 from .lengths import packing
 from .model import loss_and_grad
@@ -158,30 +158,33 @@ def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, a
     return value, grads
 
 
-def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where):
+def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip_value=None, owner="RNN.fit"):
     """The optimizer side of one update point: check, clip, set the scheduled lr, step.
 
-    Raises ``FloatingPointError`` naming ``where`` (e.g. "epoch 2, update step
-    5 of the epoch (...)") when the loss, a gradient or the update is not
-    finite; ``params`` are then unchanged. The step itself is all or nothing
-    (see :mod:`fastbptt.optim`). ``grads`` may be scaled in place (clipping).
+    Raises ``FloatingPointError`` naming ``owner`` and ``where`` (e.g. "epoch 2,
+    update step 5 of the epoch (...)") when the loss, a gradient or the update
+    is not finite; ``params`` are then unchanged. The step itself is all or
+    nothing (see :mod:`fastbptt.optim`). ``grads`` may be changed in place
+    (clipping: the norm to ``clip_norm``, then each entry to ``clip_value``).
     """
     if not math.isfinite(value):
-        raise FloatingPointError(f"RNN.fit: the loss is {value} at {where}; training diverged. The "
+        raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
     for name, g in grads.items():
         if not np.all(np.isfinite(g)):
-            raise FloatingPointError(f"RNN.fit: non-finite gradient of {name} at {where}; training "
+            raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "
                                      "diverged. The parameters are those of the last good step. Try a "
                                      "lower lr or clip_norm=...")
     if clip_norm is not None:
         clip_grad_norm(grads, clip_norm)
+    if clip_value is not None:
+        clip_grad_value(grads, clip_value)
     if lr_at is not None:
         optimizer.lr = lr_at(optimizer.step_count)
     try:
         optimizer.step(params, grads)
     except FloatingPointError as exc:
-        raise FloatingPointError(f"RNN.fit: at {where}: {exc}") from None
+        raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
 
 
 def step_where(epoch, step, point):
