@@ -402,3 +402,28 @@ def check_truncation(truncation, bidirectional=False, allow_artbp=False):
         return ("artbp", float(c), None if seed is None else int(seed))
     raise ValueError(f"truncation: expected None, an int k >= 1, a pair (k1, k2) or ('artbp', c, seed), "
                      f"got {truncation!r}")
+
+
+def check_checkpoint(checkpoint, truncation, bidirectional=False):
+    """None (or False), an int s >= 1, or "sqrt" (or True); only with full BPTT, unidirectional.
+
+    Returns None, an int or "sqrt".
+    """
+    if checkpoint is None or checkpoint is False:
+        return None
+    if checkpoint is True or (isinstance(checkpoint, str) and checkpoint == "sqrt"):
+        checkpoint = "sqrt"
+    elif isinstance(checkpoint, str):
+        raise ValueError(f"checkpoint: expected None, an int s >= 1 or 'sqrt', got {checkpoint!r}")
+    elif not is_int(checkpoint):
+        raise TypeError(f"checkpoint: expected None, an int s >= 1 (keep the state every s steps) or "
+                        f"'sqrt' (s = ceil(sqrt(T))), got {checkpoint!r}")
+    elif checkpoint < 1:
+        raise ValueError(f"checkpoint: expected an int s >= 1 or 'sqrt', got {checkpoint!r}")
+    if truncation is not None:
+        raise ValueError(f"checkpoint: recomputing the forward is for full BPTT (truncation=None), whose "
+                         f"memory grows with T; got checkpoint={checkpoint!r} with truncation={truncation!r}")
+    if bidirectional:
+        raise ValueError(f"checkpoint: a bidirectional model takes checkpoint=None only (its reverse direction "
+                         f"would need its own checkpoints), got {checkpoint!r}")
+    return checkpoint if checkpoint == "sqrt" else int(checkpoint)

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _validation as V
 from .backends import resolve_backend
+from .engine import checkpoint as _checkpoint
 from .engine.core import ACT_CODES, windows
 from .engine.lengths import packing
 from .engine.losses import LOSSES
@@ -114,7 +115,7 @@ def forward(params, X, h0=None, *, lengths=None, activation="tanh", backend="aut
 
 
 def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="sequence",
-                  activation="tanh", truncation=None, backend="auto"):
+                  activation="tanh", truncation=None, checkpoint=None, backend="auto"):
     """Loss and gradient of all parameters by (truncated) backpropagation through time.
 
     Parameters
@@ -149,6 +150,14 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         boundary uncut multiplied by 1/(1-c): its expectation is full BPTT's.
         A stacked model is cut at the same steps in every layer; a
         bidirectional model takes None only.
+    checkpoint : None, int s >= 1, or "sqrt" (True)
+        Memory-bounded full BPTT (Gruslys et al. 2016; ``truncation=None``, a
+        unidirectional model): keep each layer's state every s steps only
+        (``"sqrt"``: s = ⌈√T⌉), and run each segment's forward again in the
+        backward. Memory O((T/s + s)·B·H) instead of O(T·B·H), for one more
+        forward pass; the loss and gradients equal ``checkpoint=None``'s bit
+        for bit. s is rounded up to whole blocks of ⌈1024/B⌉ steps (the blocks
+        every full-BPTT sum is taken in); s >= T is plain full BPTT.
     backend : {"auto", "cython", "numba", "numpy"}
 
     Returns
@@ -165,6 +174,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
     V.check_choice("activation", activation, V.ACTIVATIONS)
     _check_params(params, head=True)
     truncation = V.check_truncation(truncation, params.bidirectional, allow_artbp=True)
+    checkpoint = V.check_checkpoint(checkpoint, truncation, params.bidirectional)
     X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=True)
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output, lengths)
@@ -174,7 +184,12 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
     kernels = _kernels(backend, params, X3)
     with call_scope():
-        if pack is None and not _is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
+        if checkpoint is not None:
+            value, grads, fwd = _checkpoint.loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
+                                                          ACT_CODES[activation], pack=pack,
+                                                          segment=_checkpoint.segment_steps(checkpoint, T, B))
+            h_last = _unsort(fwd.h_n, pack)
+        elif pack is None and not _is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
             plan = plan_for(kernels, params, T, B, loss, output, ACT_CODES[activation], truncation)
             value, arrays, h_last = plan.run(params, X3, Y_, h0s)
             grads = RNNParams._trusted_like(params, arrays)

@@ -161,3 +161,26 @@ def test_a_diverged_update_changes_nothing():
     for a, b in zip(params.arrays(), after_one.arrays()):
         assert np.array_equal(a, b)
     assert not np.array_equal(before.W_hh, params.W_hh)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("truncation", [None, 5, (4, 9)])
+@pytest.mark.parametrize("T,B", [(12, 2), (40, 64), (1, 1)])     # (40, 64): full BPTT in blocks of 16 steps
+@pytest.mark.parametrize("loss,output", [("ce", "sequence"), ("mse", "last")])
+def test_plans_equal_the_engine_the_trainer_runs(backend, truncation, T, B, loss, output):
+    """loss_and_grad's plans and the engine behind the estimator and the checkpointed path: bit for bit."""
+    from fastbptt.backends import resolve_backend
+    from fastbptt.engine.core import ACT_CODES, windows
+    from fastbptt.engine.model import loss_and_grad as engine
+    from fastbptt._threads import call_scope
+    from fastbptt import _validation as V
+    params, X, Y = make_problem(T, B, 3, 6, 4, loss=loss, output=output, seed=9)
+    X, Y = _typed(params, X, Y, loss)
+    Y_ = V.check_Y(Y, params, T, B, False, loss, output)
+    h0s = np.zeros((1, B, 6))
+    with call_scope():
+        value, grads, fwd = engine(resolve_backend(backend), params, X, Y_, h0s, loss, output,
+                                   ACT_CODES["tanh"], windows(T, truncation))
+        h_n = fwd.h_n
+    _same(fastbptt.loss_and_grad(params, X, Y, loss=loss, output=output, truncation=truncation, backend=backend),
+          (value, grads, h_n[0]))

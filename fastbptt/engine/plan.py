@@ -18,6 +18,7 @@ import numpy as np
 
 from .._threads import team_size
 from . import blas as _blas
+from .checkpoint import block_steps
 from .core import column_sums, pmatmul, windows
 from .losses import LOSS_FUNCS
 from .model import loss_and_grad as model_loss_and_grad
@@ -34,7 +35,11 @@ class Plan:
         self.loss, self.output, self.act, self.wins = loss, output, act, wins
         self.T, self.B = T, B
         self.loss_fn = LOSS_FUNCS[loss]
-        self.fast = params.num_layers == 1 and not params.bidirectional and len(wins) == 2
+        # full BPTT over more than one block sums its GEMMs block by block (engine.checkpoint: bit for
+        # bit as checkpointed BPTT): the engine's path then, one single GEMM here otherwise
+        full = len(wins) == 2 and wins[0].shape[0] == 1 and wins[1][0] == 0
+        self.fast = (params.num_layers == 1 and not params.bidirectional and len(wins) == 2
+                     and (not full or T <= block_steps(B)))
         if not self.fast:
             return
         D, H, dt = params.input_size, params.hidden_size, params.dtype
