@@ -336,6 +336,11 @@ def describe():
             "trials_running": len(_trials)}
 
 
+def trials_running():
+    """How many keys are being tried now (0: every key met so far is settled)."""
+    return len(_trials)
+
+
 def forget():
     """Forget everything learned in this process (the file stays) and read the file again on next use."""
     _choices.clear()

@@ -574,7 +574,7 @@ def build_parser():
                    help=f"finish in under a minute: T of the named shapes divided by {QUICK_T_DIVISOR} "
                    f"(at least {QUICK_MIN_T}), 3 samples per cell")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all five)")
+                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all)")
     p.add_argument("--backends", nargs="+", metavar="IMPL", choices=ALL_IMPLS,
                    help=f"implementations among {', '.join(ALL_IMPLS)} (default: all that run here)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
