@@ -271,3 +271,39 @@ def test_info_shows_the_cache_and_what_was_learned(learn):
                                      timeout=120).stdout)
     assert info["dispatch"]["cache"] == str(learn) and info["dispatch"]["learning"] is True
     assert len(info["dispatch"]["learned"]) == 1
+
+
+def test_fit_takes_what_was_learned_and_never_a_trial(learn, monkeypatch):
+    """The trainer keeps one choice for a whole fit: the one learned for loss_and_grad at its shape."""
+    T, B, D, H, O = 6, 4, 3, 5, 2
+    model = fastbptt.RNN(D, H, O, batch_size=B, seed=0, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(2 * B, T, D)), rng.normal(size=(2 * B, T, O))
+    model.fit(X, Y, epochs=1)                       # nothing learned: the table's guess, no trial
+    assert not W._trials and not learn.exists()
+    key = W._key_text(("loss_and_grad", T, B, D, H, 1, 1, np.dtype(np.float64), False, get_num_threads()))
+    learn.write_text(json.dumps({"format": W.FORMAT, "fingerprint": W.fingerprint(),
+                                 "entries": {key: {"backend": "numba", "threads": 1}}}))
+    W.forget()
+    ran = []
+    numba = _backends._load("numba")
+    real = numba.forward_recurrence
+
+    def spy(*args, **kw):
+        ran.append(team_size())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(numba, "forward_recurrence", spy)
+    model.fit(X, Y, epochs=1)
+    assert ran and set(ran) == {1} and not W._trials
+
+
+def test_bench_auto_learns_in_a_cache_of_its_own(learn):
+    from fastbptt.tools import bench
+    params, X, Y = bench.make_problem(bench.Shape(8, 2, 3, 5), np.float32)
+    r = bench.measure("auto", params, X, Y, repeats=3, budget_s=0.2, min_sample_s=0.001)
+    got = r["auto"]
+    assert got["backend"] in COMPILED and got["threads"] in (1, 2, get_num_threads())
+    assert got["learning_calls"] >= 2 * (1 + W.MIN_ROUNDS)
+    assert os.environ["FASTBPTT_CACHE_DIR"] == str(learn.parent) and not learn.exists()   # the user's: untouched
+    assert not W._choices                          # and nothing of it stays in this process

@@ -121,6 +121,22 @@ _trials = {}            # key tuple -> its _Trial while it runs
 _state = {"loaded": False, "path": None, "fingerprint": None, "entries": {}, "warned": set()}
 
 
+_raw_environ = getattr(os.environ, "_data", None)       # POSIX: bytes -> bytes, the variables as set
+if os.name != "posix" or not isinstance(_raw_environ, dict):
+    _raw_environ = None
+
+
+def _unset(name, _keys={}):
+    """Whether the variable ``name`` is unset, in ~0.05 µs (``os.environ.get`` takes ~0.3: it
+    encodes the name and decodes the value; a learned call's whole cost is to be ~1 µs)."""
+    if _raw_environ is None:
+        return name not in os.environ
+    key = _keys.get(name)
+    if key is None:
+        key = _keys[name] = os.fsencode(name)
+    return key not in _raw_environ
+
+
 def learning():
     """Whether "auto" learns (``FASTBPTT_LEARN`` is not 0/false/no/off)."""
     return os.environ.get(LEARN_VAR, "1").strip().lower() not in _OFF
@@ -264,19 +280,22 @@ def _table_choice(key):
     return Choice(resolve_backend("auto", T=T, B=B, H=H, dtype=dtype), None)
 
 
-def _slow(key):
-    """The choice at a key not settled yet: from the file, else the next call of its trial."""
+def _slow(key, trial_ok=True):
+    """The choice at a key not settled yet: from the file, else the next call of its trial
+    (``trial_ok`` False, or inside another call: the table's guess)."""
     _ensure_loaded()
     op, T, B, D, H, layers, dirs, dtype, lengths, budget = key
     entry = _state["entries"].get(_key_text(key))
     if entry is not None and entry["threads"] <= budget and _load(entry["backend"]) is not None:
         choice = _choices[key] = Choice(_load(entry["backend"]), entry["threads"])
         return choice
+    if not trial_ok or _threads.inside_call():
+        return _table_choice(key)
     trial = _trials.get(key)
     if trial is None:
         compiled = [n for n in available_backends() if n != "numpy"]
         guess = _choose_auto(T, B, H, dtype)
-        if not compiled or _threads.inside_call():
+        if not compiled:
             return _table_choice(key)
         counts = _thread_counts(budget)
         candidates = [(guess, budget)] if guess in compiled else []
@@ -285,12 +304,10 @@ def _slow(key):
             choice = _choices[key] = Choice(_load(guess), budget)
             return choice
         trial = _trials.setdefault(key, _Trial(key, candidates))
-    elif _threads.inside_call():
-        return _table_choice(key)
     return trial.next_call()
 
 
-def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=False):
+def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=False, trial=True):
     """The :class:`Choice` (backend module and team size) of one call.
 
     Parameters
@@ -305,6 +322,9 @@ def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=F
     dtype : numpy dtype
     lengths : bool
         Whether the batch has variable lengths.
+    trial : bool
+        False: what is learned at this key, else the table's guess, never a trial call (for
+        callers that keep one choice for many calls: the trainer).
 
     Returns
     -------
@@ -312,10 +332,11 @@ def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=F
         Run the call as ``with call_scope(threads=choice.threads): ...`` on
         ``choice.kernels``, then ``choice.record(seconds)``.
     """
-    if backend == "auto" and os.environ.get(ENV_VAR, "").strip() in ("", "auto") and learning():
+    if backend == "auto" and _unset(ENV_VAR) and _unset(LEARN_VAR) or (
+            backend == "auto" and os.environ.get(ENV_VAR, "").strip() in ("", "auto") and learning()):
         key = (op, T, B, D, H, layers, dirs, dtype, lengths, _threads.get_num_threads())
         choice = _choices.get(key)
-        return choice if choice is not None else _slow(key)
+        return choice if choice is not None else _slow(key, trial)
     # a name, FASTBPTT_BACKEND or the table (learning off): resolve_backend, which checks the
     # name and keeps the table's choice per shape itself (~1 µs)
     return Choice(resolve_backend(backend, T=T, B=B, H=H, dtype=dtype), None)
