@@ -32,7 +32,6 @@ fastbptt call (which keeps the outer team) takes what is learned, never a trial.
 import json
 import os
 import platform
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -54,7 +53,6 @@ MAX_ROUNDS = 30
 MIN_TRIAL_S = 0.01
 
 _OFF = ("0", "false", "no", "off")
-_lock = threading.Lock()        # guards the file merge only (never held across user code)
 
 
 class Choice:
@@ -233,20 +231,24 @@ def _ensure_loaded():
 
 
 def _write(entries):
-    """Merge ``entries`` into the file (what other processes wrote stays) and write it atomically."""
+    """Merge ``entries`` into the file (what other processes wrote stays) and write it atomically.
+
+    No lock (an interrupt could leave one held): two writers at once, in this process or
+    another, each write a whole file, and the later one may miss the other's newest entry,
+    which that writer still has in memory.
+    """
     path = _state["path"]
-    with _lock:
-        try:
-            merged = _read(path, warn=False)
-            merged.update(entries)
-            data = {"format": FORMAT, "fingerprint": fingerprint(), "entries": merged}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True) + "\n"),
-                         binary=False)
-        except OSError as exc:
-            _warn_once(path, f"cannot be written ({exc}); what is learned stays in this process")
-            return
-        _state["entries"] = {**merged, **_state["entries"]}
+    try:
+        merged = _read(path, warn=False)
+        merged.update(entries)
+        data = {"format": FORMAT, "fingerprint": fingerprint(), "entries": merged}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True) + "\n"),
+                     binary=False)
+    except OSError as exc:
+        _warn_once(path, f"cannot be written ({exc}); what is learned stays in this process")
+        return
+    _state["entries"] = {**merged, **_state["entries"]}
 
 
 def _key_text(key):
