@@ -307,3 +307,15 @@ def test_bench_auto_learns_in_a_cache_of_its_own(learn):
     assert got["learning_calls"] >= 2 * (1 + W.MIN_ROUNDS)
     assert os.environ["FASTBPTT_CACHE_DIR"] == str(learn.parent) and not learn.exists()   # the user's: untouched
     assert not W._choices                          # and nothing of it stays in this process
+
+
+def test_bench_table_compares_auto_with_the_best_backend_in_turns(learn):
+    from fastbptt.tools import bench
+    out = bench.run_benchmark(["8,2,3,5"], ["cython", "numba", "auto"], quick=True, repeats=3, check=False)
+    cells = {c["impl"]: c for c in out["results"]}
+    vs = cells["auto"]["auto_vs_best"]
+    assert vs["best"] == bench.best_fastbptt(cells)["impl"] and vs["rounds"] == 3
+    assert vs["ratio"] == pytest.approx(vs["auto_median_s"] / vs["best_median_s"])
+    assert cells["auto"]["kind"] == "auto" and cells["auto"]["auto_choice"]["backend"] in COMPILED
+    assert "auto" in bench.format_table(out) and "timed in turns" in bench.format_table(out)
+    assert not learn.exists() and not W._choices

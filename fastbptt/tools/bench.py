@@ -356,23 +356,49 @@ def settle_auto(step, params, X):
 
 class fresh_dispatcher:
     """The dispatcher learning from scratch, in a temporary cache (not the user's), while active;
-    ``FASTBPTT_LEARN=0`` in the environment is respected (then ``auto`` is the shipped table's)."""
+    ``FASTBPTT_LEARN=0`` in the environment is respected (then ``auto`` is the shipped table's).
+    Nested: the outer one's (what it learned stays until it ends)."""
+
+    _depth = 0
 
     def __enter__(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="fastbptt-bench-")
-        self._old = os.environ.get(CACHE_VAR)
-        os.environ[CACHE_VAR] = self._tmp.name
-        forget_dispatch()
+        fresh_dispatcher._depth += 1
+        self._outer = fresh_dispatcher._depth == 1
+        if self._outer:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fastbptt-bench-")
+            self._old = os.environ.get(CACHE_VAR)
+            os.environ[CACHE_VAR] = self._tmp.name
+            forget_dispatch()
         return self
 
     def __exit__(self, *exc):
-        if self._old is None:
-            os.environ.pop(CACHE_VAR, None)
-        else:
-            os.environ[CACHE_VAR] = self._old
-        forget_dispatch()
-        self._tmp.cleanup()
+        fresh_dispatcher._depth -= 1
+        if self._outer:
+            if self._old is None:
+                os.environ.pop(CACHE_VAR, None)
+            else:
+                os.environ[CACHE_VAR] = self._old
+            forget_dispatch()
+            self._tmp.cleanup()
         return False
+
+
+def auto_against_best(cells, params, X, Y, rounds, min_sample_s):
+    """Time ``auto`` (as learned already, in the caller's :class:`fresh_dispatcher`) and the fastest
+    named backend of ``cells`` (one shape's cells, by median) in turns (:func:`time_interleaved`),
+    so that the machine's drift hits both alike; puts ``auto_vs_best`` into the auto cell:
+    ``{"best", "ratio"`` (auto's median over the best's), ``"auto_median_s", "best_median_s", "rounds"}``."""
+    named = [c for c in cells if c["kind"] == "fastbptt"]
+    auto = next((c for c in cells if c["impl"] == AUTO), None)
+    if auto is None or not named:
+        return
+    best = min(named, key=lambda c: c["median_s"])
+    steps = {AUTO: make_step(AUTO, params, X, Y)[0], best["impl"]: make_step(best["impl"], params, X, Y)[0]}
+    settle_auto(steps[AUTO], params, X)
+    samples = time_interleaved(steps, rounds, min_sample_s)
+    a, b = float(np.median(samples[AUTO])), float(np.median(samples[best["impl"]]))
+    auto["auto_vs_best"] = {"best": best["impl"], "ratio": a / b, "auto_median_s": a, "best_median_s": b,
+                            "rounds": rounds}
 
 
 def peer_thread_plan(impl, threads, peer_threads):
@@ -674,6 +700,9 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
                 for name, run_shape in cells:
                     params, X, Y = make_problem(run_shape, dtype)
                     checks = []
+                    shape_cells = []
+                    learner = fresh_dispatcher()        # auto learns once per shape, kept for auto_against_best
+                    learner.__enter__()
                     for impl in impls:
                         def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
                             if progress is not None:
@@ -687,6 +716,13 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
                             for n, r in runs.items():
                                 checks.append((cell, n, r))
                         results.append(cell)
+                        shape_cells.append(cell)
+                    try:
+                        if progress is not None and AUTO in impls:
+                            progress(f"{name} {format_shape(run_shape)} auto against the best backend, in turns")
+                        auto_against_best(shape_cells, params, X, Y, repeats, min_sample_s)
+                    finally:
+                        learner.__exit__(None, None, None)
                     if check:   # the float64 reference runs after the timings, not between them
                         ref_loss, ref = reference_grads(params, X, Y)
                         for cell, n, r in checks:
@@ -988,8 +1024,11 @@ def format_table(results):
             auto = row.get(AUTO)
             took = ""
             if auto is not None:
-                took = (f"; auto {auto['median_s'] / best['median_s']:.2f}x its time (took "
-                        f"{auto.get('auto_choice', {}).get('backend', '?')} on {auto.get('threads', '?')} thr)")
+                vs = auto.get("auto_vs_best")
+                took = (f"; auto {auto['median_s'] / best['median_s']:.2f}x its time"
+                        + (f" ({vs['ratio']:.2f}x {vs['best']}'s timed in turns)" if vs else "")
+                        + f" (took {auto.get('auto_choice', {}).get('backend', '?')} on "
+                        f"{auto.get('threads', '?')} thr)")
             summary.append(f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms{took}"
                            + (f"; speed-up over {', '.join(ups)}" if ups else ""))
     if summary:
