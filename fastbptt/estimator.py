@@ -89,7 +89,7 @@ from . import optim as _optim
 from ._io import atomic_write
 from ._progress import check_progress, make_progress
 from ._threads import call_scope
-from .backends import BACKENDS, resolve_backend
+from .backends import BACKENDS, dispatch, resolve_backend
 from .diagnostics import recurrent_spectrum
 from .engine.core import ACT_CODES
 from .engine.lengths import packing
@@ -671,6 +671,13 @@ class RNN:
     def _kernels(self, T, B):
         return resolve_backend(self.backend, T=T, B=B, H=self.hidden_size, dtype=self.dtype)
 
+    def _train_choice(self, T, B, lengths):
+        """The backend and team of ``fit``: what ``backend="auto"`` learned for ``loss_and_grad`` at
+        this shape, else the table's guess (no trial: one choice for the whole fit)."""
+        return dispatch(self.backend, "loss_and_grad", T=T, B=B, D=self.input_size, H=self.hidden_size,
+                        layers=self.num_layers, dirs=2 if self.bidirectional else 1, dtype=self.params.dtype,
+                        lengths=lengths is not None, trial=False)
+
     def _forward_chunks(self, kind, Xt, kernels, lengths=None):
         """Yield ``(rows, logits, lengths)`` for chunks of rows, from zero state: logits (T, b, O)
         (unspecified at padded steps) or (b, O) by ``output``."""
@@ -894,7 +901,8 @@ class RNN:
             raise ValueError(f"X: stateful=True continues the {self._state_rows()} rows of the previous "
                              f"stateful fit, got N={N} rows; call reset_state() to start afresh")
         B = min(self.batch_size, N)
-        kernels = self._kernels(T, B)
+        choice = self._train_choice(T, B, lengths)
+        kernels = choice.kernels
         val_kernels = None if val is None else self._kernels(val[1].shape[0], min(val[1].shape[1], _PREDICT_CHUNK))
         act = ACT_CODES[self.activation]
         points = update_points(T, self.truncation)
@@ -915,7 +923,8 @@ class RNN:
         _align_history(hist)
         if stateful and self.state_ is None:
             self.state_ = self._user_state(self._zero_state(N))
-        run = dict(kind=kind, Xt=Xt, Yt=Yt, lengths=lengths, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels, act=act,
+        run = dict(kind=kind, Xt=Xt, Yt=Yt, lengths=lengths, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels,
+                   threads=choice.threads, act=act,
                    points=points, lr_at=lr_at, val=val, val_kernels=val_kernels,
                    validation_every=validation_every, d_batch=d_batch)
         steps_before = self.optimizer_.step_count
@@ -985,7 +994,7 @@ class RNN:
                     val_time[0] += time.perf_counter() - t
                     val_steps.append([opt.step_count, value])
                     bar.update(0, val_loss=value)
-        with call_scope():
+        with call_scope(threads=run["threads"]):
             for s in range(0, N, B):
                 idx = order[s:s + B]
                 Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)

@@ -20,10 +20,12 @@ last step, losses are means over the valid positions only, and
 padding: the cost follows Σ lengths, not T·B.
 """
 
+from time import perf_counter
+
 import numpy as np
 
 from . import _validation as V
-from .backends import resolve_backend
+from .backends import dispatch
 from .engine import checkpoint as _checkpoint
 from .engine.core import ACT_CODES, windows
 from .engine.lengths import packing
@@ -69,9 +71,11 @@ def _unsort(a, pack, axis=1):
     return a if pack is None else pack.unsort(a, axis)
 
 
-def _kernels(backend, params, X3):
-    T, B, _ = X3.shape
-    return resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
+def _dispatch(op, backend, params, X3, pack):
+    """The backend and team of one call (``backend="auto"`` learns them per shape: backends._wisdom)."""
+    T, B, D = X3.shape
+    return dispatch(backend, op, T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,
+                    dirs=2 if params.bidirectional else 1, dtype=params.dtype, lengths=pack is not None)
 
 
 def _user_states(h, params, single):
@@ -104,11 +108,13 @@ def forward(params, X, h0=None, *, lengths=None, activation="tanh", backend="aut
     """
     V.check_choice("activation", activation, V.ACTIVATIONS)
     X3, h0s, single, _, pack = _prepare(params, X, h0, lengths, head=True)
-    kernels = _kernels(backend, params, X3)
-    with call_scope():
+    choice = _dispatch("forward", backend, params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
         Hs = _unsort(fwd.out, pack)
         O_logits = head_logits(params, Hs[1:], kernels)
+    choice.record(perf_counter() - t0)
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
@@ -182,8 +188,9 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         Y_ = pack.sort(Y_, 1 if output == "sequence" else 0)
         if output == "sequence":
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
-    kernels = _kernels(backend, params, X3)
-    with call_scope():
+    choice = _dispatch("loss_and_grad" if checkpoint is None else "checkpoint", backend, params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
         if checkpoint is not None:
             value, grads, fwd = _checkpoint.loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
                                                           ACT_CODES[activation], pack=pack,
@@ -197,6 +204,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
             value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
                                                      ACT_CODES[activation], windows(T, truncation), pack=pack)
             h_last = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     return value, grads, _user_states(h_last, params, single)
 
 
@@ -252,13 +260,16 @@ def rnn_vjp(params, X, h0=None, *, lengths=None, activation="tanh", backend="aut
 def _rnn(params, X, h0, lengths, activation, backend, fresh):
     V.check_choice("activation", activation, V.ACTIVATIONS)
     X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=False)
-    kernels = _kernels(backend, params, X3)
+    choice = _dispatch("rnn_vjp" if fresh else "rnn", backend, params, X3, pack)
+    kernels = choice.kernels
     if fresh:       # the vjp's own copy of the weights (an optimizer step writes params in place)
         params = params.copy()
-    with call_scope():
+    t0 = perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=fresh, pack=pack)
         output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
         h_n = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     output_u = output[:, 0, :] if single else output
     h_n_u = _user_states(h_n, params, single)
     if not fresh:
@@ -276,7 +287,7 @@ def _rnn(params, X, h0, lengths, activation, backend, fresh):
         d_out = d_out.reshape(output.shape)
         if pack is not None:
             d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
-        with call_scope():
+        with call_scope(threads=choice.threads):
             layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=True, want_dh0=True)
         grads = pack_grads(params, layer_grads)
         dX, dh0 = _unsort(dX, pack), _unsort(dh0, pack)
@@ -314,11 +325,13 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
         pack = packing(lengths, T)
         if pack is not None:
             X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
-    kernels = _kernels("auto", params, X3)
-    with call_scope():
+    choice = _dispatch("rnn_vjp", "auto", params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
         output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
         h_n = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     full = windows(T, None)
 
     def vjp(d_output, d_h_n=None):
@@ -326,7 +339,7 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
         d_hn = None if d_h_n is None else np.array(d_h_n, dtype=dtype, order="C", copy=True)
         if pack is not None:
             d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
-        with call_scope():
+        with call_scope(threads=choice.threads):
             layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=need_dX,
                                                   want_dh0=need_dh0)
         grads = pack_grads(params, layer_grads)

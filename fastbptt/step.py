@@ -9,10 +9,12 @@ and dtype. With an optimizer it also clips and updates the parameters in the
 same call, on the same thread settings, as :class:`fastbptt.RNN` does.
 """
 
+from time import perf_counter
+
 import numpy as np
 
 from . import _validation as V
-from .backends import resolve_backend
+from .backends import dispatch, resolve_backend
 from .engine.core import ACT_CODES
 from .engine.losses import LOSSES
 from .engine.plan import make_plan
@@ -84,7 +86,8 @@ class Step:
         self.clip_norm = V.check_positive("clip_norm", clip_norm, allow_none=True)
         self.clip_value = V.check_positive("clip_value", clip_value, allow_none=True)
         self._act = ACT_CODES[activation]
-        self._shapes = {}           # (X.shape, single) -> (plan, zero h0s) of the last call with that shape
+        self._shapes = {}           # (X.shape, single) -> zero h0s, for the shapes that passed the checks
+        self._plans = {}            # (T, B, backend, team) -> Plan
         self._grads = None          # the gradients' arrays, reused from call to call
         self._calls = 0
 
@@ -99,8 +102,12 @@ class Step:
         ``grads`` is the step's own :class:`RNNParams`, overwritten by its next call
         (copy it to keep it); ``loss`` and ``h_last`` are new.
         """
-        with call_scope():
-            return self._loss_and_grad(X, Y, h0)
+        got = self._fast_arrays(X, Y, h0)
+        if got is None:
+            return self._checked(X, Y, h0)
+        choice = self._dispatch(got)
+        with call_scope(threads=choice.threads):
+            return self._run(choice, *got)
 
     def __call__(self, X, Y, h0=None):
         """One update: the gradient of this chunk's loss, clipped, then the optimizer's step.
@@ -112,54 +119,77 @@ class Step:
         if self.optimizer is None:
             raise ValueError("optimizer: a Step called for an update needs an optimizer, got None "
                              "(give Step(..., optimizer=...), or call step.loss_and_grad)")
-        with call_scope():
-            value, grads, h_last = self._loss_and_grad(X, Y, h0)
-            self._calls += 1
-            apply_step(self.params, self.optimizer, value, grads, clip_norm=self.clip_norm,
-                       clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step")
+        got = self._fast_arrays(X, Y, h0)
+        if got is None:
+            value, grads, h_last = self._checked(X, Y, h0)
+            with call_scope():
+                self._update(value, grads)
+            return value, h_last
+        choice = self._dispatch(got)
+        with call_scope(threads=choice.threads):
+            value, grads, h_last = self._run(choice, *got)
+            self._update(value, grads)
         return value, h_last
 
-    def _loss_and_grad(self, X, Y, h0):
+    def _update(self, value, grads):
+        self._calls += 1
+        apply_step(self.params, self.optimizer, value, grads, clip_norm=self.clip_norm,
+                   clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step")
+
+    def _checked(self, X, Y, h0):
+        """A call with a shape not seen yet (or arrays to convert): checked in full, then remembered."""
+        value, grads, h_last = _checked_loss_and_grad(
+            self.params, X, Y, h0=h0, loss=self.loss, output=self.output, activation=self.activation,
+            truncation=self.truncation, backend=self.backend)
+        self._remember(X)
+        self._grads = grads
+        return value, grads, h_last
+
+    def _dispatch(self, got):
+        """The backend and team of a planned call (``"auto"`` shares what loss_and_grad learns)."""
+        params, (T, B, D) = self.params, got[1].shape
+        return dispatch(self.backend, "loss_and_grad", T=T, B=B, D=D, H=params.hidden_size,
+                        layers=params.num_layers, dirs=params.num_directions, dtype=params.dtype)
+
+    def _run(self, choice, zeros, X3, Y_, h0s, single):
         params = self.params
-        got = self._fast_arrays(X, Y, h0)
-        if got is None:             # a new shape, lengths-free check of everything; then plan it
-            value, grads, h_last = _checked_loss_and_grad(
-                params, X, Y, h0=h0, loss=self.loss, output=self.output, activation=self.activation,
-                truncation=self.truncation, backend=self.backend)
-            self._remember(X)
-            self._grads = grads
-            return value, grads, h_last
-        plan, X3, Y_, h0s, single = got
+        T, B = X3.shape[:2]
+        key = (T, B, choice.kernels, team_size())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            plan = self._plans[key] = make_plan(choice.kernels, params, T, B, self.loss, self.output,
+                                                self._act, self.truncation)
         if self._grads is None or self._grads.dtype != params.dtype:
             self._grads = RNNParams._trusted_like(params, [np.empty(a.shape, a.dtype) for a in params.arrays()])
+        t0 = perf_counter()
         value, _, h_last = plan.run(params, X3, Y_, h0s, list(self._grads.arrays()))
+        choice.record(perf_counter() - t0)
         h_last = h_last[0] if len(params.layers) == 1 else h_last
         return value, self._grads, (h_last[..., 0, :] if single else h_last)
 
     def _remember(self, X):
-        """Plan the shape of an input that passed the full checks (the next call with it is fast)."""
+        """Remember the shape of an input that passed the full checks (the next call with it is fast)."""
         params = self.params
         arr = np.asarray(X)
         single = arr.ndim == 2
-        T, B = arr.shape[0], (1 if single else arr.shape[1])
-        kernels = resolve_backend(self.backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
-        plan = make_plan(kernels, params, T, B, self.loss, self.output, self._act, self.truncation)
-        zeros = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
-        self._shapes = {(arr.shape, single): (plan, zeros)}
+        B = 1 if single else arr.shape[1]
+        if len(self._shapes) >= 8:
+            self._shapes.clear()
+        self._shapes[(arr.shape, single)] = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
 
     def _fast_arrays(self, X, Y, h0):
-        """``(plan, X3, Y, h0s, single)`` when the arrays have a planned shape and dtype, else None."""
-        if type(X) is not np.ndarray or not self._shapes:
+        """``(zero h0s, X3, Y, h0s, single)`` when the arrays have a seen shape and dtype, else None."""
+        if type(X) is not np.ndarray:
             return None
         single = X.ndim == 2
-        entry = self._shapes.get((X.shape, single))
+        zeros = self._shapes.get((X.shape, single))
         params = self.params
-        if entry is None or X.dtype != params.dtype or not X.flags.c_contiguous:
+        if zeros is None or X.dtype != params.dtype or not X.flags.c_contiguous:
             return None
-        plan, zeros = entry
-        if plan.key[-1] != team_size():        # fastbptt.set_num_threads changed: plan again
-            return None
-        T, B = plan.T, plan.B
+        B = zeros.shape[1]
+        T = X.shape[0]
         X3 = X.reshape(T, B, X.shape[-1])
         Y_ = _fast_targets(Y, params, T, B, single, self.loss, self.output)
         if Y_ is None:
@@ -172,7 +202,7 @@ class Step:
             if h0.shape != V.state_shape(params, B, single):
                 return None
             h0s = h0.reshape(zeros.shape)
-        return plan, X3, Y_, h0s, single
+        return zeros, X3, Y_, h0s, single
 
 
 def _fast_targets(Y, params, T, B, single, loss, output):

@@ -108,6 +108,21 @@ def test_outside_a_call_the_team_is_one_and_small_phases_never_split():
     assert _threads.team_size() == 1
 
 
+def test_call_scope_takes_a_team_size_per_call():
+    """The dispatcher's per-call choice: ``call_scope(threads=n)``; a nested scope keeps the outer team."""
+    for n in (1, 2, 3):
+        with _threads.call_scope(threads=n):
+            assert _threads.team_size() == n and _threads.inside_call()
+            assert set(_blas_threads()) == {1}
+            with _threads.call_scope(threads=1 if n > 1 else 2):
+                assert _threads.team_size() == n
+        assert _threads.team_size() == 1 and not _threads.inside_call()
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"threads: expected None or an int >= 1, got {bad!r}"):
+            _threads.call_scope(threads=bad)
+    assert not _threads.inside_call()
+
+
 def test_trainer_runs_inside_one_scope(spy):
     X = np.random.default_rng(0).normal(size=(8, 5, 3))
     Y = np.random.default_rng(1).normal(size=(8, 5, 2))

@@ -129,7 +129,7 @@ _MAX_PLANS = 16
 def plan_key(kernels, params, T, B, loss, output, act, truncation):
     structure = (params.input_size, params.hidden_size, params.output_size, params.num_layers,
                  params.bidirectional, params.dtype)
-    return (kernels.__name__, structure, T, B, loss, output, act, truncation, team_size())
+    return (kernels, structure, T, B, loss, output, act, truncation, team_size())
 
 
 def make_plan(kernels, params, T, B, loss, output, act, truncation):

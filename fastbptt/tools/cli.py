@@ -156,8 +156,10 @@ def cmd_info(args):
     info = machine_info()
     available = available_backends()
     missing = unavailable_backends()
+    from ..backends import dispatch_info
+    dispatch = dispatch_info()
     if args.json:
-        info.update({"backends_available": available, "backends_missing": missing})
+        info.update({"backends_available": available, "backends_missing": missing, "dispatch": dispatch})
         print(json.dumps(info, indent=1, default=str))
         return 0
     print(f"fastbptt {__version__}")
@@ -189,7 +191,24 @@ def cmd_info(args):
             print(f"  numba: {numba.get_num_threads()} threads, threading layer {layer!r}")
         except Exception:  # pragma: no cover - diagnostic only
             pass
+    _print_dispatch(dispatch)
     return 0
+
+
+def _print_dispatch(d):
+    """What ``backend="auto"`` learned (:func:`fastbptt.backends.dispatch_info`), for ``fastbptt info``."""
+    state = "on" if d["learning"] else "off: the shipped table's choice, fixed"
+    print(f"dispatcher (backend='auto'): learning {state} ({d['learn_variable']}="
+          f"{os.environ.get(d['learn_variable'], '(unset)')})")
+    print(f"  cache: {d['cache']}")
+    print("  fingerprint: " + ", ".join(f"{k} {v}" for k, v in d["fingerprint"].items()))
+    if d["learning"]:
+        print(f"  learned: {len(d['learned'])} shape(s)" + (":" if d["learned"] else ""))
+        for key, e in sorted(d["learned"].items()):
+            medians = e.get("median_s") or {}
+            timed = ", ".join(f"{c} {m * 1e3:.3g}" for c, m in sorted(medians.items(), key=lambda x: x[1]))
+            print(f"    {key}: {e['backend']} on {e['threads']} thread{'s' if e['threads'] > 1 else ''}"
+                  + (f" (median ms: {timed})" if timed else ""))
 
 
 # -------------------------------------------------------------------- bench
@@ -555,7 +574,7 @@ def build_parser():
                    help=f"finish in under a minute: T of the named shapes divided by {QUICK_T_DIVISOR} "
                    f"(at least {QUICK_MIN_T}), 3 samples per cell")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all five)")
+                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all)")
     p.add_argument("--backends", nargs="+", metavar="IMPL", choices=ALL_IMPLS,
                    help=f"implementations among {', '.join(ALL_IMPLS)} (default: all that run here)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
