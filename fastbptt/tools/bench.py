@@ -54,6 +54,7 @@ from ..backends._wisdom import CACHE_VAR, forget as forget_dispatch, trials_runn
 from .._io import atomic_write
 from ..functional import loss_and_grad
 from ..params import RNNParams
+from ..step import Step
 from .peers import (PEERS, jax_threads, make_peer_step, peer_unavailable_reason, peer_version,
                     set_threads, torch_threads, xla_flags)
 
@@ -229,12 +230,17 @@ def make_step(impl, params, X, Y):
         peer = make_peer_step(impl, params, X, Y)
         return peer, peer.loss_and_grad
 
+    # a Step, prepared once as the peers' steps are (JAX's jit, torch's modules): what a training
+    # loop calls; fastbptt.loss_and_grad runs the same plans after its argument checks
+    prepared = Step(params, backend=impl)
+    X, Y = np.ascontiguousarray(X, params.dtype), np.ascontiguousarray(Y, params.dtype)
+
     def result():
-        value, grads, _ = loss_and_grad(params, X, Y, backend=impl)
-        return value, grads
+        value, grads, _ = prepared.loss_and_grad(X, Y)
+        return value, grads.copy()
 
     def step():
-        loss_and_grad(params, X, Y, backend=impl)
+        prepared.loss_and_grad(X, Y)
 
     return step, result
 
