@@ -319,3 +319,27 @@ def test_bench_table_compares_auto_with_the_best_backend_in_turns(learn):
     assert cells["auto"]["kind"] == "auto" and cells["auto"]["auto_choice"]["backend"] in COMPILED
     assert "auto" in bench.format_table(out) and "timed in turns" in bench.format_table(out)
     assert not learn.exists() and not W._choices
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rnn_vjp_of_a_stack_with_lengths_equals_the_reference_while_learning(learn, dtype):
+    """Each operation and shape learns on its own key; the vjp runs on its forward's choice."""
+    T, B, D, H = 7, 3, 4, 6
+    params, X, _ = make_problem(T, B, D, H, 2, dtype=dtype, num_layers=2, bidirectional=True)
+    lengths = np.array([7, 2, 5])
+    rng = np.random.default_rng(1)
+    d_out = rng.normal(size=(T, B, 2 * H))
+    d_hn = rng.normal(size=(4, B, H))
+    out_ref, hn_ref, vjp_ref = fastbptt.rnn_vjp(params, X, lengths=lengths, backend="numpy")
+    grads_ref, dX_ref, dh0_ref = vjp_ref(d_out, d_hn)
+    for i in range(400):
+        out, hn, vjp = fastbptt.rnn_vjp(params, X, lengths=lengths)
+        grads, dX, dh0 = vjp(d_out, d_hn)
+        for a, b in [(out, out_ref), (hn, hn_ref), (dX, dX_ref), (dh0, dh0_ref),
+                     *zip(grads.arrays(), grads_ref.arrays())]:
+            assert rel_err(a, b) <= RTOL[dtype]
+        if not W._trials:
+            break
+    assert i > 0
+    (key,) = W.learned()
+    assert key.startswith("rnn_vjp T=7 B=3 D=4 H=6 layers=2 dirs=2") and " lengths " in key

@@ -9,7 +9,8 @@ first call is a warm-up (Numba's JIT, the C team starting) and is not
 counted; then the candidates are timed in rounds, interleaved, until each
 has at least :data:`MIN_ROUNDS` calls and :data:`MIN_TRIAL_S` seconds of
 them (at most :data:`MAX_ROUNDS`). The one with the smallest median wins
-and every later call at that key takes it: a dict lookup, ~1 µs.
+and every later call at that key takes it: a dict lookup, ~1 µs. (``rnn_vjp``
+times its forward only: the backward runs later, in ``vjp``, on the same choice.)
 
 What was learned is kept, like FFTW's wisdom, in ``wisdom.json`` of a
 per-user cache directory (``$FASTBPTT_CACHE_DIR``, else

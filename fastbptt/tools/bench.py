@@ -707,28 +707,24 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
                     params, X, Y = make_problem(run_shape, dtype)
                     checks = []
                     shape_cells = []
-                    learner = fresh_dispatcher()        # auto learns once per shape, kept for auto_against_best
-                    learner.__enter__()
-                    for impl in impls:
-                        def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
-                            if progress is not None:
-                                progress(label + (f" ({n} threads{', worker' if where == 'worker' else ''})"
-                                                  if impl in PEERS else ""))
-                        runs = _time_runs(impl, plans[impl], run_shape, params, X, Y, dtype, workers,
-                                          dict(repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s,
-                                               check=check), announce)
-                        cell = _make_cell(name, run_shape, impl, dtype, runs)
-                        if check:
-                            for n, r in runs.items():
-                                checks.append((cell, n, r))
-                        results.append(cell)
-                        shape_cells.append(cell)
-                    try:
+                    with fresh_dispatcher():        # auto learns once per shape, kept for auto_against_best
+                        for impl in impls:
+                            def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
+                                if progress is not None:
+                                    progress(label + (f" ({n} threads{', worker' if where == 'worker' else ''})"
+                                                      if impl in PEERS else ""))
+                            runs = _time_runs(impl, plans[impl], run_shape, params, X, Y, dtype, workers,
+                                              dict(repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s,
+                                                   check=check), announce)
+                            cell = _make_cell(name, run_shape, impl, dtype, runs)
+                            if check:
+                                for n, r in runs.items():
+                                    checks.append((cell, n, r))
+                            results.append(cell)
+                            shape_cells.append(cell)
                         if progress is not None and AUTO in impls:
                             progress(f"{name} {format_shape(run_shape)} auto against the best backend, in turns")
                         auto_against_best(shape_cells, params, X, Y, repeats, min_sample_s)
-                    finally:
-                        learner.__exit__(None, None, None)
                     if check:   # the float64 reference runs after the timings, not between them
                         ref_loss, ref = reference_grads(params, X, Y)
                         for cell, n, r in checks:
