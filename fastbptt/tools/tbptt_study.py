@@ -619,7 +619,7 @@ class LearnConfig:
     @classmethod
     def quick(cls, **overrides):
         cfg = dict(inits=("irnn",), variants=(None, 5, (5, 10), ("artbp", 0.05)), distances=(4, 8),
-                   seeds=2, budget=1000, eval_every=100, n_val=64, hidden=32)
+                   seeds=2, budget=600, eval_every=100, n_val=64, hidden=32)
         cfg.update(overrides)
         return cls(**cfg)
 
