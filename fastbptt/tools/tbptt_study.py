@@ -527,8 +527,11 @@ def _plot_curves(plt, learn, style, path):
     panels = list(by)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], panels):
-        # the largest distance that full BPTT was run at, where the variants differ most
-        d = max(dd for dd, vs in by[key].items() if "full" in vs)
+        # the largest distance full BPTT learned (in half of the seeds), where the variants part ways
+        # (else the shortest)
+        learned = [dd for dd, vs in by[key].items()
+                   if "full" in vs and 2 * sum(r["success"] for r in vs["full"]) >= len(vs["full"])]
+        d = max(learned) if learned else min(by[key])
         for label in cfg["variants"]:
             runs = by[key][d].get(label)
             if not runs:
@@ -549,6 +552,7 @@ def _plot_curves(plt, learn, style, path):
             ax.fill_between(xs, lo, hi, color=c, alpha=0.15, lw=0)
         ax.axhline(cfg["success_fraction"], ls="--", color="k", lw=0.8)
         ax.set_yscale("log")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 10.0))       # a diverging seed's spike would flatten the rest
         ax.set_xlabel("mini-batches")
         ax.set_title(f"{key[0]}, {key[1]}, d={d}", fontsize=10)
         ax.grid(alpha=0.3)
