@@ -155,6 +155,19 @@ def test_tbptt_bad_distance_for_copy_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("fastbptt: error: --distances: the copy task needs")
 
 
+def test_train_with_artbp_resumes_exactly(tmp_path):
+    from fastbptt.estimator import RNN
+    common = ["--task", "adding", "--n", "64", "--T", "12", "--hidden", "8", "--progress", "off",
+              "--truncation", "artbp,0.2"]
+    assert run(["train", *common, "--epochs", "1", "--out", "a.npz"], cwd=tmp_path).returncode == 0
+    proc = run(["train", "--resume", "a.npz", "--epochs", "1", "--out", "b.npz", "--progress", "off"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert run(["train", *common, "--epochs", "2", "--out", "c.npz"], cwd=tmp_path).returncode == 0
+    resumed, straight = RNN.load(tmp_path / "b.npz"), RNN.load(tmp_path / "c.npz")
+    assert straight.truncation == ("artbp", 0.2, None)
+    assert resumed.params == straight.params
+
+
 def test_train_then_resume(tmp_path):
     from fastbptt.estimator import RNN
     common = ["--task", "adding", "--n", "64", "--T", "12", "--hidden", "8", "--progress", "off"]

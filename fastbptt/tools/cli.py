@@ -653,7 +653,7 @@ def build_parser():
     p.add_argument("--lr", type=_positive_float,
                    help="learning rate (default: the optimizer's; adding: 0.01)")
     p.add_argument("--truncation", type=_truncation, default=None,
-                   help="full (default), k or k1,k2")
+                   help="full (default), k, k1,k2 or artbp,c (ARTBP: cuts drawn per mini-batch)")
     p.add_argument("--clip-norm", type=_positive_float, help="default: 1.0")
     p.add_argument("--batch-size", type=_positive_int, help="default: 32")
     p.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), help="default: auto")
