@@ -60,8 +60,12 @@ def test_tbptt_on_the_cluster_equals_the_local_run(address, tmp_path, capsys):
     remote = _run(TBPTT + ["--scheduler", address], tmp_path / "remote.json")
     out = capsys.readouterr().out
     assert "on the Dask scheduler" in out
-    for key in ("config", "variants", "baselines", "fidelity", "learnability", "throughput"):
+    for key in ("config", "variants", "baselines", "fidelity", "throughput"):
         assert _strip(remote[key]) == _strip(local[key]), key
+    notes = remote["learnability"].pop("notes")                  # the learnability runs went to the cluster
+    assert notes[0].startswith("each learnability run ran as one task on the Dask scheduler tcp://")
+    assert notes[1:] == local["learnability"].pop("notes")
+    assert _strip(remote["learnability"]) == _strip(local["learnability"])
     labels = ["full", "k=5", "(3,6)", "artbp(0.3)"]
     assert remote["learnability"]["config"]["variants"] == labels
     cells = remote["learnability"]["cells"]
