@@ -76,14 +76,15 @@ def test_bit_identical(monkeypatch, segments, backend, dtype, lengths, num_layer
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 def test_bit_identical_default_blocks(segments, backend, dtype, lengths):
-    """The default block (⌈1024/B⌉ steps: 128 at B = 8), a sequence of 2.3 blocks; kernels split between threads."""
-    T, B = 300, 8
+    """The default block (⌈16384/B⌉ steps: 512 at B = 32), a sequence of 2.1 blocks; kernels split
+    between threads."""
+    T, B = 1100, 32
     params, X, Y = make_problem(T, B, 5, 96, 2, dtype=dtype, seed=4)     # 2 threads for every backend
     kw = dict(backend=backend, lengths=_lengths(T, B) if lengths else None)
     plain = fastbptt.loss_and_grad(params, X, Y, **kw)
     segments.clear()
     _assert_same(fastbptt.loss_and_grad(params, X, Y, checkpoint="sqrt", **kw), plain)
-    assert sorted(set(segments)) == [(0, 128), (128, 256), (256, 300)]
+    assert sorted(set(segments)) == [(0, 512), (512, 1024), (1024, 1100)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,10 +100,11 @@ def test_odd_shapes(monkeypatch, backend, T, B, checkpoint, single):
 
 
 def test_segment_steps():
-    assert ck.block_steps(16) == 64 and ck.block_steps(2000) == 1
-    assert ck.segment_steps("sqrt", 100_000, 16) == 320         # ⌈√100000⌉ = 317, whole blocks of 64
-    assert ck.segment_steps(1, 100, 1024) == 1
-    assert ck.segment_steps(65, 1000, 16) == 128
+    assert ck.block_steps(16) == 1024 and ck.block_steps(1) == 16384 and ck.block_steps(20000) == 1
+    assert ck.segment_steps("sqrt", 100_000, 16) == 1024        # ⌈√100000⌉ = 317, whole blocks of 1024
+    assert ck.segment_steps("sqrt", 10 ** 8, 16384) == 10_000   # √T itself with blocks of one step
+    assert ck.segment_steps(1, 100, 16384) == 1
+    assert ck.segment_steps(1025, 10_000, 16) == 2048
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -137,8 +139,9 @@ def _peak_bytes(fn):
     return peak[0]
 
 
-def test_memory_bounded():
+def test_memory_bounded(monkeypatch):
     """At T = 4096 (segments of 64 steps) the checkpointed call holds a small fraction of full BPTT's states."""
+    monkeypatch.setattr(ck, "BLOCK_ROWS", 16 * 64)
     T, B, H = 4096, 16, 32
     params, X, Y = make_problem(T, B, 2, H, 1, output="last", dtype=np.float64, seed=0)
     X, Y = np.ascontiguousarray(X), np.ascontiguousarray(Y)
