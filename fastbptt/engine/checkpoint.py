@@ -29,6 +29,7 @@ import math
 from functools import partial
 
 import numpy as np
+from scipy.special import expit, log_softmax
 
 from .._threads import row_parts, run as run_tasks, team_size
 from ..backends.reference import ACT_TANH
@@ -206,10 +207,8 @@ def _block_loss(loss, o, y, n_total):
         diff = o - y
         return float(np.add.reduce((diff * diff).ravel(), dtype=np.float64)), (2.0 / n_total) * diff
     if loss == "bce":
-        from scipy.special import expit
         per_elem = np.maximum(o, 0) - o * y + np.log1p(np.exp(-np.abs(o)))
         return float(np.add.reduce(per_elem.ravel(), dtype=np.float64)), (expit(o) - y) / n_total
-    from scipy.special import log_softmax
     logp = log_softmax(o, axis=-1)
     picked = np.take_along_axis(logp, y[..., None], axis=-1)
     d = np.exp(logp)
@@ -230,7 +229,7 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
     """
     from .model import pack_grads
     run = _Run(kernels, params, X3, act, pack)
-    T, B, H, L, O, dt = run.T, run.B, run.H, run.L, params.output_size, run.dtype
+    T, B, H, L, dt = run.T, run.B, run.H, run.L, run.dtype
     s = T if segment is None or segment >= T else segment
     starts = list(range(0, T, s))
     seg_bounds = [(a, min(a + s, T)) for a in starts]
@@ -299,10 +298,7 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
                     y = Y[k0:k1].reshape((-1,) + Y.shape[2:])
                 else:
                     y = Y[run.pos[k0]:run.pos[k1]]
-                if loss == "ce":
-                    partials[k0], dO = _block_loss(loss, o, y, n_total)
-                else:
-                    partials[k0], dO = _block_loss(loss, o, y.reshape(o.shape), n_total)
+                partials[k0], dO = _block_loss(loss, o, y if loss == "ce" else y.reshape(o.shape), n_total)
                 dW_hy += pmatmul(dO, H_rows, trans_a=True, kernels=kernels)
                 db_y += column_sums(dO)
                 run.gemm_rows(G, k0, k1, a, dO, W_hy)
