@@ -99,6 +99,17 @@ def test_odd_shapes(monkeypatch, backend, T, B, checkpoint, single):
     _assert_same(fastbptt.loss_and_grad(params, X, Y, loss="ce", backend=backend, checkpoint=checkpoint), plain)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("B, H", [(1, 32), (4, 64)])
+def test_small_batch_product(monkeypatch, backend, dtype, B, H):
+    """B <= 4 and H a multiple of 32: the Cython kernels' own matrix-vector product per step."""
+    monkeypatch.setattr(ck, "BLOCK_ROWS", 8 * B)       # blocks of 8 steps
+    params, X, Y = make_problem(50, B, 3, H, 2, dtype=dtype, seed=9)
+    plain = fastbptt.loss_and_grad(params, X, Y, backend=backend)
+    _assert_same(fastbptt.loss_and_grad(params, X, Y, backend=backend, checkpoint=1), plain)
+
+
 def test_segment_steps():
     assert ck.block_steps(16) == 1024 and ck.block_steps(1) == 16384 and ck.block_steps(20000) == 1
     assert ck.segment_steps("sqrt", 100_000, 16) == 1024        # ⌈√100000⌉ = 317, whole blocks of 1024
