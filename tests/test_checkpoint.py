@@ -132,6 +132,26 @@ def test_plain_full_bptt_matches_reference(monkeypatch, dtype):
             assert rel_err(a, b) <= RTOL[dtype]
 
 
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("loss, output", [("mse", "sequence"), ("bce", "sequence"), ("ce", "sequence"),
+                                          ("mse", "last"), ("ce", "last")])
+def test_blocks_sum_to_the_whole(monkeypatch, lengths, loss, output):
+    """Full BPTT summed over blocks of 1-3 steps equals one block over the whole sequence (float64, to the
+    tolerance table): no block is lost or counted twice, with or without checkpoints."""
+    T, B = 19, 3
+    params, X, Y = make_problem(T, B, 4, 6, 3, loss=loss, output=output, seed=11, num_layers=2)
+    kw = dict(loss=loss, output=output, lengths=_lengths(T, B) if lengths else None, backend="cython")
+    whole = fastbptt.loss_and_grad(params, X, Y, **kw)
+    for rows in (1, 5, 9):
+        monkeypatch.setattr(ck, "BLOCK_ROWS", rows)
+        for checkpoint in (None, 1):
+            value, grads, h = fastbptt.loss_and_grad(params, X, Y, checkpoint=checkpoint, **kw)
+            assert value == pytest.approx(whole[0], rel=RTOL[np.float64], abs=RTOL[np.float64])
+            for a, b in zip(grads.arrays(), whole[1].arrays()):
+                assert rel_err(a, b) <= RTOL[np.float64]
+            assert rel_err(h, whole[2]) <= RTOL[np.float64]      # (A's GEMM rows differ by call size)
+
+
 def _peak_bytes(fn):
     """Peak of traced allocations while ``fn`` runs on a new thread (whose work arrays are all new)."""
     peak = []
