@@ -162,7 +162,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         (``"sqrt"``: s = ⌈√T⌉), and run each segment's forward again in the
         backward. Memory O((T/s + s)·B·H) instead of O(T·B·H), for one more
         forward pass; the loss and gradients equal ``checkpoint=None``'s bit
-        for bit. s is rounded up to whole blocks of ⌈1024/B⌉ steps (the blocks
+        for bit. s is rounded up to whole blocks of ⌈16384/B⌉ steps (the blocks
         every full-BPTT sum is taken in); s >= T is plain full BPTT.
     backend : {"auto", "cython", "numba", "numpy"}
 

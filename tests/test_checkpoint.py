@@ -76,14 +76,15 @@ def test_bit_identical(monkeypatch, segments, backend, dtype, lengths, num_layer
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 def test_bit_identical_default_blocks(segments, backend, dtype, lengths):
-    """The default block (⌈1024/B⌉ steps: 128 at B = 8), a sequence of 2.3 blocks; kernels split between threads."""
-    T, B = 300, 8
+    """The default block (⌈16384/B⌉ steps: 512 at B = 32), a sequence of 2.1 blocks; kernels split
+    between threads."""
+    T, B = 1100, 32
     params, X, Y = make_problem(T, B, 5, 96, 2, dtype=dtype, seed=4)     # 2 threads for every backend
     kw = dict(backend=backend, lengths=_lengths(T, B) if lengths else None)
     plain = fastbptt.loss_and_grad(params, X, Y, **kw)
     segments.clear()
     _assert_same(fastbptt.loss_and_grad(params, X, Y, checkpoint="sqrt", **kw), plain)
-    assert sorted(set(segments)) == [(0, 128), (128, 256), (256, 300)]
+    assert sorted(set(segments)) == [(0, 512), (512, 1024), (1024, 1100)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -98,11 +99,23 @@ def test_odd_shapes(monkeypatch, backend, T, B, checkpoint, single):
     _assert_same(fastbptt.loss_and_grad(params, X, Y, loss="ce", backend=backend, checkpoint=checkpoint), plain)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("B, H", [(1, 32), (4, 64)])
+def test_small_batch_product(monkeypatch, backend, dtype, B, H):
+    """B <= 4 and H a multiple of 32: the Cython kernels' own matrix-vector product per step."""
+    monkeypatch.setattr(ck, "BLOCK_ROWS", 8 * B)       # blocks of 8 steps
+    params, X, Y = make_problem(50, B, 3, H, 2, dtype=dtype, seed=9)
+    plain = fastbptt.loss_and_grad(params, X, Y, backend=backend)
+    _assert_same(fastbptt.loss_and_grad(params, X, Y, backend=backend, checkpoint=1), plain)
+
+
 def test_segment_steps():
-    assert ck.block_steps(16) == 64 and ck.block_steps(2000) == 1
-    assert ck.segment_steps("sqrt", 100_000, 16) == 320         # ⌈√100000⌉ = 317, whole blocks of 64
-    assert ck.segment_steps(1, 100, 1024) == 1
-    assert ck.segment_steps(65, 1000, 16) == 128
+    assert ck.block_steps(16) == 1024 and ck.block_steps(1) == 16384 and ck.block_steps(20000) == 1
+    assert ck.segment_steps("sqrt", 100_000, 16) == 1024        # ⌈√100000⌉ = 317, whole blocks of 1024
+    assert ck.segment_steps("sqrt", 10 ** 8, 16384) == 10_000   # √T itself with blocks of one step
+    assert ck.segment_steps(1, 100, 16384) == 1
+    assert ck.segment_steps(1025, 10_000, 16) == 2048
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -117,6 +130,26 @@ def test_plain_full_bptt_matches_reference(monkeypatch, dtype):
         assert value == pytest.approx(ref[0], rel=RTOL[dtype], abs=RTOL[dtype])
         for a, b in zip(grads.arrays(), ref[1].arrays()):
             assert rel_err(a, b) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("loss, output", [("mse", "sequence"), ("bce", "sequence"), ("ce", "sequence"),
+                                          ("mse", "last"), ("ce", "last")])
+def test_blocks_sum_to_the_whole(monkeypatch, lengths, loss, output):
+    """Full BPTT summed over blocks of 1-3 steps equals one block over the whole sequence (float64, to the
+    tolerance table): no block is lost or counted twice, with or without checkpoints."""
+    T, B = 19, 3
+    params, X, Y = make_problem(T, B, 4, 6, 3, loss=loss, output=output, seed=11, num_layers=2)
+    kw = dict(loss=loss, output=output, lengths=_lengths(T, B) if lengths else None, backend="cython")
+    whole = fastbptt.loss_and_grad(params, X, Y, **kw)
+    for rows in (1, 5, 9):
+        monkeypatch.setattr(ck, "BLOCK_ROWS", rows)
+        for checkpoint in (None, 1):
+            value, grads, h = fastbptt.loss_and_grad(params, X, Y, checkpoint=checkpoint, **kw)
+            assert value == pytest.approx(whole[0], rel=RTOL[np.float64], abs=RTOL[np.float64])
+            for a, b in zip(grads.arrays(), whole[1].arrays()):
+                assert rel_err(a, b) <= RTOL[np.float64]
+            assert rel_err(h, whole[2]) <= RTOL[np.float64]      # (A's GEMM rows differ by call size)
 
 
 def _peak_bytes(fn):
@@ -137,8 +170,9 @@ def _peak_bytes(fn):
     return peak[0]
 
 
-def test_memory_bounded():
+def test_memory_bounded(monkeypatch):
     """At T = 4096 (segments of 64 steps) the checkpointed call holds a small fraction of full BPTT's states."""
+    monkeypatch.setattr(ck, "BLOCK_ROWS", 16 * 64)
     T, B, H = 4096, 16, 32
     params, X, Y = make_problem(T, B, 2, H, 1, output="last", dtype=np.float64, seed=0)
     X, Y = np.ascontiguousarray(X), np.ascontiguousarray(Y)

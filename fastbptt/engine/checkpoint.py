@@ -36,10 +36,11 @@ from .core import column_sums, matmul, pmatmul, scratch
 from .losses import LOSS_SUMS
 from .stack import StackForward, _input_rows_W1
 
-# Rows (steps · batch) of one block of the GEMMs over time. Big enough that a block's
-# GEMMs run near the speed of one call over all rows (measured in docs/checkpoint.md),
-# small enough that segments rounded up to whole blocks stay near √T at long T.
-BLOCK_ROWS = 1024
+# Rows (steps · batch) of one block of the GEMMs over time. Each block's GEMMs are split
+# between the threads on their own, and more blocks cost plain full BPTT time on 2 threads
+# (longseq, T=2000, B=16: blocks of 4096 rows +7-22%, 16384 +2%; docs/checkpoint.md).
+# Checkpointed segments are whole blocks: with small B they are long (B = 1: 16384 steps).
+BLOCK_ROWS = 16384
 
 
 def block_steps(B):
@@ -85,6 +86,7 @@ class _Run:
         self.W_hhT = [np.ascontiguousarray(layer.W_hh.T) for layer in params.layers]
         self.W_hh = [np.ascontiguousarray(layer.W_hh) for layer in params.layers]
         self.parts = None
+        self.keep = None
         if pack is not None:        # valid rows of steps [a, b): pack.idx[pos[a]:pos[b]]
             self.pos = np.concatenate(([0], np.cumsum(pack.batch_sizes))).astype(np.int64)
             if self.threads > 1 and kernels.NAME != "numpy":
@@ -117,16 +119,29 @@ class _Run:
             return arr[k0 - a:k1 - a].reshape(-1, W)
         return arr.reshape(-1, W)[self.valid(k0, k1, a)]
 
-    def put_rows(self, arr, k0, k1, a, values):
-        """Write a block's rows (as :meth:`rows` gives them) into the segment array ``arr``."""
+    def gemm_rows(self, arr, k0, k1, a, A, B_, trans_b=False):
+        """``op(A)·op(B_)`` (the block's rows) written into the segment array ``arr`` (n, B, W) at the
+        block's rows (as :meth:`rows` gives them): straight into place without ``pack``."""
         W = arr.shape[2]
         if self.pack is None:
-            arr[k0 - a:k1 - a].reshape(-1, W)[...] = values
+            pmatmul(A, B_, trans_b=trans_b, out=arr[k0 - a:k1 - a].reshape(-1, W), kernels=self.kernels)
         else:
-            arr.reshape(-1, W)[self.valid(k0, k1, a)] = values
+            arr.reshape(-1, W)[self.valid(k0, k1, a)] = pmatmul(A, B_, trans_b=trans_b, kernels=self.kernels)
 
     def layer_input(self, l, k0, k1, a, Hs_below):
-        """``[input | 1]`` of layer l for the block [k0, k1): (rows, D_in + 1), a work array."""
+        """``[input | 1]`` of layer l for the block [k0, k1): (rows, D_in + 1). A work array of the
+        block; with ``keep`` (one segment: plain full BPTT, which keeps its inputs anyway) a slice of
+        the layer's whole input, built once for the forward and the backward."""
+        if self.keep is None:
+            return self._input(l, k0, k1, a, Hs_below, "ck.X1")
+        X1 = self.keep.get(l)
+        if X1 is None:
+            X1 = self.keep[l] = self._input(l, 0, self.T, a, Hs_below, f"ck.X1.{l}")
+        if self.pack is None:
+            return X1[k0 * self.B:k1 * self.B]
+        return X1[self.pos[k0]:self.pos[k1]]
+
+    def _input(self, l, k0, k1, a, Hs_below, name):
         if l == 0:
             src, shift = self.X3, 0
         else:
@@ -134,11 +149,11 @@ class _Run:
         Din = src.shape[2]
         if self.pack is None:
             n_rows = (k1 - k0) * self.B
-            X1 = scratch("ck.X1", (n_rows, Din + 1), self.dtype)
+            X1 = scratch(name, (n_rows, Din + 1), self.dtype)
             X1[:, :Din] = src[k0 - shift:k1 - shift].reshape(n_rows, Din)
         else:
             idx = self.valid(k0, k1, shift)
-            X1 = scratch("ck.X1", (idx.shape[0], Din + 1), self.dtype)
+            X1 = scratch(name, (idx.shape[0], Din + 1), self.dtype)
             X1[:, :Din] = src.reshape(-1, Din)[idx]
         X1[:, Din] = 1
         return X1
@@ -160,7 +175,7 @@ def _segment_forward(run, a, b, h_start, Hs_bufs, A_buf):
         Hs = Hs_bufs[l][:n + 1]
         for k0, k1 in run.blocks(a, b):
             X1 = run.layer_input(l, k0, k1, a, Hs_bufs[l - 1] if l else None)
-            run.put_rows(A, k0, k1, a, pmatmul(X1, run.W1[l], trans_b=True, kernels=run.kernels))
+            run.gemm_rows(A, k0, k1, a, X1, run.W1[l], trans_b=True)
         Hs[0] = h_start[l]
         run.kernel(run.kernels.forward_recurrence, A, run.W_hhT[l], Hs, run.act, a=a, b=b)
 
@@ -198,12 +213,14 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
     """
     from .model import pack_grads
     run = _Run(kernels, params, X3, act, pack)
-    T, B, H, L, O, dt = run.T, run.B, run.H, run.L, params.output_size, run.dtype
+    T, B, H, L, dt = run.T, run.B, run.H, run.L, run.dtype
     s = T if segment is None or segment >= T else segment
     starts = list(range(0, T, s))
     seg_bounds = [(a, min(a + s, T)) for a in starts]
     n_buf = s + 2 if len(starts) > 1 else s + 1     # room for the one extra step of _backward_segment
     single = len(starts) == 1
+    if single:
+        run.keep = {}       # layer -> its whole [input | 1]
 
     Hs_bufs = [scratch(f"ck.Hs.{l}", (n_buf, B, H), dt) for l in range(L)]
     A_buf = scratch("ck.A", (s, B, H), dt)
@@ -244,6 +261,7 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
 
     # pass 2: the backward, segment by segment from the last; within each, block by block from the last
     dW1 = [np.zeros_like(w) for w in run.W1]
+    W_xh = [np.ascontiguousarray(layer.W_xh) for layer in params.layers]
     dW_hh = [np.zeros_like(w) for w in run.W_hh]
     G_buf = scratch("ck.G", (min(s + 1, n_buf), B, H), dt)
     dZ_buf = scratch("ck.dZ", (min(s + 1, n_buf), B, H), dt)
@@ -264,13 +282,10 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
                     y = Y[k0:k1].reshape((-1,) + Y.shape[2:])
                 else:
                     y = Y[run.pos[k0]:run.pos[k1]]
-                if loss == "ce":
-                    partials[k0], dO = LOSS_SUMS[loss](o, y, n_total)
-                else:
-                    partials[k0], dO = LOSS_SUMS[loss](o, y.reshape(o.shape), n_total)
+                partials[k0], dO = LOSS_SUMS[loss](o, y if loss == "ce" else y.reshape(o.shape), n_total)
                 dW_hy += pmatmul(dO, H_rows, trans_a=True, kernels=kernels)
                 db_y += column_sums(dO)
-                run.put_rows(G, k0, k1, a, pmatmul(dO, W_hy, kernels=kernels))
+                run.gemm_rows(G, k0, k1, a, dO, W_hy)
         else:
             G[:] = 0
             if pack is None:
@@ -288,7 +303,7 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
                 dW1[l] += pmatmul(dZ_rows, X1, trans_a=True, kernels=kernels)
                 dW_hh[l] += pmatmul(dZ_rows, run.rows(Hs_bufs[l][:n], k0, k1, a), trans_a=True, kernels=kernels)
                 if l:           # ∂L/∂h of the layer below: dZ·W_xh, into G (already read by this layer's kernel)
-                    run.put_rows(G, k0, k1, a, pmatmul(dZ_rows, params.layers[l].W_xh, kernels=kernels))
+                    run.gemm_rows(G, k0, k1, a, dZ_rows, W_xh[l])
 
     if output == "sequence":
         total = 0.0
