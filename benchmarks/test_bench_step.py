@@ -1,7 +1,10 @@
 """Throughput of one training step (forward + full-BPTT gradient) per implementation × shape × dtype.
 
 One callable per test, the implementation as a parameter, ``benchmark.group``
-per shape and dtype. ``extra_info`` records the backend, its threads, dtype,
+per shape and dtype. ``auto`` is the dispatcher, learning from scratch in the
+test (a cache of its own; its trial calls are part of ``compile_s``, and
+``auto_choice`` is what it took): compare it with the best backend of its group.
+``extra_info`` records the backend, its threads, dtype,
 GFLOP/s (from the median), the build/JIT time (``compile_s``, measured on its
 own before timing) and correctness: ``rel_err_by_field``, max|g - g_ref|/max|g_ref|
 for every gradient field (every (layer, direction) and the head, by
@@ -47,17 +50,21 @@ def test_training_step(benchmark, impl, shape, dtype, oracle, require, rate, thr
     require(name, dtype)
     dims = shape_of(shape)
     params, X, Y, ref_loss, ref = oracle(dims, np.dtype(dtype))
-    with bench.torch_threads(threads) if name == "torch" else nullcontext():
+    with bench.torch_threads(threads) if name == "torch" else (
+            bench.fresh_dispatcher() if name == bench.AUTO else nullcontext()):
         t0 = time.perf_counter()
         step, result = bench.make_step(name, params, X, Y)
         step()                                       # JIT / compile / caches, before timing
+        if name == bench.AUTO:
+            benchmark.extra_info["auto_choice"] = bench.settle_auto(step, params, X)
         compile_s = time.perf_counter() - t0
         value, grads = result()
 
         benchmark.group = f"step {shape} {bench.format_shape(dims)} {dtype}" + (" quick" if QUICK else "")
         errs = bench.rel_errs(grads, ref)             # field by field, by names()
         benchmark.extra_info.update({
-            "backend": name, "threads": threads, "kind": "peer" if name in PEERS else "fastbptt",
+            "backend": name, "threads": threads,
+            "kind": "peer" if name in PEERS else bench.AUTO if name == bench.AUTO else "fastbptt",
             "dtype": dtype, "shape": shape, "T,B,D,H,O": [*dims[:4], bench.OUTPUT_SIZE],
             "num_layers": dims.num_layers, "bidirectional": dims.bidirectional,
             "compile_s": compile_s,

@@ -254,10 +254,12 @@ def _find_shell():
     return shell
 
 
-def call_scope():
+def call_scope(threads=None):
     """Run one public call: BLAS pinned to one thread, the team size fixed for the call.
 
-    ``with call_scope(): ...``. The first scope entered (on any thread) pins
+    ``with call_scope(): ...``. ``threads``: the team size of this call (an
+    int >= 1, as the dispatcher chooses it per shape), or None for
+    :func:`get_num_threads`; a nested scope keeps the outer one's. The first scope entered (on any thread) pins
     the pools whose setting is not 1 and the last one left restores them (a
     few ctypes calls, ~1-2 µs; ``threadpool_limits`` takes ~20 µs, which
     matters at batch 1 where a whole step is ~0.3 ms). A nested scope (the
@@ -272,8 +274,18 @@ def call_scope():
     owner = _scope.__dict__.get("owner")
     if owner is not None and owner() is not None:       # inside a live scope of this thread
         return _NESTED
-    scope = _Scope(get_num_threads())                   # may raise (a bad environment variable)
+    if threads is None:
+        threads = get_num_threads()                     # may raise (a bad environment variable)
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected None or an int >= 1, got {threads!r}")
+    scope = _Scope(threads)
     return (_shell or _find_shell())(scope.enter, scope.leave)
+
+
+def inside_call():
+    """Whether this thread is inside a :func:`call_scope` (a nested call keeps the outer team)."""
+    owner = _scope.__dict__.get("owner")
+    return owner is not None and owner() is not None
 
 
 def team_size(flops=None, c_team=False):

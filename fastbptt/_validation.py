@@ -371,6 +371,9 @@ def check_squared_error_fits(name, Y):
 def check_truncation(truncation, bidirectional=False, allow_artbp=False):
     """None, k >= 1, (k1, k2) with 1 <= k1 <= k2, or ("artbp", c[, seed]) with 0 < c < 1.
 
+    ``allow_artbp``: False refuses ARTBP, True takes it, ``"trainer"`` takes it
+    without a seed only (the estimator draws the cuts from its own generator).
+
     Returns None, an int, (int, int) or ("artbp", float, int or None).
     """
     if truncation is None:
@@ -390,8 +393,8 @@ def check_truncation(truncation, bidirectional=False, allow_artbp=False):
         return (k1, k2)
     if isinstance(truncation, (tuple, list)) and len(truncation) in (2, 3) and truncation[0] == "artbp":
         if not allow_artbp:
-            raise ValueError(f"truncation: ('artbp', c) is available in fastbptt.loss_and_grad, not in the "
-                             f"trainer yet, got {truncation!r}")
+            raise ValueError(f"truncation: ('artbp', c) is available in fastbptt.loss_and_grad and "
+                             f"fastbptt.RNN, not here, got {truncation!r}")
         c = truncation[1]
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < c < 1:
             raise ValueError(f"truncation: ('artbp', c, seed) takes a truncation probability 0 < c < 1, "
@@ -399,6 +402,35 @@ def check_truncation(truncation, bidirectional=False, allow_artbp=False):
         seed = truncation[2] if len(truncation) == 3 else None
         if seed is not None and (not is_int(seed) or seed < 0):
             raise ValueError(f"truncation: ('artbp', c, seed) takes a seed None or an int >= 0, got {seed!r}")
+        if allow_artbp == "trainer" and seed is not None:
+            raise ValueError(f"truncation: the trainer draws ARTBP's cuts for every mini-batch from the "
+                             f"model's own generator (seed=...): expected ('artbp', c) without a seed, "
+                             f"got {tuple(truncation)!r}")
         return ("artbp", float(c), None if seed is None else int(seed))
     raise ValueError(f"truncation: expected None, an int k >= 1, a pair (k1, k2) or ('artbp', c, seed), "
                      f"got {truncation!r}")
+
+
+def check_checkpoint(checkpoint, truncation, bidirectional=False):
+    """None (or False), an int s >= 1, or "sqrt" (or True); only with full BPTT, unidirectional.
+
+    Returns None, an int or "sqrt".
+    """
+    if checkpoint is None or checkpoint is False:
+        return None
+    if checkpoint is True or (isinstance(checkpoint, str) and checkpoint == "sqrt"):
+        checkpoint = "sqrt"
+    elif isinstance(checkpoint, str):
+        raise ValueError(f"checkpoint: expected None, an int s >= 1 or 'sqrt', got {checkpoint!r}")
+    elif not is_int(checkpoint):
+        raise TypeError(f"checkpoint: expected None, an int s >= 1 (keep the state every s steps) or "
+                        f"'sqrt' (s = ceil(sqrt(T))), got {checkpoint!r}")
+    elif checkpoint < 1:
+        raise ValueError(f"checkpoint: expected an int s >= 1 or 'sqrt', got {checkpoint!r}")
+    if truncation is not None:
+        raise ValueError(f"checkpoint: recomputing the forward is for full BPTT (truncation=None), whose "
+                         f"memory grows with T; got checkpoint={checkpoint!r} with truncation={truncation!r}")
+    if bidirectional:
+        raise ValueError(f"checkpoint: a bidirectional model takes checkpoint=None only (its reverse direction "
+                         f"would need its own checkpoints), got {checkpoint!r}")
+    return checkpoint if checkpoint == "sqrt" else int(checkpoint)

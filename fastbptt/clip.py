@@ -6,6 +6,7 @@ import numbers
 import numpy as np
 
 from .params import RNNParams
+from ._threads import call_scope
 
 __all__ = ["clip_grad_norm", "clip_grad_value"]
 
@@ -48,6 +49,11 @@ def clip_grad_norm(grads, max_norm, norm_type=2.0):
     max_norm = _check_positive("max_norm", max_norm)
     norm_type = _check_positive("norm_type", norm_type)
     arrays = grads.arrays()
+    with call_scope():          # the norms run on BLAS: pinned to one thread, as every call
+        return _clip_norm(arrays, max_norm, norm_type)
+
+
+def _clip_norm(arrays, max_norm, norm_type):
     if math.isinf(norm_type):
         total = max(float(np.max(np.abs(a))) for a in arrays)
     else:
@@ -75,5 +81,6 @@ def clip_grad_value(grads, clip_value):
     _check_grads(grads)
     clip_value = _check_positive("clip_value", clip_value)
     for a in grads.arrays():
-        np.clip(a, -clip_value, clip_value, out=a)
+        np.minimum(a, clip_value, out=a)        # np.clip's own checks cost more than the clamp here
+        np.maximum(a, -clip_value, out=a)
     return None

@@ -39,7 +39,8 @@ from . import _validation as V
 from ._progress import check_progress, make_progress
 from ._threads import call_scope, set_num_threads
 from .engine.core import ACT_CODES
-from .engine.training import Carry, apply_step, has_step, point_grad, point_weight, step_where, update_points
+from .engine.training import (Carry, apply_step, has_step, is_artbp, point_grad, point_weight, step_where,
+                              update_points)
 from .estimator import RNN as _LocalRNN
 
 __all__ = ["RNN"]
@@ -264,6 +265,9 @@ class RNN(_LocalRNN):
         callbacks = self._check_callbacks(callbacks)
         self._check_model()
         self._check_settings()
+        if is_artbp(self.truncation):
+            raise ValueError(f"truncation: fastbptt.dask.RNN does not take ARTBP yet (its cuts are drawn per "
+                             f"mini-batch), got {self.truncation!r}; train it with fastbptt.RNN")
         if validation_data is not None and (not isinstance(validation_data, (tuple, list))
                                             or len(validation_data) != 2):
             raise TypeError("validation_data: expected a pair (X_val, Y_val), got "

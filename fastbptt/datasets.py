@@ -35,12 +35,18 @@ def _rng(seed):
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
-def adding_problem(n, T, *, seed=None, dtype=np.float32):
+def adding_problem(n, T, *, distance=None, seed=None, dtype=np.float32):
     """The adding problem (Hochreiter & Schmidhuber 1997).
 
     Each step carries a value in U(0, 1) and a marker; exactly two steps are
     marked, one in each half of the sequence; the target is the sum of the
     two marked values. Predicting the mean (1.0) gives an MSE of about 1/6.
+
+    With ``distance=d`` the dependency distance is controlled instead: the
+    markers are at steps T-1-d and T-1 (0-based), so the first marked value
+    must be carried exactly d steps to the output at the last step. Predicting
+    the mean still gives 1/6; a model that reads only the last step's value
+    (no memory) gets 1/12.
 
     Parameters
     ----------
@@ -48,6 +54,8 @@ def adding_problem(n, T, *, seed=None, dtype=np.float32):
         Number of sequences.
     T : int >= 2
         Sequence length.
+    distance : int in [1, T-1] or None
+        The steps between the two markers (None: random, one in each half).
     seed : int, Generator or None
 
     Returns
@@ -58,12 +66,19 @@ def adding_problem(n, T, *, seed=None, dtype=np.float32):
         For ``loss="mse"``, ``output="last"``.
     """
     n, T = _check_int("n", n), _check_int("T", T, 2)
+    if distance is not None:
+        distance = _check_int("distance", distance)
+        if distance > T - 1:
+            raise ValueError(f"distance: expected an int in [1, T-1={T - 1}], got {distance}")
     rng = _rng(seed)
     X = np.zeros((n, T, 2), dtype=dtype)
     X[..., 0] = rng.uniform(0.0, 1.0, size=(n, T))
-    half = T // 2
-    i = rng.integers(0, half, size=n)
-    j = rng.integers(half, T, size=n)
+    if distance is None:
+        half = T // 2
+        i = rng.integers(0, half, size=n)
+        j = rng.integers(half, T, size=n)
+    else:
+        i, j = np.full(n, T - 1 - distance), np.full(n, T - 1)
     rows = np.arange(n)
     X[rows, i, 1] = 1
     X[rows, j, 1] = 1

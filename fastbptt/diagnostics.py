@@ -89,12 +89,16 @@ def _W(W_or_params):
 
 def spectral_radius(W_hh):
     """max |λ| over the eigenvalues of W_hh (a matrix, an RNNParams or an RNN)."""
-    return float(np.max(np.abs(np.linalg.eigvals(_W(W_hh).astype(np.float64)))))
+    W = _W(W_hh).astype(np.float64)
+    with call_scope():          # LAPACK on one thread (the BLAS pools stay as the user set them)
+        return float(np.max(np.abs(np.linalg.eigvals(W))))
 
 
 def max_singular_value(W_hh):
     """The largest singular value (spectral norm) of W_hh (a matrix, an RNNParams or an RNN)."""
-    return float(np.linalg.norm(_W(W_hh).astype(np.float64), ord=2))
+    W = _W(W_hh).astype(np.float64)
+    with call_scope():
+        return float(np.linalg.norm(W, ord=2))
 
 
 def recurrent_spectrum(W_hh):

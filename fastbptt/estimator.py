@@ -33,6 +33,12 @@ Each mini-batch is transposed once to time-major (T, B, D) and trained:
   from the hidden state stored at t-k2, the loss is the mean over the k1 steps
   since the previous update point, and backpropagation runs through all k2
   steps. The newly reached states are stored for later updates.
+* ``truncation=("artbp", c)`` (ARTBP, Tallec & Ollivier 2017): every
+  mini-batch draws its own cuts -- each step boundary with probability c --
+  from the model's generator; each window between cuts is one step, as a
+  chunk of ``k``, and its gradient is multiplied by 1/(1-c) at every boundary
+  it crosses, so that it is unbiased for that window's full-BPTT gradient
+  (:func:`fastbptt.loss_and_grad`'s ``("artbp", c, seed)`` with the same cuts).
 
 Every update's loss is normalised as torch's ``mean`` over the steps (and
 batch rows, outputs) it covers. With ``output="last"`` and a truncation,
@@ -89,14 +95,14 @@ from . import optim as _optim
 from ._io import atomic_write
 from ._progress import check_progress, make_progress
 from ._threads import call_scope
-from .backends import BACKENDS, resolve_backend
+from .backends import BACKENDS, dispatch, resolve_backend
 from .diagnostics import recurrent_spectrum
 from .engine.core import ACT_CODES
 from .engine.lengths import packing
 from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from .engine.model import hidden_grad_norms
 from .engine.stack import head_logits, stack_forward
-from .engine.training import train_batch, update_points
+from .engine.training import batch_truncation, is_artbp, train_batch, update_points
 from .params import INITS, RNNParams
 
 __all__ = ["RNN"]
@@ -204,7 +210,7 @@ def _check_config(input_size, hidden_size, output_size, activation, loss, output
            "loss": V.check_choice("loss", loss, LOSSES),
            "output": V.check_choice("output", output, V.OUTPUTS)}
     bidirectional = V.check_bool("bidirectional", bidirectional)
-    cfg.update(truncation=V.check_truncation(truncation, bidirectional),
+    cfg.update(truncation=V.check_truncation(truncation, bidirectional, allow_artbp="trainer"),
                clip_norm=V.check_positive("clip_norm", clip_norm, allow_none=True),
                batch_size=V.check_int("batch_size", batch_size),
                dtype=V.check_dtype("dtype", dtype),
@@ -305,9 +311,10 @@ class RNN:
     lr : float or None
         Learning rate for a named optimizer; None takes its default
         (1e-3 for Adam, 1e-2 for the others).
-    truncation : None, int k >= 1 or (k1, k2)
+    truncation : None, int k >= 1, (k1, k2) or ("artbp", c)
         See the module docstring: an optimizer step at every update point. A
-        k (or k2) longer than the sequences is the same as None.
+        k (or k2) longer than the sequences is the same as None. ARTBP's cuts
+        are drawn per mini-batch from the model's generator (no seed here).
     clip_norm : float > 0 or None
         Clip the global gradient norm before every step (as
         ``torch.nn.utils.clip_grad_norm_``).
@@ -504,7 +511,7 @@ class RNN:
     def _check_settings(self):
         """The training settings a user may have changed since the constructor (sklearn's
         ``set_params`` style), checked again before ``fit`` changes anything."""
-        self.truncation = V.check_truncation(self.truncation, self.bidirectional)
+        self.truncation = V.check_truncation(self.truncation, self.bidirectional, allow_artbp="trainer")
         self.clip_norm = V.check_positive("clip_norm", self.clip_norm, allow_none=True)
         self.batch_size = V.check_int("batch_size", self.batch_size)
         V.check_choice("backend", self.backend, ("auto", *BACKENDS))
@@ -670,6 +677,13 @@ class RNN:
     # ------------------------------------------------------------- predict
     def _kernels(self, T, B):
         return resolve_backend(self.backend, T=T, B=B, H=self.hidden_size, dtype=self.dtype)
+
+    def _train_choice(self, T, B, lengths):
+        """The backend and team of ``fit``: what ``backend="auto"`` learned for ``loss_and_grad`` at
+        this shape, else the table's guess (no trial: one choice for the whole fit)."""
+        return dispatch(self.backend, "loss_and_grad", T=T, B=B, D=self.input_size, H=self.hidden_size,
+                        layers=self.num_layers, dirs=2 if self.bidirectional else 1, dtype=self.params.dtype,
+                        lengths=lengths is not None, trial=False)
 
     def _forward_chunks(self, kind, Xt, kernels, lengths=None):
         """Yield ``(rows, logits, lengths)`` for chunks of rows, from zero state: logits (T, b, O)
@@ -894,10 +908,11 @@ class RNN:
             raise ValueError(f"X: stateful=True continues the {self._state_rows()} rows of the previous "
                              f"stateful fit, got N={N} rows; call reset_state() to start afresh")
         B = min(self.batch_size, N)
-        kernels = self._kernels(T, B)
+        choice = self._train_choice(T, B, lengths)
+        kernels = choice.kernels
         val_kernels = None if val is None else self._kernels(val[1].shape[0], min(val[1].shape[1], _PREDICT_CHUNK))
         act = ACT_CODES[self.activation]
-        points = update_points(T, self.truncation)
+        points = None if is_artbp(self.truncation) else update_points(T, self.truncation)   # ARTBP: per batch
         lr_at = self._lr_at()
         d_batch = None
         if diagnostics:
@@ -915,7 +930,8 @@ class RNN:
         _align_history(hist)
         if stateful and self.state_ is None:
             self.state_ = self._user_state(self._zero_state(N))
-        run = dict(kind=kind, Xt=Xt, Yt=Yt, lengths=lengths, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels, act=act,
+        run = dict(kind=kind, Xt=Xt, Yt=Yt, lengths=lengths, B=B, stateful=stateful, shuffle=shuffle, kernels=kernels,
+                   threads=choice.threads, act=act,
                    points=points, lr_at=lr_at, val=val, val_kernels=val_kernels,
                    validation_every=validation_every, d_batch=d_batch)
         steps_before = self.optimizer_.step_count
@@ -985,14 +1001,15 @@ class RNN:
                     val_time[0] += time.perf_counter() - t
                     val_steps.append([opt.step_count, value])
                     bar.update(0, val_loss=value)
-        with call_scope():
+        with call_scope(threads=run["threads"]):
             for s in range(0, N, B):
                 idx = order[s:s + B]
                 Xb, Yb = self._batch_X(kind, Xt, idx), self._batch_Y(Yt, idx)
                 h0s = self._internal_state(idx) if run["stateful"] else self._zero_state(len(idx))
                 lens = None if run["lengths"] is None else run["lengths"][idx]
+                trunc = batch_truncation(self.truncation, self._rng)     # ARTBP: this batch's cuts
                 h_T, ls, w = train_batch(run["kernels"], self.params, opt, Xb, Yb, h0s, loss=self.loss,
-                                         output=self.output, act=run["act"], truncation=self.truncation,
+                                         output=self.output, act=run["act"], truncation=trunc,
                                          clip_norm=self.clip_norm, epoch=epoch, counter=counter,
                                          points=run["points"], lr_at=run["lr_at"], after_step=after_step,
                                          lengths=lens)

@@ -20,14 +20,18 @@ last step, losses are means over the valid positions only, and
 padding: the cost follows Σ lengths, not T·B.
 """
 
+from time import perf_counter
+
 import numpy as np
 
 from . import _validation as V
-from .backends import resolve_backend
+from .backends import dispatch
+from .engine import checkpoint as _checkpoint
 from .engine.core import ACT_CODES, windows
 from .engine.lengths import packing
 from .engine.losses import LOSSES
 from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
+from .engine.plan import plan_for
 from .engine.stack import head_logits, stack_backward, stack_forward
 from ._threads import call_scope
 from .params import RNNParams
@@ -59,13 +63,19 @@ def _prepare(params, X, h0, lengths, *, head):
     return X3, h0s, single, lengths, pack
 
 
+def _is_artbp(truncation):
+    return isinstance(truncation, tuple) and truncation[0] == "artbp"
+
+
 def _unsort(a, pack, axis=1):
     return a if pack is None else pack.unsort(a, axis)
 
 
-def _kernels(backend, params, X3):
-    T, B, _ = X3.shape
-    return resolve_backend(backend, T=T, B=B, H=params.hidden_size, dtype=params.dtype)
+def _dispatch(op, backend, params, X3, pack):
+    """The backend and team of one call (``backend="auto"`` learns them per shape: backends._wisdom)."""
+    T, B, D = X3.shape
+    return dispatch(backend, op, T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,
+                    dirs=2 if params.bidirectional else 1, dtype=params.dtype, lengths=pack is not None)
 
 
 def _user_states(h, params, single):
@@ -98,18 +108,20 @@ def forward(params, X, h0=None, *, lengths=None, activation="tanh", backend="aut
     """
     V.check_choice("activation", activation, V.ACTIVATIONS)
     X3, h0s, single, _, pack = _prepare(params, X, h0, lengths, head=True)
-    kernels = _kernels(backend, params, X3)
-    with call_scope():
+    choice = _dispatch("forward", backend, params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
         Hs = _unsort(fwd.out, pack)
         O_logits = head_logits(params, Hs[1:], kernels)
+    choice.record(perf_counter() - t0)
     if single:
         return O_logits[:, 0, :], Hs[:, 0, :]
     return O_logits, Hs
 
 
 def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="sequence",
-                  activation="tanh", truncation=None, backend="auto"):
+                  activation="tanh", truncation=None, checkpoint=None, backend="auto"):
     """Loss and gradient of all parameters by (truncated) backpropagation through time.
 
     Parameters
@@ -144,6 +156,14 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         boundary uncut multiplied by 1/(1-c): its expectation is full BPTT's.
         A stacked model is cut at the same steps in every layer; a
         bidirectional model takes None only.
+    checkpoint : None, int s >= 1, or "sqrt" (True)
+        Memory-bounded full BPTT (Gruslys et al. 2016; ``truncation=None``, a
+        unidirectional model): keep each layer's state every s steps only
+        (``"sqrt"``: s = ⌈√T⌉), and run each segment's forward again in the
+        backward. Memory O((T/s + s)·B·H) instead of O(T·B·H), for one more
+        forward pass; the loss and gradients equal ``checkpoint=None``'s bit
+        for bit. s is rounded up to whole blocks of ⌈16384/B⌉ steps (the blocks
+        every full-BPTT sum is taken in); s >= T is plain full BPTT.
     backend : {"auto", "cython", "numba", "numpy"}
 
     Returns
@@ -160,6 +180,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
     V.check_choice("activation", activation, V.ACTIVATIONS)
     _check_params(params, head=True)
     truncation = V.check_truncation(truncation, params.bidirectional, allow_artbp=True)
+    checkpoint = V.check_checkpoint(checkpoint, truncation, params.bidirectional)
     X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=True)
     T, B, _ = X3.shape
     Y_ = V.check_Y(Y, params, T, B, single, loss, output, lengths)
@@ -167,11 +188,23 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         Y_ = pack.sort(Y_, 1 if output == "sequence" else 0)
         if output == "sequence":
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
-    kernels = _kernels(backend, params, X3)
-    with call_scope():
-        value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
-                                                 ACT_CODES[activation], windows(T, truncation), pack=pack)
-        h_last = _unsort(fwd.h_n, pack)
+    choice = _dispatch("loss_and_grad" if checkpoint is None else "checkpoint", backend, params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
+        if checkpoint is not None:
+            value, grads, fwd = _checkpoint.loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
+                                                          ACT_CODES[activation], pack=pack,
+                                                          segment=_checkpoint.segment_steps(checkpoint, T, B))
+            h_last = _unsort(fwd.h_n, pack)
+        elif pack is None and not _is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
+            plan = plan_for(kernels, params, T, B, loss, output, ACT_CODES[activation], truncation)
+            value, arrays, h_last = plan.run(params, X3, Y_, h0s)
+            grads = RNNParams._trusted_like(params, arrays)
+        else:
+            value, grads, fwd = _model_loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
+                                                     ACT_CODES[activation], windows(T, truncation), pack=pack)
+            h_last = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     return value, grads, _user_states(h_last, params, single)
 
 
@@ -227,13 +260,16 @@ def rnn_vjp(params, X, h0=None, *, lengths=None, activation="tanh", backend="aut
 def _rnn(params, X, h0, lengths, activation, backend, fresh):
     V.check_choice("activation", activation, V.ACTIVATIONS)
     X3, h0s, single, lengths, pack = _prepare(params, X, h0, lengths, head=False)
-    kernels = _kernels(backend, params, X3)
+    choice = _dispatch("rnn_vjp" if fresh else "rnn", backend, params, X3, pack)
+    kernels = choice.kernels
     if fresh:       # the vjp's own copy of the weights (an optimizer step writes params in place)
         params = params.copy()
-    with call_scope():
+    t0 = perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=fresh, pack=pack)
         output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
         h_n = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     output_u = output[:, 0, :] if single else output
     h_n_u = _user_states(h_n, params, single)
     if not fresh:
@@ -251,7 +287,7 @@ def _rnn(params, X, h0, lengths, activation, backend, fresh):
         d_out = d_out.reshape(output.shape)
         if pack is not None:
             d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
-        with call_scope():
+        with call_scope(threads=choice.threads):
             layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=True, want_dh0=True)
         grads = pack_grads(params, layer_grads)
         dX, dh0 = _unsort(dX, pack), _unsort(dh0, pack)
@@ -289,11 +325,13 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
         pack = packing(lengths, T)
         if pack is not None:
             X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
-    kernels = _kernels("auto", params, X3)
-    with call_scope():
+    choice = _dispatch("rnn_vjp", "auto", params, X3, pack)
+    kernels, t0 = choice.kernels, perf_counter()
+    with call_scope(threads=choice.threads):
         fwd = stack_forward(kernels, params, X3, h0s, ACT_CODES[activation], fresh=True, pack=pack)
         output = fwd.out[1:].copy() if pack is None else pack.unsort(fwd.out[1:], 1)
         h_n = _unsort(fwd.h_n, pack)
+    choice.record(perf_counter() - t0)
     full = windows(T, None)
 
     def vjp(d_output, d_h_n=None):
@@ -301,7 +339,7 @@ def _rnn_vjp_trusted(params, X3, h0s=None, *, lengths=None, activation="tanh", n
         d_hn = None if d_h_n is None else np.array(d_h_n, dtype=dtype, order="C", copy=True)
         if pack is not None:
             d_out, d_hn = pack.sort(d_out, 1), (None if d_hn is None else pack.sort(d_hn, 1))
-        with call_scope():
+        with call_scope(threads=choice.threads):
             layer_grads, dX, dh0 = stack_backward(fwd, d_out, d_hn, wins=full, want_dX=need_dX,
                                                   want_dh0=need_dh0)
         grads = pack_grads(params, layer_grads)

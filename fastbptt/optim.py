@@ -57,6 +57,7 @@ import numpy as np
 
 from ._atomic import commit
 from .params import RNNParams
+from ._threads import call_scope
 
 __all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS",
            "Schedule", "StepDecay", "CosineDecay", "Warmup", "schedule_from_config"]
@@ -262,6 +263,10 @@ class Optimizer:
         All or nothing: the new values are computed first and written by one
         call that an interrupt cannot cut in half (see the module docstring).
         """
+        with call_scope():      # its dot products on BLAS pinned to one thread, as every call
+            self._step(params, grads)
+
+    def _step(self, params, grads):
         owner = type(self).__name__
         p_arrays, g_arrays = _check_pair(owner, params, grads)
         state = self._state

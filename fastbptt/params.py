@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._validation import check_bool, check_choice, check_dtype, check_int
+from ._threads import call_scope
 
 __all__ = ["RNNParams", "RNNLayer", "INITS"]
 
@@ -342,7 +343,8 @@ class RNNParams:
             if init == "identity":
                 lay[1:] = np.eye(H, dtype=dt), np.zeros(H, dtype=dt)
             elif init == "orthogonal":
-                q, r = np.linalg.qr(rng.standard_normal((H, H)))
+                with call_scope():      # LAPACK on one thread, as every fastbptt call
+                    q, r = np.linalg.qr(rng.standard_normal((H, H)))
                 lay[1:] = np.ascontiguousarray(q * np.sign(np.diag(r)), dtype=dt), np.zeros(H, dtype=dt)
         return cls(layers=layers, W_hy=head[0], b_y=head[1], bidirectional=bool(bidirectional))
 

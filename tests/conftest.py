@@ -2,13 +2,28 @@
 
 A compiled backend that fails to load makes its tests fail (not skip): after
 ``pip install .`` every backend must be there.
+
+The dispatcher's learning is off for the suite (``FASTBPTT_LEARN=0``: "auto" is
+the shipped table's choice, fixed, so two calls give the same bits) and its
+cache is a temporary directory, never the user's; test_dispatch.py turns
+learning on where it tests it. Set here, at import, so that the suite's
+subprocesses inherit them.
 """
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from fastbptt.backends import _MODULES, resolve_backend
 
 ALL_BACKENDS = list(_MODULES)                     # ["cython", "numba", "numpy"]
+
+os.environ["FASTBPTT_LEARN"] = "0"
+os.environ["FASTBPTT_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="fastbptt-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(params=ALL_BACKENDS)

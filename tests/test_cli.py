@@ -129,12 +129,14 @@ def test_bench_selected_backend_float64(tmp_path):
 
 
 def test_tbptt_tiny(tmp_path):
-    proc = run(["tbptt", "--quick", "--tasks", "adding50", "--variants", "full", "5", "10,20",
-                "--epochs", "1", "--n-train", "64", "--hidden", "8", "--json", "s.json", "--silent"],
-               cwd=tmp_path)
+    """Throughput and fidelity only (``--learn-tasks`` with no task skips the learnability runs;
+    tests/test_tbptt_study.py runs the whole ``--quick``)."""
+    proc = run(["tbptt", "--quick", "--tasks", "adding50", "--variants", "full", "5", "10,20", "artbp,0.1",
+                "--learn-tasks", "--json", "s.json", "--silent"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "s.json").read_text())
-    assert res["variants"] == ["full", "k=5", "(10,20)"]
+    assert res["variants"] == ["full", "k=5", "(10,20)", "artbp(0.1)"]
+    assert res["learnability"] is None and "learnability" not in proc.stdout
     for label in res["variants"]:
         assert any(line.startswith(label + " ") for line in proc.stdout.splitlines())
         assert res["throughput"]["adding50"]["variants"][label]["steps_per_s"] > 0
@@ -142,13 +144,28 @@ def test_tbptt_tiny(tmp_path):
         assert state["cos"]["full"]["all"] == pytest.approx(1.0)
         for row in state["cos"].values():
             assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in row.values())
-        assert state["cos"]["k=5"]["W_hy"] == pytest.approx(1.0)   # output layer: no time recursion
-    from fastbptt.tools.tbptt_study import estimator_unavailable_reason
-    if estimator_unavailable_reason() is None:
-        learned = res["learning"]["adding50"]
-        assert set(learned) == set(res["variants"])
-        assert all(len(r["val_curve"]) == 1 and np.isfinite(r["val_loss"]) for r in learned.values())
-        assert len({r["time_steps"] for r in learned.values()}) == 1          # the same budget
+        for label in ("k=5", "artbp(0.1)"):         # output layer: no time recursion
+            assert state["cos"][label]["W_hy"] == pytest.approx(1.0)
+        assert state["cos"]["artbp(0.1)"]["W_hh"] < 1 - 1e-6       # one draw of the cuts: not full BPTT
+
+
+def test_tbptt_bad_distance_for_copy_is_a_one_line_error(tmp_path):
+    proc = run(["tbptt", "--quick", "--learn-tasks", "copy", "--distances", "1", "4"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("fastbptt: error: --distances: the copy task needs")
+
+
+def test_train_with_artbp_resumes_exactly(tmp_path):
+    from fastbptt.estimator import RNN
+    common = ["--task", "adding", "--n", "64", "--T", "12", "--hidden", "8", "--progress", "off",
+              "--truncation", "artbp,0.2"]
+    assert run(["train", *common, "--epochs", "1", "--out", "a.npz"], cwd=tmp_path).returncode == 0
+    proc = run(["train", "--resume", "a.npz", "--epochs", "1", "--out", "b.npz", "--progress", "off"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert run(["train", *common, "--epochs", "2", "--out", "c.npz"], cwd=tmp_path).returncode == 0
+    resumed, straight = RNN.load(tmp_path / "b.npz"), RNN.load(tmp_path / "c.npz")
+    assert straight.truncation == ("artbp", 0.2, None)
+    assert resumed.params == straight.params
 
 
 def test_train_then_resume(tmp_path):

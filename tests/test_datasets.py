@@ -18,6 +18,26 @@ def test_adding_problem():
     assert not np.array_equal(ds.adding_problem(50, 20, seed=4)[0], X)
 
 
+@pytest.mark.parametrize("T,d", [(20, 1), (20, 7), (20, 19), (2, 1)])
+def test_adding_problem_at_a_distance(T, d):
+    X, Y = ds.adding_problem(400, T, distance=d, seed=3)
+    marks = X[..., 1]
+    assert set(np.flatnonzero(marks.sum(axis=0))) == {T - 1 - d, T - 1}     # the same two steps in every row
+    np.testing.assert_array_equal(marks.sum(axis=1), 2)
+    np.testing.assert_allclose(Y[:, 0], X[:, T - 1 - d, 0] + X[:, T - 1, 0], rtol=1e-6)
+    assert abs(np.mean((Y - 1.0) ** 2) - 1 / 6) < 0.03                      # the mean predictor's baseline
+    assert abs(np.mean((Y - 0.5 - X[:, -1:, 0]) ** 2) - 1 / 12) < 0.02      # reading the last step only
+    np.testing.assert_array_equal(X, ds.adding_problem(400, T, distance=d, seed=3)[0])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [(dict(T=10, distance=10), ValueError, r"distance: .*\[1, T-1=9\], got 10"),
+                                              (dict(T=10, distance=0), ValueError, "distance: expected an int >= 1"),
+                                              (dict(T=10, distance=2.0), TypeError, "distance: expected an int")])
+def test_adding_problem_bad_distance(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ds.adding_problem(5, **kwargs)
+
+
 def test_adding_problem_ragged():
     X, Y, lengths = ds.adding_problem_ragged(200, 16, min_length=3, seed=3)
     assert X.shape == (200, 16, 2) and Y.shape == (200, 1) and lengths.shape == (200,)

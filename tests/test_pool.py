@@ -10,14 +10,41 @@ import pytest
 from fastbptt.backends.cython import pool
 
 
+@pytest.mark.parametrize("steal", [False, True], ids=["wait", "steal"])
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
-def test_every_part_runs_once_part_zero_on_the_caller(parts):
-    threads, seen, caller = pool._run_probe(parts)
+def test_every_part_runs_once_part_zero_on_the_caller(parts, steal):
+    old = pool.set_steal(steal)
+    try:
+        threads, seen, caller = pool._run_probe(parts)
+    finally:
+        pool.set_steal(old)
     assert all(t != 0 for t in threads)              # every part ran
     assert threads[0] == caller
-    assert len(set(threads)) == parts                # each on a thread of its own
+    if not steal:
+        assert len(set(threads)) == parts            # each on a thread of its own
+    else:                                            # or on the caller, when no worker had started it
+        assert len(set(threads) - {caller}) == len([t for t in threads if t != caller])
     assert seen == [parts] * parts                   # and all agree on the split
     assert pool.workers() >= parts - 1
+
+
+def test_the_caller_runs_the_parts_of_sleeping_workers():
+    """A worker asleep (or descheduled) when the caller is done with part 0 is not waited for."""
+    old_spin, old_steal = pool.set_spin_us(0), pool.set_steal(True)    # workers sleep after every job
+    try:
+        stolen = 0
+        for _ in range(200):
+            threads, _, caller = pool._run_probe(3)
+            assert all(t != 0 for t in threads)
+            stolen += sum(t == caller for t in threads[1:])
+        assert stolen > 0
+        pool.set_steal(False)
+        for _ in range(50):
+            threads, _, caller = pool._run_probe(3)
+            assert caller not in threads[1:]
+    finally:
+        pool.set_spin_us(old_spin)
+        pool.set_steal(old_steal)
 
 
 def test_many_jobs_back_to_back_and_after_the_workers_slept():

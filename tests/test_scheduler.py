@@ -16,7 +16,7 @@ from fastbptt.tools.cli import main                         # noqa: E402
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
                 "MALLOC_TRIM_THRESHOLD_")
 # figures that are timings (or where they were taken); everything else must match the local run
-_TIMING_KEYS = {"times_s", "best_s", "median_s", "compile_s", "steps_per_s", "gflops", "wall_s",
+_TIMING_KEYS = {"times_s", "best_s", "median_s", "compile_s", "steps_per_s", "gflops", "wall_s", "median_wall_s",
                 "elapsed_s", "worker", "threads", "by_threads"}
 
 
@@ -50,8 +50,9 @@ def _run(argv, path):
         return json.load(fh)
 
 
-TBPTT = ["tbptt", "--quick", "--tasks", "adding50", "char", "--variants", "full", "5", "3,6",
-         "--epochs", "1", "--char-epochs", "1", "--hidden", "8", "--char-hidden", "8", "--n-train", "64"]
+TBPTT = ["tbptt", "--quick", "--tasks", "adding50", "char", "--variants", "full", "5", "3,6", "artbp,0.3",
+         "--learn-tasks", "adding", "copy", "--distances", "3", "6", "--seeds", "2", "--budget", "40",
+         "--hidden", "8", "--char-hidden", "8"]
 
 
 def test_tbptt_on_the_cluster_equals_the_local_run(address, tmp_path, capsys):
@@ -59,15 +60,22 @@ def test_tbptt_on_the_cluster_equals_the_local_run(address, tmp_path, capsys):
     remote = _run(TBPTT + ["--scheduler", address], tmp_path / "remote.json")
     out = capsys.readouterr().out
     assert "on the Dask scheduler" in out
-    for key in ("config", "variants", "baselines", "fidelity", "learning", "throughput"):
+    for key in ("config", "variants", "baselines", "fidelity", "throughput"):
         assert _strip(remote[key]) == _strip(local[key]), key
-    assert list(remote["learning"]["adding50"]) == ["full", "k=5", "(3,6)"]
+    notes = remote["learnability"].pop("notes")                  # the learnability runs went to the cluster
+    assert notes[0].startswith("each learnability run ran as one task on the Dask scheduler tcp://")
+    assert notes[1:] == local["learnability"].pop("notes")
+    assert _strip(remote["learnability"]) == _strip(local["learnability"])
+    labels = ["full", "k=5", "(3,6)", "artbp(0.3)"]
+    assert remote["learnability"]["config"]["variants"] == labels
+    cells = remote["learnability"]["cells"]
+    assert {(c["task"], c["variant"], c["d"], c["seed"]) for c in cells if c["d"] == 3} == {
+        (t, v, 3, s) for t in ("adding", "copy") for v in labels for s in (0, 1)}
+    assert all(c["wall_s"] > 0 for c in cells)                    # timed on a worker
     for task in ("adding50", "char"):
-        assert list(remote["throughput"][task]["variants"]) == ["full", "k=5", "(3,6)"]
+        assert list(remote["throughput"][task]["variants"]) == labels
         for cell in remote["throughput"][task]["variants"].values():
             assert cell["steps_per_s"] > 0                 # timed on a worker
-        for r in remote["learning"][task].values():
-            assert r["wall_s"] > 0 and len(r["val_curve"]) == 1
 
 
 def test_bench_on_the_cluster_equals_the_local_run(address, tmp_path):

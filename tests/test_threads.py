@@ -108,6 +108,21 @@ def test_outside_a_call_the_team_is_one_and_small_phases_never_split():
     assert _threads.team_size() == 1
 
 
+def test_call_scope_takes_a_team_size_per_call():
+    """The dispatcher's per-call choice: ``call_scope(threads=n)``; a nested scope keeps the outer team."""
+    for n in (1, 2, 3):
+        with _threads.call_scope(threads=n):
+            assert _threads.team_size() == n and _threads.inside_call()
+            assert set(_blas_threads()) == {1}
+            with _threads.call_scope(threads=1 if n > 1 else 2):
+                assert _threads.team_size() == n
+        assert _threads.team_size() == 1 and not _threads.inside_call()
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=f"threads: expected None or an int >= 1, got {bad!r}"):
+            _threads.call_scope(threads=bad)
+    assert not _threads.inside_call()
+
+
 def test_trainer_runs_inside_one_scope(spy):
     X = np.random.default_rng(0).normal(size=(8, 5, 3))
     Y = np.random.default_rng(1).normal(size=(8, 5, 2))
@@ -168,3 +183,42 @@ def test_concurrent_calls_from_user_threads_agree_and_restore_blas():
             t.join()
         assert _blas_threads() == before
     assert all(v == want for vals in out for v in vals)
+
+
+@pytest.mark.parametrize("helper", ["clip_grad_norm", "optimizer", "spectral_radius", "max_singular_value",
+                                    "orthogonal_init"])
+def test_helpers_run_on_the_thread_pin(helper, monkeypatch):
+    """Nothing in fastbptt wakes a multi-threaded BLAS pool: each helper's BLAS/LAPACK call runs pinned."""
+    from threadpoolctl import threadpool_limits
+    from fastbptt import diagnostics, optim
+    seen = []
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def recording(*args, **kwargs):
+            seen.append(_blas_threads())
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, recording)
+
+    params, X, Y = make_problem(3, 2, 3, 8, 2, seed=0)
+    _, grads, _ = fastbptt.loss_and_grad(params, X, Y, backend="numpy")
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        if helper == "clip_grad_norm":
+            spy(np.linalg, "norm")
+            fastbptt.clip_grad_norm(grads, 1e-3)
+        elif helper == "optimizer":
+            spy(optim, "_finite")
+            optim.Adam(1e-3).step(params, grads)
+        elif helper == "spectral_radius":
+            spy(np.linalg, "eigvals")
+            diagnostics.spectral_radius(params)
+        elif helper == "max_singular_value":
+            spy(np.linalg, "norm")
+            diagnostics.max_singular_value(params)
+        else:
+            spy(np.linalg, "qr")
+            fastbptt.RNNParams.init(3, 8, 2, init="orthogonal", seed=0)
+        assert _blas_threads() == before
+    assert seen and all(set(s) == {1} for s in seen), seen

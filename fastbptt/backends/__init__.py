@@ -151,3 +151,7 @@ def resolve_backend(backend, *, T=1, B=1, H=1, dtype=None):
             f"backend: {backend!r} is not available here: {_failed[backend]}. "
             f"To get it: {_MODULES[backend][1]}")
     return module
+
+
+# the dispatcher that measures (it reads the registry above)
+from ._wisdom import Choice, describe as dispatch_info, dispatch  # noqa: E402

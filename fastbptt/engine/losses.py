@@ -6,41 +6,61 @@ Each loss takes logits ``o`` of shape (..., O) and targets, and returns
 """
 
 import numpy as np
-from scipy.special import expit, log_softmax, softmax
+from scipy.special import expit, softmax
 
 LOSSES = ("mse", "bce", "ce")
 
 
+def mse_sum(o, y, n):
+    """Σ (o - y)² (a float) and its gradient for a mean over ``n`` elements."""
+    diff = o - y
+    return float(np.add.reduce((diff * diff).ravel(), dtype=np.float64)), (2.0 / n) * diff
+
+
+def bce_sum(o, y, n):
+    """Σ -[y log σ(o) + (1-y) log(1-σ(o))] and its gradient for a mean over ``n`` elements."""
+    # stable form: max(o, 0) - o·y + log(1 + exp(-|o|))
+    per_elem = np.maximum(o, 0) - o * y + np.log1p(np.exp(-np.abs(o)))
+    return float(np.add.reduce(per_elem.ravel(), dtype=np.float64)), (expit(o) - y) / n
+
+
+def ce_sum(o, y, n):
+    """Σ -log softmax(o)[y] over positions and its gradient for a mean over ``n`` positions.
+
+    ``o`` is (..., C), ``y`` holds integer class ids of shape ``o.shape[:-1]``.
+    """
+    C = o.shape[-1]
+    o2 = o.reshape(-1, C)
+    rows, cols = np.arange(o2.shape[0]), y.reshape(-1)
+    shifted = o2 - o2.max(axis=1, keepdims=True)      # log softmax = shifted - log Σ exp(shifted)
+    d = np.exp(shifted)
+    s = d.sum(axis=1, keepdims=True)
+    total = -float(np.add.reduce(shifted[rows, cols] - np.log(s[:, 0]), dtype=np.float64))
+    d *= (1.0 / n) / s                                  # softmax / n, then minus one-hot / n
+    d[rows, cols] -= o.dtype.type(1.0 / n)
+    return total, d.reshape(o.shape)
+
+
 def mse(o, y):
     """mean((o - y)²) over all elements, as ``F.mse_loss``."""
-    diff = o - y
-    value = float(np.add.reduce((diff * diff).ravel(), dtype=np.float64)) / diff.size  # np.mean, less overhead
-    return value, (2.0 / diff.size) * diff
+    total, d = mse_sum(o, y, o.size)
+    return total / o.size, d
 
 
 def bce(o, y):
     """mean of -[y log σ(o) + (1-y) log(1-σ(o))], as ``F.binary_cross_entropy_with_logits``."""
-    # stable form: max(o, 0) - o·y + log(1 + exp(-|o|))
-    per_elem = np.maximum(o, 0) - o * y + np.log1p(np.exp(-np.abs(o)))
-    value = float(np.mean(per_elem, dtype=np.float64))
-    return value, (expit(o) - y) / o.size
+    total, d = bce_sum(o, y, o.size)
+    return total / o.size, d
 
 
 def ce(o, y):
-    """mean over positions of -log softmax(o)[y], as ``F.cross_entropy``.
-
-    ``o`` is (..., C), ``y`` holds integer class ids of shape ``o.shape[:-1]``.
-    """
-    logp = log_softmax(o, axis=-1)
-    picked = np.take_along_axis(logp, y[..., None], axis=-1)
-    n = y.size
-    value = float(-np.sum(picked, dtype=np.float64) / n)
-    d = np.exp(logp)
-    np.put_along_axis(d, y[..., None], np.take_along_axis(d, y[..., None], axis=-1) - 1, axis=-1)
-    d /= n
-    return value, d.astype(o.dtype, copy=False)
+    """mean over positions of -log softmax(o)[y], as ``F.cross_entropy``."""
+    total, d = ce_sum(o, y, y.size)
+    return total / y.size, d
 
 
+#: ``(sum, dO)`` of a part of the positions, for a mean over ``n`` of them (a loss summed in blocks)
+LOSS_SUMS = {"mse": mse_sum, "bce": bce_sum, "ce": ce_sum}
 LOSS_FUNCS = {"mse": mse, "bce": bce, "ce": ce}
 
 

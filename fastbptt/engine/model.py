@@ -7,6 +7,7 @@ C-contiguous arrays of the parameters' dtype and a resolved backend module.
 import numpy as np
 
 from ..params import RNNParams
+from . import checkpoint as _checkpoint
 from .core import column_sums, matmul, pmatmul, scratch, windows
 from .losses import LOSS_FUNCS
 from .stack import head_logits, stack_backward, stack_forward
@@ -40,6 +41,10 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     """
     T, B, _ = X3.shape
     O = params.output_size
+    if (not params.bidirectional and not loss_from and last_rows is None and len(wins) == 2
+            and wins[0].shape[0] == 1 and wins[1][0] == 0):
+        # full BPTT in the fixed time blocks that checkpointed BPTT sums in too (bit for bit)
+        return _checkpoint.loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=pack)
     fwd = stack_forward(kernels, params, X3, h0s, act, pack=pack)
     HD = params.num_directions * params.hidden_size
 

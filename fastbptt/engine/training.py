@@ -19,19 +19,49 @@ import math
 
 import numpy as np
 
-from ..clip import clip_grad_norm
+from ..clip import clip_grad_norm, clip_grad_value
 from .core import windows
 from .lengths import packing
 from .model import loss_and_grad
 from .stack import stack_forward
 
 
-@functools.lru_cache(maxsize=64)
+def is_artbp(truncation):
+    """Whether ``truncation`` (validated) is ARTBP's ``("artbp", c, seed)``."""
+    return isinstance(truncation, tuple) and truncation[0] == "artbp"
+
+
+def batch_truncation(truncation, rng):
+    """The truncation of one mini-batch: ARTBP's ``("artbp", c, None)`` gets a seed drawn from
+    ``rng`` (the model's generator: a fit is reproducible from its seed and resumes exactly after
+    save/load); any other truncation is returned as it is, and nothing is drawn."""
+    if not is_artbp(truncation):
+        return truncation
+    return ("artbp", truncation[1], int(rng.integers(0, 2**63 - 1)))
+
+
+def compensation(truncation):
+    """ARTBP's factor 1/(1-c) on the gradient crossing an uncut step boundary; None otherwise."""
+    return 1.0 / (1.0 - truncation[1]) if is_artbp(truncation) else None
+
+
 def update_points(T, truncation):
     """``((seg_start, loss_start, end), ...)``: forward/backprop over [seg_start, end), loss on
     [loss_start, end) (0-based steps); the windows of :func:`fastbptt.engine.core.windows`.
-    Remembered per (T, truncation): a trainer asks for the same ones at every mini-batch."""
-    ends, bp_starts = windows(T, truncation)
+    With ARTBP (a seeded ``("artbp", c, seed)``, see :func:`batch_truncation`) the update
+    points are its random cuts: each window is its own step."""
+    if is_artbp(truncation):
+        return _points(*windows(T, truncation)[:2])
+    return _fixed_update_points(T, truncation)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_update_points(T, truncation):
+    # remembered per (T, truncation): a trainer asks for the same ones at every mini-batch
+    return _points(*windows(T, truncation))
+
+
+def _points(ends, bp_starts):
     loss_starts = [0, *ends[:-1]]
     return tuple((int(s), int(ls), int(t)) for s, ls, t in zip(bp_starts, loss_starts, ends))
 
@@ -97,8 +127,11 @@ class Carry:
         return self.store[self.lengths, :, np.arange(len(self.lengths))].transpose(1, 0, 2).copy()
 
 
-def point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
+def point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act, compensation=None):
     """The gradient side of one update point ``(s, tp, t)`` of the mini-batch ``Xb`` (T, b, D).
+
+    ``compensation``: ARTBP's 1/(1-c) (:func:`compensation`): the gradient is
+    multiplied by it at every step boundary it crosses inside the window.
 
     Returns ``(value, grads)``: the mean loss over the point's loss terms and its
     gradient (an :class:`RNNParams`); or None for a point without a loss
@@ -108,7 +141,8 @@ def point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
     longest first: see :func:`_ragged_point_grad`.
     """
     if carry.lengths is not None:
-        return _ragged_point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act)
+        return _ragged_point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act,
+                                  compensation=compensation)
     s, tp, t = point
     T = Xb.shape[0]
     seq = output == "sequence"
@@ -116,14 +150,20 @@ def point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
         fwd = stack_forward(kernels, params, Xb[tp:t], carry.at(tp), act)
         carry.keep(tp, t, fwd, 0)
         return None
-    one_window = (np.array([t - s], dtype=np.int64), np.zeros(1, dtype=np.int64))
+    one_window = _one_window(t - s, compensation)
     value, grads, fwd = loss_and_grad(kernels, params, Xb[s:t], Yb[tp:t] if seq else Yb, carry.at(s), loss, output,
                                       act, one_window, loss_from=(tp - s) if seq else 0)
     carry.keep(tp, t, fwd, tp - s)
     return value, grads
 
 
-def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act):
+def _one_window(n, compensation):
+    """The windows of :func:`fastbptt.engine.core.windows` for one window of ``n`` steps."""
+    win = (np.array([n], dtype=np.int64), np.zeros(1, dtype=np.int64))
+    return win if compensation is None else win + (compensation,)
+
+
+def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, act, compensation=None):
     """:func:`point_grad` of a variable-length batch: the update point runs on the rows still
     active (a prefix: the rows are sorted longest first), each within its own length."""
     s, tp, t = point
@@ -150,7 +190,7 @@ def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, a
         rows = np.flatnonzero((lens[:r] > tp) & (lens[:r] <= t))
         last_rows = None if len(rows) == r else rows
         Y = Yb[rows]
-    one_window = (np.array([t - s], dtype=np.int64), np.zeros(1, dtype=np.int64))
+    one_window = _one_window(t - s, compensation)
     value, grads, fwd = loss_and_grad(kernels, params, np.ascontiguousarray(Xb[s:t, :r]), Y, carry.at(s, r), loss,
                                       output, act, one_window, loss_from=lf if seq else 0, pack=pack,
                                       last_rows=last_rows)
@@ -158,30 +198,33 @@ def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, a
     return value, grads
 
 
-def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where):
+def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip_value=None, owner="RNN.fit"):
     """The optimizer side of one update point: check, clip, set the scheduled lr, step.
 
-    Raises ``FloatingPointError`` naming ``where`` (e.g. "epoch 2, update step
-    5 of the epoch (...)") when the loss, a gradient or the update is not
-    finite; ``params`` are then unchanged. The step itself is all or nothing
-    (see :mod:`fastbptt.optim`). ``grads`` may be scaled in place (clipping).
+    Raises ``FloatingPointError`` naming ``owner`` and ``where`` (e.g. "epoch 2,
+    update step 5 of the epoch (...)") when the loss, a gradient or the update
+    is not finite; ``params`` are then unchanged. The step itself is all or
+    nothing (see :mod:`fastbptt.optim`). ``grads`` may be changed in place
+    (clipping: the norm to ``clip_norm``, then each entry to ``clip_value``).
     """
     if not math.isfinite(value):
-        raise FloatingPointError(f"RNN.fit: the loss is {value} at {where}; training diverged. The "
+        raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
     for name, g in grads.items():
         if not np.all(np.isfinite(g)):
-            raise FloatingPointError(f"RNN.fit: non-finite gradient of {name} at {where}; training "
+            raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "
                                      "diverged. The parameters are those of the last good step. Try a "
                                      "lower lr or clip_norm=...")
     if clip_norm is not None:
         clip_grad_norm(grads, clip_norm)
+    if clip_value is not None:
+        clip_grad_value(grads, clip_value)
     if lr_at is not None:
         optimizer.lr = lr_at(optimizer.step_count)
     try:
         optimizer.step(params, grads)
     except FloatingPointError as exc:
-        raise FloatingPointError(f"RNN.fit: at {where}: {exc}") from None
+        raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
 
 
 def step_where(epoch, step, point):
@@ -203,6 +246,7 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     the earlier ones carry the state without a step. ``counter[0]`` counts the
     steps of the epoch (for messages). ``h_T`` is (L·dirs, b, H), new.
 
+    ``truncation`` ARTBP's must carry the mini-batch's seed (:func:`batch_truncation`).
     ``points`` are :func:`update_points` (computed here if None: a trainer
     passes them to check them before it changes anything, and to compute them
     once). ``lr_at(step_count)``, if given, is the learning rate to set before
@@ -229,6 +273,7 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     T, b, _ = Xb.shape
     if points is None:
         points = update_points(T, truncation)
+    comp = compensation(truncation)
     order = None
     if lengths is not None:     # rows sorted longest first: each update point runs on a prefix
         order = np.argsort(-np.asarray(lengths), kind="stable")
@@ -238,7 +283,8 @@ def train_batch(kernels, params, optimizer, Xb, Yb, h0s, *, loss, output, act, t
     carry = Carry(h0s, T, len(points), lengths)
     loss_sum, weight = 0.0, 0
     for point in points:
-        got = point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act)
+        got = point_grad(kernels, params, Xb, Yb, carry, point, loss=loss, output=output, act=act,
+                         compensation=comp)
         if got is None:
             continue
         value, grads = got

@@ -49,10 +49,12 @@ import numpy as np
 
 from .. import __version__
 from .. import _threads
-from ..backends import available_backends, unavailable_backends
+from ..backends import available_backends, dispatch, unavailable_backends
+from ..backends._wisdom import CACHE_VAR, forget as forget_dispatch, trials_running
 from .._io import atomic_write
 from ..functional import loss_and_grad
 from ..params import RNNParams
+from ..step import Step
 from .peers import (PEERS, jax_threads, make_peer_step, peer_unavailable_reason, peer_version,
                     set_threads, torch_threads, xla_flags)
 
@@ -90,10 +92,12 @@ class Shape(NamedTuple):
 #: its cost per (layer, direction) can be read from one run (:func:`stack_ratios`).
 SHAPES = {
     "online": Shape(1000, 1, 8, 32),
+    "chunk": Shape(25, 1, 64, 100),         # min-char-rnn's and online TBPTT's short chunks
     "small": Shape(100, 32, 16, 64),
     "medium": Shape(200, 64, 64, 256),
     "longseq": Shape(2000, 16, 32, 128),
     "large": Shape(100, 128, 256, 1024),
+    "wide": Shape(300, 20, 800, 800),
     "stacked_l0": Shape(200, 64, 64, 128),
     "stacked_l1": Shape(200, 64, 256, 128),
     "stacked": Shape(200, 64, 64, 128, num_layers=2, bidirectional=True),
@@ -103,8 +107,12 @@ SHAPES = {
 QUICK_T_DIVISOR = 5
 QUICK_MIN_T = 20
 
-FASTBPTT_IMPLS = ("cython", "numba", "numpy")
+#: ``auto``: fastbptt's dispatcher, which learns in the run (a cache of its own: :func:`measure`)
+AUTO = "auto"
+FASTBPTT_IMPLS = ("cython", "numba", AUTO, "numpy")
 ALL_IMPLS = FASTBPTT_IMPLS + PEERS
+#: calls of ``auto`` before it is timed, at most, while the dispatcher tries its candidates
+AUTO_MAX_LEARNING_CALLS = 400
 
 
 # ----------------------------------------------------------------- shapes
@@ -199,6 +207,8 @@ def impl_unavailable_reason(name):
     """``None`` if implementation ``name`` runs here, else why not."""
     if name in PEERS:
         return peer_unavailable_reason(name)
+    if name == AUTO:
+        return None                             # (the NumPy reference at worst, with a warning)
     if name in FASTBPTT_IMPLS:
         if name in available_backends():
             return None
@@ -220,12 +230,17 @@ def make_step(impl, params, X, Y):
         peer = make_peer_step(impl, params, X, Y)
         return peer, peer.loss_and_grad
 
+    # a Step, prepared once as the peers' steps are (JAX's jit, torch's modules): what a training
+    # loop calls; fastbptt.loss_and_grad runs the same plans after its argument checks
+    prepared = Step(params, backend=impl)
+    X, Y = np.ascontiguousarray(X, params.dtype), np.ascontiguousarray(Y, params.dtype)
+
     def result():
-        value, grads, _ = loss_and_grad(params, X, Y, backend=impl)
-        return value, grads
+        value, grads, _ = prepared.loss_and_grad(X, Y)
+        return value, grads.copy()
 
     def step():
-        loss_and_grad(params, X, Y, backend=impl)
+        prepared.loss_and_grad(X, Y)
 
     return step, result
 
@@ -315,15 +330,81 @@ def measure(impl, params, X, Y, *, repeats=7, budget_s=10.0, min_sample_s=0.05, 
         ``times_s`` (:func:`time_callable`), ``compile_s`` (build + first call),
         and with ``check`` ``result``: ``(loss, grads)`` of one more step.
     """
-    t0 = time.perf_counter()
-    step, result = make_step(impl, params, X, Y)
-    step()
-    compile_s = time.perf_counter() - t0
-    times = time_callable(step, repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s)
-    out = {"times_s": times, "compile_s": compile_s}
-    if check:
-        out["result"] = result()
-    return out
+    with fresh_dispatcher() if impl == AUTO else nullcontext():
+        t0 = time.perf_counter()
+        step, result = make_step(impl, params, X, Y)
+        step()
+        if impl == AUTO:        # the dispatcher's trial: its calls count as the build, not as timings
+            auto = settle_auto(step, params, X)
+        compile_s = time.perf_counter() - t0
+        times = time_callable(step, repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s)
+        out = {"times_s": times, "compile_s": compile_s}
+        if impl == AUTO:
+            out["auto"] = auto
+        if check:
+            out["result"] = result()
+        return out
+
+
+def settle_auto(step, params, X):
+    """Call ``auto``'s ``step`` until the dispatcher has tried its candidates (at most
+    :data:`AUTO_MAX_LEARNING_CALLS` calls); returns what it took: ``{"backend", "threads"
+    (None: the whole budget -- learning off, the shipped table's choice), "learning_calls"}``."""
+    calls = 1                   # (the step's first call, made by the caller)
+    while trials_running() and calls < AUTO_MAX_LEARNING_CALLS:
+        step()
+        calls += 1
+    T, B, D = X.shape
+    choice = dispatch(AUTO, "loss_and_grad", T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,
+                      dirs=2 if params.bidirectional else 1, dtype=params.dtype, lengths=False)
+    return {"backend": choice.name, "threads": choice.threads, "learning_calls": calls}
+
+
+class fresh_dispatcher:
+    """The dispatcher learning from scratch, in a temporary cache (not the user's), while active;
+    ``FASTBPTT_LEARN=0`` in the environment is respected (then ``auto`` is the shipped table's).
+    Nested: the outer one's (what it learned stays until it ends)."""
+
+    _depth = 0
+
+    def __enter__(self):
+        fresh_dispatcher._depth += 1
+        self._outer = fresh_dispatcher._depth == 1
+        if self._outer:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fastbptt-bench-")
+            self._old = os.environ.get(CACHE_VAR)
+            os.environ[CACHE_VAR] = self._tmp.name
+            forget_dispatch()
+        return self
+
+    def __exit__(self, *exc):
+        fresh_dispatcher._depth -= 1
+        if self._outer:
+            if self._old is None:
+                os.environ.pop(CACHE_VAR, None)
+            else:
+                os.environ[CACHE_VAR] = self._old
+            forget_dispatch()
+            self._tmp.cleanup()
+        return False
+
+
+def auto_against_best(cells, params, X, Y, rounds, min_sample_s):
+    """Time ``auto`` (as learned already, in the caller's :class:`fresh_dispatcher`) and the fastest
+    named backend of ``cells`` (one shape's cells, by median) in turns (:func:`time_interleaved`),
+    so that the machine's drift hits both alike; puts ``auto_vs_best`` into the auto cell:
+    ``{"best", "ratio"`` (auto's median over the best's), ``"auto_median_s", "best_median_s", "rounds"}``."""
+    named = [c for c in cells if c["kind"] == "fastbptt"]
+    auto = next((c for c in cells if c["impl"] == AUTO), None)
+    if auto is None or not named:
+        return
+    best = min(named, key=lambda c: c["median_s"])
+    steps = {AUTO: make_step(AUTO, params, X, Y)[0], best["impl"]: make_step(best["impl"], params, X, Y)[0]}
+    settle_auto(steps[AUTO], params, X)
+    samples = time_interleaved(steps, rounds, min_sample_s)
+    a, b = float(np.median(samples[AUTO])), float(np.median(samples[best["impl"]]))
+    auto["auto_vs_best"] = {"best": best["impl"], "ratio": a / b, "auto_median_s": a, "best_median_s": b,
+                            "rounds": rounds}
 
 
 def peer_thread_plan(impl, threads, peer_threads):
@@ -625,19 +706,25 @@ def run_benchmark(shapes=None, impls=None, *, dtype=np.float32, threads=2, peer_
                 for name, run_shape in cells:
                     params, X, Y = make_problem(run_shape, dtype)
                     checks = []
-                    for impl in impls:
-                        def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
-                            if progress is not None:
-                                progress(label + (f" ({n} threads{', worker' if where == 'worker' else ''})"
-                                                  if impl in PEERS else ""))
-                        runs = _time_runs(impl, plans[impl], run_shape, params, X, Y, dtype, workers,
-                                          dict(repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s,
-                                               check=check), announce)
-                        cell = _make_cell(name, run_shape, impl, dtype, runs)
-                        if check:
-                            for n, r in runs.items():
-                                checks.append((cell, n, r))
-                        results.append(cell)
+                    shape_cells = []
+                    with fresh_dispatcher():        # auto learns once per shape, kept for auto_against_best
+                        for impl in impls:
+                            def announce(n, where, label=f"{name} {format_shape(run_shape)} {impl}"):
+                                if progress is not None:
+                                    progress(label + (f" ({n} threads{', worker' if where == 'worker' else ''})"
+                                                      if impl in PEERS else ""))
+                            runs = _time_runs(impl, plans[impl], run_shape, params, X, Y, dtype, workers,
+                                              dict(repeats=repeats, budget_s=budget_s, min_sample_s=min_sample_s,
+                                                   check=check), announce)
+                            cell = _make_cell(name, run_shape, impl, dtype, runs)
+                            if check:
+                                for n, r in runs.items():
+                                    checks.append((cell, n, r))
+                            results.append(cell)
+                            shape_cells.append(cell)
+                        if progress is not None and AUTO in impls:
+                            progress(f"{name} {format_shape(run_shape)} auto against the best backend, in turns")
+                        auto_against_best(shape_cells, params, X, Y, repeats, min_sample_s)
                     if check:   # the float64 reference runs after the timings, not between them
                         ref_loss, ref = reference_grads(params, X, Y)
                         for cell, n, r in checks:
@@ -672,11 +759,14 @@ def _make_cell(name, run_shape, impl, dtype, runs):
     cell = {
         "shape": name, "T": T, "B": B, "D": D, "H": H, "O": OUTPUT_SIZE,
         "num_layers": L, "bidirectional": bi,
-        "impl": impl, "kind": "peer" if impl in PEERS else "fastbptt",
+        "impl": impl, "kind": "peer" if impl in PEERS else AUTO if impl == AUTO else "fastbptt",
         "dtype": str(np.dtype(dtype)), "threads": best_n, "times_s": best["times_s"],
         "best_s": min(best["times_s"]), "median_s": float(np.median(best["times_s"])),
         "compile_s": best["compile_s"],
     }
+    if "auto" in best:
+        cell["auto_choice"] = best["auto"]
+        cell["threads"] = best["auto"]["threads"] or best_n
     cell["steps_per_s"] = 1.0 / cell["median_s"]
     cell["gflops"] = shape_flops(run_shape) / cell["median_s"] / 1e9
     if impl in PEERS:
@@ -786,7 +876,8 @@ def _by_shape(results):
 
 
 def best_fastbptt(cells):
-    """The fastest fastbptt backend's cell (by median) among one shape's cells, or None."""
+    """The fastest named fastbptt backend's cell (by median) among one shape's cells, or None
+    (``auto`` is not one: it is compared with this one)."""
     ours = [c for c in cells.values() if c["kind"] == "fastbptt"]
     return min(ours, key=lambda c: c["median_s"]) if ours else None
 
@@ -932,11 +1023,20 @@ def format_table(results):
         if best is not None:
             ups = [f"{r} {row[r]['median_s'] / best['median_s']:.2f}x" for r in ref_cols
                    if r in row and r != best["impl"]]
-            summary.append(f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms"
+            auto = row.get(AUTO)
+            took = ""
+            if auto is not None:
+                vs = auto.get("auto_vs_best")
+                took = (f"; auto {auto['median_s'] / best['median_s']:.2f}x its time"
+                        + (f" ({vs['ratio']:.2f}x {vs['best']}'s timed in turns)" if vs else "")
+                        + f" (took {auto.get('auto_choice', {}).get('backend', '?')} on "
+                        f"{auto.get('threads', '?')} thr)")
+            summary.append(f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms{took}"
                            + (f"; speed-up over {', '.join(ups)}" if ups else ""))
     if summary:
         lines.append("")
-        lines.append("summary (speed-up = other's median / fastbptt-best's median; > 1: fastbptt faster; "
+        lines.append("summary (best: the fastest named backend; auto: the dispatcher, learning in this run; "
+                     "speed-up = other's median / fastbptt-best's median; > 1: fastbptt faster; "
                      "peers at their fastest thread count):")
         lines.extend("  " + s for s in summary)
     lines.extend(format_stack_ratios(stack_ratios(results)))

@@ -156,8 +156,10 @@ def cmd_info(args):
     info = machine_info()
     available = available_backends()
     missing = unavailable_backends()
+    from ..backends import dispatch_info
+    dispatch = dispatch_info()
     if args.json:
-        info.update({"backends_available": available, "backends_missing": missing})
+        info.update({"backends_available": available, "backends_missing": missing, "dispatch": dispatch})
         print(json.dumps(info, indent=1, default=str))
         return 0
     print(f"fastbptt {__version__}")
@@ -189,7 +191,24 @@ def cmd_info(args):
             print(f"  numba: {numba.get_num_threads()} threads, threading layer {layer!r}")
         except Exception:  # pragma: no cover - diagnostic only
             pass
+    _print_dispatch(dispatch)
     return 0
+
+
+def _print_dispatch(d):
+    """What ``backend="auto"`` learned (:func:`fastbptt.backends.dispatch_info`), for ``fastbptt info``."""
+    state = "on" if d["learning"] else "off: the shipped table's choice, fixed"
+    print(f"dispatcher (backend='auto'): learning {state} ({d['learn_variable']}="
+          f"{os.environ.get(d['learn_variable'], '(unset)')})")
+    print(f"  cache: {d['cache']}")
+    print("  fingerprint: " + ", ".join(f"{k} {v}" for k, v in d["fingerprint"].items()))
+    if d["learning"]:
+        print(f"  learned: {len(d['learned'])} shape(s)" + (":" if d["learned"] else ""))
+        for key, e in sorted(d["learned"].items()):
+            medians = e.get("median_s") or {}
+            timed = ", ".join(f"{c} {m * 1e3:.3g}" for c, m in sorted(medians.items(), key=lambda x: x[1]))
+            print(f"    {key}: {e['backend']} on {e['threads']} thread{'s' if e['threads'] > 1 else ''}"
+                  + (f" (median ms: {timed})" if timed else ""))
 
 
 # -------------------------------------------------------------------- bench
@@ -243,17 +262,35 @@ def cmd_tbptt(args):
         _writable_path(args.plot + "_fidelity.png", "--plot")
     if args.json:
         _writable_path(args.json, "--json")
-    overrides = {"backend": args.backend}
+    overrides, learn = {"backend": args.backend}, {"backend": args.backend}
     if args.variants:
-        overrides["variants"] = tuple(dict.fromkeys(args.variants))
-    if args.tasks:
+        overrides["variants"] = learn["variants"] = tuple(dict.fromkeys(args.variants))
+    if args.tasks is not None:
         overrides["tasks"] = tuple(dict.fromkeys(args.tasks))
-    for name in ("epochs", "char_epochs", "hidden", "char_hidden", "n_train", "seed"):
+    if args.learn_tasks is not None:
+        learn["tasks"] = tuple(dict.fromkeys(args.learn_tasks))
+    for name in ("inits", "distances"):
+        if getattr(args, name):
+            learn[name] = tuple(sorted(set(getattr(args, name)))) if name == "distances" else \
+                tuple(dict.fromkeys(getattr(args, name)))
+    for name in ("seeds", "budget", "hidden", "jobs"):
+        if getattr(args, name) is not None:
+            learn[name] = getattr(args, name)
+    for name in ("char_hidden", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    cfg = S.StudyConfig.quick(**overrides) if args.quick else S.StudyConfig(**overrides)
+    if args.seed is not None:
+        learn["seed"] = args.seed
     if args.quick:
-        _say("quick run: small models and datasets, a short budget: figures are indicative only")
+        from dataclasses import replace
+        overrides["learn"] = replace(S.LearnConfig.quick(), **learn)
+        cfg = S.StudyConfig.quick(**overrides)
+        _say("quick run: small models, few seeds and distances, a short budget: figures are indicative only")
+    else:
+        cfg = S.StudyConfig(learn=S.LearnConfig(**learn), **overrides)
+    if "copy" in cfg.learn.tasks and min(cfg.learn.distances) <= cfg.learn.copy_length:
+        raise UserError(f"--distances: the copy task needs every distance > {cfg.learn.copy_length}, "
+                        f"got {min(cfg.learn.distances)}")
     with _maybe_client(args.scheduler) as client:
         t0 = time.perf_counter()
         res = S.run_study(cfg, progress=None if args.silent else (lambda s: _say(f"  {s}")), client=client)
@@ -534,7 +571,7 @@ def cmd_sample(args):
 def build_parser():
     from .. import __version__
     from .bench import ALL_IMPLS, QUICK_MIN_T, QUICK_T_DIVISOR, SHAPES
-    from .tbptt_study import TASKS
+    from .tbptt_study import INITS, LEARN_TASKS, TASKS
 
     parser = _Parser(
         prog=PROG, description="Fast, exact BPTT for Elman RNNs on the CPU: benchmarks, the "
@@ -555,7 +592,7 @@ def build_parser():
                    help=f"finish in under a minute: T of the named shapes divided by {QUICK_T_DIVISOR} "
                    f"(at least {QUICK_MIN_T}), 3 samples per cell")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all five)")
+                   help=f"shape names ({', '.join(SHAPES)}) or custom T,B,D,H (default: all)")
     p.add_argument("--backends", nargs="+", metavar="IMPL", choices=ALL_IMPLS,
                    help=f"implementations among {', '.join(ALL_IMPLS)} (default: all that run here)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -576,29 +613,39 @@ def build_parser():
     p.add_argument("new", metavar="NEW.json")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("tbptt", help="the truncation study: throughput, gradient fidelity, learning",
-                       description="Compare full BPTT with truncations k and (k1, k2) on the same data: "
-                       "gradient throughput, cosine similarity of the gradients to full BPTT (at "
-                       "initialisation and after training), and the validation loss each reaches on the "
-                       "adding problem (T=50, 100) and a character model within one time-step budget.")
-    p.add_argument("--quick", action="store_true", help="a small configuration (seconds, not minutes)")
+    p = sub.add_parser("tbptt", help="the truncation study: what each truncation learns, its speed and fidelity",
+                       description="Which dependency distance each truncation of BPTT can learn: the adding "
+                       "problem and a copy-memory recall with a dependency of exactly d steps, IRNN and "
+                       "orthogonal initialisations, several seeds per cell (success rate, mini-batches to "
+                       "success, wall time); then each variant's gradient throughput and cosine similarity to "
+                       "full BPTT's gradient on the adding problem (T=50, 100) and a character model.")
+    p.add_argument("--quick", action="store_true", help="a small configuration (under a minute)")
     p.add_argument("--variants", nargs="+", type=_truncation, metavar="V",
-                   help="truncations: full, k (e.g. 10) or k1,k2 (e.g. 10,20); default: full 5 10 25 50 "
-                   "5,10 10,20 10,50")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, help=f"default: {' '.join(TASKS)}")
-    p.add_argument("--epochs", type=_positive_int, help="adding-problem epochs (the budget)")
-    p.add_argument("--char-epochs", type=_positive_int, help="character-model epochs")
-    p.add_argument("--hidden", type=_positive_int, help="hidden size, adding problem")
-    p.add_argument("--char-hidden", type=_positive_int, help="hidden size, character model")
-    p.add_argument("--n-train", type=_positive_int, help="adding-problem training sequences")
+                   help="truncations: full, k (e.g. 10), k1,k2 (e.g. 10,50) or artbp,c (e.g. artbp,0.05); "
+                   "default: full 5 10 25 50 5,10 10,50 artbp,0.05")
+    p.add_argument("--learn-tasks", nargs="*", choices=LEARN_TASKS,
+                   help=f"learnability tasks (default: {' '.join(LEARN_TASKS)}; none: skip the experiment)")
+    p.add_argument("--inits", nargs="+", choices=tuple(INITS), help="default: irnn orth")
+    p.add_argument("--distances", nargs="+", type=_positive_int, metavar="D",
+                   help="dependency distances (default: 5 10 20 40 80)")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per learnability cell (default 5)")
+    p.add_argument("--budget", type=_positive_int, help="mini-batches per learnability run (default 2000)")
+    p.add_argument("--hidden", type=_positive_int, help="hidden size of the learnability models (default 32)")
+    p.add_argument("--jobs", type=_positive_int,
+                   help="local processes for the learnability cells (default 1; each runs on one thread)")
+    p.add_argument("--tasks", nargs="*", choices=TASKS,
+                   help=f"fidelity and throughput tasks (default: {' '.join(TASKS)}; none: skip)")
+    p.add_argument("--char-hidden", type=_positive_int, help="hidden size, character model (fidelity)")
     p.add_argument("--seed", type=int)
     p.add_argument("--backend", default="auto", choices=("auto", "cython", "numba", "numpy"))
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PREFIX",
-                   help="write PREFIX_fidelity.png and PREFIX_curves.png (needs matplotlib)")
+                   help="write PREFIX_learnability.png, PREFIX_curves.png and PREFIX_fidelity.png "
+                   "(needs matplotlib)")
     p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="run each (task, variant) cell as one task on this Dask scheduler (e.g. tcp://host:8786; "
-                   "needs fastbptt[dask]): the same results, timings measured on the workers")
+                   help="run each cell (a learnability run, a fidelity + throughput task and variant) as one "
+                   "task on this Dask scheduler (e.g. tcp://host:8786; needs fastbptt[dask]): the same "
+                   "results, timings measured on the workers")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_tbptt)
 
@@ -625,7 +672,7 @@ def build_parser():
     p.add_argument("--lr", type=_positive_float,
                    help="learning rate (default: the optimizer's; adding: 0.01)")
     p.add_argument("--truncation", type=_truncation, default=None,
-                   help="full (default), k or k1,k2")
+                   help="full (default), k, k1,k2 or artbp,c (ARTBP: cuts drawn per mini-batch)")
     p.add_argument("--clip-norm", type=_positive_float, help="default: 1.0")
     p.add_argument("--batch-size", type=_positive_int, help="default: 32")
     p.add_argument("--backend", choices=("auto", "cython", "numba", "numpy"), help="default: auto")

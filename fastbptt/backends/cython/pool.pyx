@@ -7,6 +7,17 @@ microseconds (200 by default: the parts of one training step follow each
 other closely), then sleeps on a condition variable, so an idle team costs
 nothing. The caller spins until every part is done (parts are balanced).
 
+A part is *claimed* before it runs, by its worker or, once the caller is
+done with part 0, by the caller: a part whose worker has not started it by
+then (asleep, or descheduled on a busy machine) runs on the calling thread
+instead of being waited for. Without this, a worker that the OS had not
+scheduled made the caller wait a time slice (ms) at every hand-off: a
+training step at T=100, B=32, H=64 took 2x longer on 2 threads than on 1
+on a loaded machine (docs/steady_timings.md). The caller claims only after
+its own part, so parts that wait for each other (the kernels' per-step
+barriers) have all been claimed by workers by then: none is ever run after
+another it waits for.
+
 Why not OpenMP: an OpenMP build links libgomp, and a process holds one
 libgomp; torch ships its own (same soname), and whichever loads first serves
 both, with the other's settings. With our module loaded first, torch's
@@ -33,14 +44,15 @@ cdef extern from *:
 
     #define FB_MAX_WORKERS 255
     typedef void (*fb_part_fn)(void *arg, Py_ssize_t part, Py_ssize_t parts);
-    typedef struct { long job; long seen; char pad[48]; } fb_slot;    /* one cache line each */
+    /* one cache line each; claim: the last job whose part of this slot was claimed (by the worker or the caller) */
+    typedef struct { long job; long seen; long claim; char pad[40]; } fb_slot;
 
     static fb_slot fb_slots[FB_MAX_WORKERS];
     static pthread_mutex_t fb_run_lock = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
     static pthread_mutex_t fb_lock = PTHREAD_MUTEX_INITIALIZER;       /* sleepers and wake-ups */
     static pthread_cond_t fb_wake = PTHREAD_COND_INITIALIZER;
     static int fb_sleeping = 0, fb_workers = 0, fb_atfork = 0;
-    static long fb_generation = 0, fb_pending = 0, fb_spin_ns = 200000;
+    static long fb_generation = 0, fb_pending = 0, fb_spin_ns = 200000, fb_steal = 1;
     static fb_part_fn fb_fn = NULL;
     static void *fb_arg = NULL;
     static Py_ssize_t fb_parts = 0;
@@ -49,6 +61,17 @@ cdef extern from *:
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+    }
+
+    /* Claim a slot's part of job ``job``: true for exactly one claimant. Jobs are numbered upwards, so a
+       worker that read an old job number late never claims a newer job's part. */
+    static int fb_claim(fb_slot *slot, long job) {
+        long c = __atomic_load_n(&slot->claim, __ATOMIC_ACQUIRE);
+        while (c < job) {
+            if (__atomic_compare_exchange_n(&slot->claim, &c, job, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                return 1;
+        }
+        return 0;
     }
 
     static void *fb_worker(void *p) {
@@ -74,8 +97,10 @@ cdef extern from *:
                 }
             }
             slot->seen = job;
-            fb_fn(fb_arg, i + 1, fb_parts);            /* worker i runs part i + 1 */
-            __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
+            if (fb_claim(slot, job)) {                  /* else the caller ran it */
+                fb_fn(fb_arg, i + 1, fb_parts);        /* worker i runs part i + 1 */
+                __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
+            }
         }
         return NULL;
     }
@@ -103,6 +128,7 @@ cdef extern from *:
             pthread_attr_t attr;
             fb_slot *slot = &fb_slots[fb_workers];
             slot->seen = slot->job;
+            slot->claim = slot->job;
             pthread_attr_init(&attr);
             pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
             int rc = pthread_create(&th, &attr, fb_worker, (void *)(intptr_t)fb_workers);
@@ -139,6 +165,12 @@ cdef extern from *:
         if (fb_sleeping) pthread_cond_broadcast(&fb_wake);
         pthread_mutex_unlock(&fb_lock);
         fn(arg, 0, on_workers + 1);
+        if (__atomic_load_n(&fb_steal, __ATOMIC_RELAXED))
+            for (p = 0; p < on_workers; p++)            /* parts no worker has started: run them here */
+                if (fb_claim(&fb_slots[p], fb_generation)) {
+                    fn(arg, p + 1, on_workers + 1);
+                    __atomic_fetch_sub(&fb_pending, 1, __ATOMIC_ACQ_REL);
+                }
         unsigned n = 0;
         while (__atomic_load_n(&fb_pending, __ATOMIC_ACQUIRE) > 0) {
             FB_PAUSE();
@@ -152,6 +184,7 @@ cdef extern from *:
     int fb_start_workers(int n) noexcept nogil
     int fb_workers
     long fb_spin_ns
+    long fb_steal
 
 
 cdef void run_parts(part_fn fn, void *arg, Py_ssize_t parts) noexcept nogil:
@@ -171,6 +204,15 @@ def set_spin_us(double us):
         raise ValueError(f"us: expected a number >= 0, got {us!r}")
     old = fb_spin_ns / 1000.0
     fb_spin_ns = <long> (us * 1000.0)
+    return old
+
+
+def set_steal(bint on):
+    """Whether the caller runs the parts that no worker has started once its own part is done
+    (on by default; off: it waits for the workers, for tests and measurements); returns the old value."""
+    global fb_steal
+    old = bool(fb_steal)
+    fb_steal = 1 if on else 0
     return old
 
 

@@ -1,0 +1,222 @@
+"""A training step prepared once and called per batch or chunk: :class:`Step`.
+
+A hand-written loop -- min-char-rnn's, an online-TBPTT stream's -- calls the
+same small computation thousands of times. :func:`fastbptt.loss_and_grad`
+checks every argument and derives shapes, windows and work arrays at every
+call; a :class:`Step` checks the model and the options once, plans each new
+input shape once, and at a call only checks that the arrays have that shape
+and dtype. With an optimizer it also clips and updates the parameters in the
+same call, on the same thread settings, as :class:`fastbptt.RNN` does.
+"""
+
+from time import perf_counter
+
+import numpy as np
+
+from . import _validation as V
+from .backends import dispatch, resolve_backend
+from .engine.core import ACT_CODES
+from .engine.losses import LOSSES
+from .engine.plan import make_plan
+from .engine.training import apply_step
+from .functional import _check_params, loss_and_grad as _checked_loss_and_grad
+from .optim import Optimizer
+from .params import RNNParams
+from ._threads import call_scope, team_size
+
+__all__ = ["Step"]
+
+
+class Step:
+    """``loss_and_grad`` -- and optionally an optimizer update -- prepared for repeated calls.
+
+    Parameters
+    ----------
+    params : RNNParams
+        With a head. The step keeps a reference: an update writes these arrays in place.
+    loss, output, activation, truncation, backend
+        As :func:`fastbptt.loss_and_grad` (``truncation`` applies within each call's
+        chunk; ARTBP is not taken: use ``loss_and_grad`` for it).
+    optimizer : fastbptt.optim.Optimizer, optional
+        Needed to call the step (an update); :meth:`loss_and_grad` works without.
+    clip_norm, clip_value : float > 0, optional
+        Before the update, scale the gradients to this global 2-norm
+        (:func:`fastbptt.clip_grad_norm`), then clamp them into
+        ``[-clip_value, clip_value]`` (:func:`fastbptt.clip_grad_value`).
+
+    Notes
+    -----
+    At each call ``X``, ``Y`` and ``h0`` must have the same shapes as at an earlier
+    call to be fast (any shape works; a new one is checked fully and planned once),
+    ``X`` and ``h0`` C-contiguous arrays of the parameters' dtype. Their values are
+    not checked for NaN or inf at every call; an update refuses a non-finite loss or
+    gradient (``FloatingPointError``, parameters unchanged). The results are
+    bit-identical to :func:`fastbptt.loss_and_grad`'s and to :class:`fastbptt.RNN`'s
+    steps on the same data at the same thread count. A step is not thread-safe:
+    make one per thread.
+
+    Examples
+    --------
+    min-char-rnn's loop (one sequence, one-hot inputs, class-id targets)::
+
+        step = fastbptt.Step(params, loss="ce", optimizer=fastbptt.optim.Adagrad(lr=0.1),
+                             clip_value=5.0)
+        h = np.zeros(H, np.float32)
+        for X, Y in chunks:                  # X (25, vocab) float32, Y (25,) ints
+            loss, h = step(X, Y, h)
+    """
+
+    def __init__(self, params, *, loss="mse", output="sequence", activation="tanh", truncation=None,
+                 backend="auto", optimizer=None, clip_norm=None, clip_value=None):
+        self.params = _check_params(params, head=True)
+        V.check_params_finite(params)
+        self.loss = V.check_choice("loss", loss, LOSSES)
+        self.output = V.check_choice("output", output, V.OUTPUTS)
+        self.activation = V.check_choice("activation", activation, V.ACTIVATIONS)
+        self.truncation = V.check_truncation(truncation, params.bidirectional)
+        if backend != "auto":
+            resolve_backend(backend)            # a bad or missing backend fails here, not at the first call
+        elif not isinstance(backend, str):
+            raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+        self.backend = backend
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer: expected a fastbptt.optim.Optimizer or None, got "
+                            f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.clip_norm = V.check_positive("clip_norm", clip_norm, allow_none=True)
+        self.clip_value = V.check_positive("clip_value", clip_value, allow_none=True)
+        self._act = ACT_CODES[activation]
+        self._shapes = {}           # (X.shape, single) -> zero h0s, for the shapes that passed the checks
+        self._plans = {}            # (T, B, backend, team) -> Plan
+        self._grads = None          # the gradients' arrays, reused from call to call
+        self._calls = 0
+
+    def __repr__(self):
+        return (f"Step(loss={self.loss!r}, output={self.output!r}, activation={self.activation!r}, "
+                f"truncation={self.truncation!r}, backend={self.backend!r}, optimizer={self.optimizer!r}, "
+                f"clip_norm={self.clip_norm!r}, clip_value={self.clip_value!r})")
+
+    def loss_and_grad(self, X, Y, h0=None):
+        """``(loss, grads, h_last)`` as :func:`fastbptt.loss_and_grad` gives them.
+
+        ``grads`` is the step's own :class:`RNNParams`, overwritten by its next call
+        (copy it to keep it); ``loss`` and ``h_last`` are new.
+        """
+        got = self._fast_arrays(X, Y, h0)
+        if got is None:
+            return self._checked(X, Y, h0)
+        choice = self._dispatch(got)
+        with call_scope(threads=choice.threads):
+            return self._run(choice, *got)
+
+    def __call__(self, X, Y, h0=None):
+        """One update: the gradient of this chunk's loss, clipped, then the optimizer's step.
+
+        Returns ``(loss, h_last)``: the loss before the update and the final state
+        (to pass as the next chunk's ``h0``). Raises ``FloatingPointError`` when the
+        loss, a gradient or the update is not finite; the parameters are then unchanged.
+        """
+        if self.optimizer is None:
+            raise ValueError("optimizer: a Step called for an update needs an optimizer, got None "
+                             "(give Step(..., optimizer=...), or call step.loss_and_grad)")
+        got = self._fast_arrays(X, Y, h0)
+        if got is None:
+            value, grads, h_last = self._checked(X, Y, h0)
+            with call_scope():
+                self._update(value, grads)
+            return value, h_last
+        choice = self._dispatch(got)
+        with call_scope(threads=choice.threads):
+            value, grads, h_last = self._run(choice, *got)
+            self._update(value, grads)
+        return value, h_last
+
+    def _update(self, value, grads):
+        self._calls += 1
+        apply_step(self.params, self.optimizer, value, grads, clip_norm=self.clip_norm,
+                   clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step")
+
+    def _checked(self, X, Y, h0):
+        """A call with a shape not seen yet (or arrays to convert): checked in full, then remembered."""
+        value, grads, h_last = _checked_loss_and_grad(
+            self.params, X, Y, h0=h0, loss=self.loss, output=self.output, activation=self.activation,
+            truncation=self.truncation, backend=self.backend)
+        self._remember(X)
+        self._grads = grads
+        return value, grads, h_last
+
+    def _dispatch(self, got):
+        """The backend and team of a planned call (``"auto"`` shares what loss_and_grad learns)."""
+        params, (T, B, D) = self.params, got[1].shape
+        return dispatch(self.backend, "loss_and_grad", T=T, B=B, D=D, H=params.hidden_size,
+                        layers=params.num_layers, dirs=params.num_directions, dtype=params.dtype)
+
+    def _run(self, choice, zeros, X3, Y_, h0s, single):
+        params = self.params
+        T, B = X3.shape[:2]
+        key = (T, B, choice.kernels, team_size())
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            plan = self._plans[key] = make_plan(choice.kernels, params, T, B, self.loss, self.output,
+                                                self._act, self.truncation)
+        if self._grads is None or self._grads.dtype != params.dtype:
+            self._grads = RNNParams._trusted_like(params, [np.empty(a.shape, a.dtype) for a in params.arrays()])
+        t0 = perf_counter()
+        value, _, h_last = plan.run(params, X3, Y_, h0s, list(self._grads.arrays()))
+        choice.record(perf_counter() - t0)
+        h_last = h_last[0] if len(params.layers) == 1 else h_last
+        return value, self._grads, (h_last[..., 0, :] if single else h_last)
+
+    def _remember(self, X):
+        """Remember the shape of an input that passed the full checks (the next call with it is fast)."""
+        params = self.params
+        arr = np.asarray(X)
+        single = arr.ndim == 2
+        B = 1 if single else arr.shape[1]
+        if len(self._shapes) >= 8:
+            self._shapes.clear()
+        self._shapes[(arr.shape, single)] = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
+
+    def _fast_arrays(self, X, Y, h0):
+        """``(zero h0s, X3, Y, h0s, single)`` when the arrays have a seen shape and dtype, else None."""
+        if type(X) is not np.ndarray:
+            return None
+        single = X.ndim == 2
+        zeros = self._shapes.get((X.shape, single))
+        params = self.params
+        if zeros is None or X.dtype != params.dtype or not X.flags.c_contiguous:
+            return None
+        B = zeros.shape[1]
+        T = X.shape[0]
+        X3 = X.reshape(T, B, X.shape[-1])
+        Y_ = _fast_targets(Y, params, T, B, single, self.loss, self.output)
+        if Y_ is None:
+            return None
+        if h0 is None:
+            h0s = zeros
+        else:
+            if type(h0) is not np.ndarray or h0.dtype != params.dtype or not h0.flags.c_contiguous:
+                return None
+            if h0.shape != V.state_shape(params, B, single):
+                return None
+            h0s = h0.reshape(zeros.shape)
+        return zeros, X3, Y_, h0s, single
+
+
+def _fast_targets(Y, params, T, B, single, loss, output):
+    """``Y`` as the engine takes it when it already has the right shape and type, else None."""
+    if type(Y) is not np.ndarray:
+        return None
+    lead = (T, B) if output == "sequence" else (B,)
+    user = ((T,) if single else (T, B)) if output == "sequence" else (() if single else (B,))
+    if loss == "ce":
+        if Y.shape != user or Y.dtype.kind not in "iu":
+            return None
+        if Y.size and (Y.min() < 0 or Y.max() >= params.output_size):
+            return None         # the full check says what is wrong
+        return Y.reshape(lead)
+    if Y.shape != user + (params.output_size,) or Y.dtype != params.dtype or not Y.flags.c_contiguous:
+        return None
+    return Y.reshape(lead + (params.output_size,))
