@@ -177,6 +177,8 @@ def fingerprint():
         _state["fingerprint"] = {
             "cpu": _cpu_model(), "cores": str(os.cpu_count()), "fastbptt": __version__,
             "numpy": np.__version__, "numba": str(numba_version), "blas": "; ".join(blas),
+            # the Cython kernels' SIMD level moves the small-batch timings (docs/kernels_simd.md)
+            "simd": os.environ.get("FASTBPTT_SIMD", "").strip().lower() or "auto",
         }
     return _state["fingerprint"]
 
