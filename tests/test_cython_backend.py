@@ -89,11 +89,12 @@ def test_activation_codes_are_the_references():
 def test_simd_rule_sides():
     """Where "auto" sends a part of the batch to the SIMD kernels (at the AVX-512 level)."""
     K._set_simd_level("avx512")
-    for B, H in ((1, 32), (1, 100), (1, 7), (4, 256), (3, 64), (2, 48), (4, 4)):   # online, chunk, ...
+    for B, H in ((1, 32), (1, 100), (1, 7), (4, 256), (3, 64), (2, 48), (4, 4), (3, 8)):  # online, chunk
         assert K.uses_simd(B, H, np.float32), (B, H)
-    for B, H in ((5, 32), (8, 64), (2, 64), (3, 8)):
+    for B, H in ((5, 32), (8, 64), (2, 64)):
         assert not K.uses_simd(B, H, np.float32), (B, H)
-    assert K.uses_simd(4, 256, np.float64) and not K.uses_simd(2, 64, np.float64)
+    assert K.uses_simd(4, 256, np.float64) and K.uses_simd(3, 128, np.float64)
+    assert not K.uses_simd(2, 32, np.float64) and not K.uses_simd(3, 8, np.float64)
 
 
 def test_crossover_rule_sides():

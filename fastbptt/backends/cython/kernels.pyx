@@ -8,7 +8,10 @@ serves float32 and float64.
 Each step's (B, H)·(H, H) product goes either to BLAS (scipy's, through
 :mod:`fastbptt.backends.cython.blas`) or, at small shapes where the BLAS call overhead
 dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
-for the rule and the measurements behind it. tanh is glibc's: its vector
+for the rule and the measurements behind it. At B <= 4 (per thread) whole
+calls go instead, where they measured faster (``_use_simd``), to the
+register-blocked SIMD loops of ``simd_step.h`` (AVX-512, AVX2 or portable,
+``SIMD_IMPL``; ``FASTBPTT_SIMD`` forces a level or turns them off). tanh is glibc's: its vector
 (libmvec) entry points where the build found them, else libm's scalar
 ``tanh``/``tanhf`` (``TANH_IMPL`` says which; see the comment above it).
 The kernels are single-threaded; the BLAS pool is the caller's business.
@@ -364,8 +367,9 @@ cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept 
 
     Only where they won in docs/kernels_simd.md (paired timings of forward + backward, tanh,
     against that per-step path): at B = 1 always (the BLAS call per step is most of the step),
-    at B = 2..4 unless OpenBLAS's own small kernels tie or win (B = 2 beyond H = 48/32, H = 8,
-    float64 at B = 3 for mid H). The AVX2 rule is from the AVX2 code on Zen 4; never portable.
+    at B = 2..4 unless OpenBLAS's own small kernels tie or win (B = 2 beyond H = 48 / 24, float64
+    at H = 5..8 and at B = 3 below H = 128). The AVX2 rule is from the AVX2 code on Zen 4; never
+    at the portable level.
     """
     if B < 1 or B > 4 or fb_simd_level == 0:
         return False
@@ -374,11 +378,11 @@ cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept 
     if B == 1 or H <= 4:
         return True
     if H <= 8:
-        return False
+        return not is_double
     if B == 2:
-        return H <= (32 if is_double else 48)
+        return H <= (24 if is_double else 48)
     if B == 3 and is_double:
-        return H >= 100
+        return H >= 128
     return True
 
 
