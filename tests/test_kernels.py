@@ -39,7 +39,8 @@ DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
 TRUNC = [pytest.param(v, id=k) for k, v in TRUNCATIONS.items()]
 # (T, B, H): T = 1, B = 1, H = 1, H not a multiple of 8, and both sides of each backend's switch
-# of its per-step product (Cython: small loop up to B·H = 16; Numba: its loop at B = 1 up to
+# of its per-step product (Cython: small loop up to B·H = 16, packed column split from H = 128 at
+# 8 rows on one thread and from H = 512 (``MIN_H_FOR_PACKED``); Numba: its loop at B = 1 up to
 # H = 32 / 128 where NumPy's cblas is not found)
 SHAPES = {
     "T1B1H1": (1, 1, 1),
@@ -58,6 +59,8 @@ SHAPES = {
     "T7B2H64": (7, 2, 64),
     "T5B1H129": (5, 1, 129),
     "T5B17H70": (5, 17, 70),
+    "T4B9H130": (4, 9, 130),
+    "T5B3H520": (5, 3, 520),
 }
 
 

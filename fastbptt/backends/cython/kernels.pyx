@@ -211,6 +211,7 @@ fastbptt_mv_init()
 # The packed column split (``_split_mode`` 2): each thread packs its columns of W once per call
 # and multiplies them with its own register-blocked loop at every step; see wide.h.
 cdef extern from "wide.h":
+    int fbw_level
     void fbw_init() noexcept nogil
     int fbw_set_level(int level) noexcept nogil
     const char *fbw_impl() noexcept nogil
@@ -241,6 +242,14 @@ SPLITS_BATCH = True
 #: 47 / 56 vs 29 / 32; T=100, B=16, H=512: 15 / 22 vs 19 / 22; T=200, B=64, H=256:
 #: 22 / 22 vs 23 / 25; T=2000, B=16, H=128: 9 / 13 vs 24 / 32.
 MIN_H_FOR_COLUMN_SPLIT = 512
+
+#: "auto" takes the packed column split (``_split_mode`` 2, wide.h) from this hidden size on any
+#: thread count, and on one thread from ``MIN_H_FOR_PACKED_ONE_THREAD`` with 8 rows or more (below,
+#: one barrier per step of a few µs of work lost to the row split). Measured, float32, kernel
+#: forward / backward, today's split over packed (docs/kernels_wide.md): T=300, B=20, H=800:
+#: 2.5 / 2.4 (1 thread), 4.4 / 4.1 (2); T=100, B=128, H=1024: 1.4 / 1.7 (1), 1.5 / 1.9 (2).
+MIN_H_FOR_PACKED = 512
+MIN_H_FOR_PACKED_ONE_THREAD = 128
 
 #: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt.backends.cython.pool`:
 #: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
@@ -733,7 +742,7 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
                            bint is_double) except -1:
     """Fill the shape and split of a kernel job (the arrays are the caller's); returns the part count."""
     cdef Py_ssize_t n
-    cdef int mode = _split_mode(threads, b1 - b0, H, split)
+    cdef int mode = _split_mode(threads, b1 - b0, H, split, is_double)
     job.cols = mode != 0
     job.nr = fbw_panel(is_double) if mode == 2 else 0
     job.P = NULL                # set by _attach_panels
@@ -770,15 +779,15 @@ cdef object _attach_panels(_Job *job):
     return buf
 
 
-def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
+def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split, bint is_double=False):
     """How a call on ``threads`` threads splits each step: 0 by rows, 1 by columns (BLAS per step),
-    2 by columns packed once per call (wide.h; also on one thread)."""
+    2 by columns packed once per call (wide.h; also on one thread: one part)."""
     if split not in (-1, 0, 1, 2):
         raise ValueError(f"_split: expected -1 (auto), 0 (rows), 1 (columns) or 2 (packed columns), "
                          f"got {split}")
     if split == 2:
         return 2
-    if split == -1 and _use_packed(threads, rows, H):
+    if split == -1 and _use_packed(threads, rows, H, is_double):
         return 2
     if threads < 2:
         return 0
@@ -787,9 +796,13 @@ def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
     return int(H >= 2 * MIN_H_FOR_COLUMN_SPLIT or (H >= MIN_H_FOR_COLUMN_SPLIT and rows >= 16 * threads))
 
 
-def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H):
-    """Whether "auto" takes the packed column split (see ``MIN_H_FOR_PACKED``)."""
-    return False
+def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False):
+    """Whether "auto" takes the packed column split: where it measured faster (docs/kernels_wide.md)."""
+    if fbw_level < 1:               # the plain C loop was not measured against BLAS: keep BLAS
+        return False
+    if is_double and H >= 2 * MIN_H_FOR_PACKED and rows > 16:
+        return False                # f64 slices of 4-8 MB: BLAS's cache blocking won (0.7-1.0x)
+    return H >= MIN_H_FOR_PACKED or (threads == 1 and H >= MIN_H_FOR_PACKED_ONE_THREAD and rows >= 8)
 
 
 def _split_cols(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
