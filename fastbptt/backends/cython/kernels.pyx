@@ -8,7 +8,10 @@ serves float32 and float64.
 Each step's (B, H)·(H, H) product goes either to BLAS (scipy's, through
 :mod:`fastbptt.backends.cython.blas`) or, at small shapes where the BLAS call overhead
 dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
-for the rule and the measurements behind it. tanh is glibc's: its vector
+for the rule and the measurements behind it. At large H a call splits each step's
+columns between threads; from ``MIN_H_FOR_PACKED`` each thread packs its columns
+of W once per call and multiplies them with its own loop (wide.h), instead of a
+BLAS call that re-packs them every step. tanh is glibc's: its vector
 (libmvec) entry points where the build found them, else libm's scalar
 ``tanh``/``tanhf`` (``TANH_IMPL`` says which; see the comment above it).
 The kernels are single-threaded; the BLAS pool is the caller's business.
@@ -841,7 +844,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_mode``),
         one per thread of fastbptt's C team (see ``TEAM``).
     batch_sizes : int64 ndarray of shape (T,), optional
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
@@ -849,8 +852,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
-        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
-        rows, 1 the columns of every step (tests).
+        -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
+        rows, 1 the columns of every step; 2 the columns, packed once per call
+        for the loop of wide.h, on any thread count (tests).
     """
     cdef Py_ssize_t T = A.shape[0], B = A.shape[1], H = A.shape[2]
     _check_act(act)
@@ -901,7 +905,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_mode``),
         one per thread of fastbptt's C team (see ``TEAM``).
     batch_sizes : int64 ndarray of shape (T,), optional
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
@@ -909,8 +913,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     _path : int, optional
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop (tests).
     _split : int, optional
-        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
-        rows, 1 the columns of every step (tests).
+        -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
+        rows, 1 the columns of every step; 2 the columns, packed once per call
+        for the loop of wide.h, on any thread count (tests).
     """
     cdef Py_ssize_t T = G.shape[0], B = G.shape[1], H = G.shape[2]
     cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
