@@ -39,9 +39,9 @@ DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
 TRUNC = [pytest.param(v, id=k) for k, v in TRUNCATIONS.items()]
 # (T, B, H): T = 1, B = 1, H = 1, H not a multiple of 8, and both sides of each backend's switch
-# of its per-step product (Cython: small loop up to B·H = 16, packed column split from H = 128 at
-# 8 rows on one thread and from H = 512 (``MIN_H_FOR_PACKED``); Numba: its loop at B = 1 up to
-# H = 32 / 128 where NumPy's cblas is not found)
+# of its per-step product (Cython: small loop up to B·H = 16; with AVX-512, the packed column
+# split on one thread from H = 128 at 8 rows, and from H = 512 (``MIN_H_FOR_PACKED``); Numba:
+# its loop at B = 1 up to H = 32 / 128 where NumPy's cblas is not found)
 SHAPES = {
     "T1B1H1": (1, 1, 1),
     "T1B3H5": (1, 3, 5),

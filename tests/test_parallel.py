@@ -181,19 +181,22 @@ def test_cython_kernels_split_rows_or_columns(T, B, H, truncation, threads, spli
 def test_cython_split_rule_and_bad_split():
     K = resolve_backend("cython")
     start = K._set_wide_level(-1)
-    assert start >= 1, "no vector loop for the packed split on this CPU"
-    try:        # without a vector loop for the packed split: the BLAS splits' rule
-        assert K._set_wide_level(0) == 0
-        assert K._split_mode(2, 128, 1024, -1) == 1 and K._split_mode(2, 8, 1024, -1) == 1
-        assert K._split_mode(2, 64, 512, -1) == 1 and K._split_mode(2, 16, 512, -1) == 0
-        assert K._split_mode(1, 128, 1024, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+    try:
+        for level in range(start + 1):
+            assert K._set_wide_level(level) == level
+            if level < 2:       # no AVX-512 loop for the packed split: the BLAS splits' rule
+                assert K._split_mode(2, 128, 1024, -1) == 1 and K._split_mode(2, 8, 1024, -1) == 1
+                assert K._split_mode(2, 64, 512, -1) == 1 and K._split_mode(2, 16, 512, -1) == 0
+                assert K._split_mode(1, 128, 1024, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+                assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
+                continue
+            assert K._split_mode(2, 20, 800, -1) == 2 and K._split_mode(2, 3, 512, -1) == 2
+            assert K._split_mode(1, 128, 1024, -1) == 2 and K._split_mode(1, 8, 128, -1) == 2
+            assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+            assert K._split_mode(2, 128, 1024, -1, True) == 1 and K._split_mode(2, 16, 1024, -1, True) == 2
+            assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
     finally:
         K._set_wide_level(start)
-    assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
-    assert K._split_mode(2, 20, 800, -1) == 2 and K._split_mode(2, 3, 512, -1) == 2     # packed
-    assert K._split_mode(1, 128, 1024, -1) == 2 and K._split_mode(1, 8, 128, -1) == 2
-    assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
-    assert K._split_mode(2, 128, 1024, -1, True) == 1 and K._split_mode(2, 16, 1024, -1, True) == 2
     assert K._split_mode(2, 128, 1024, 1) == 1 and K._split_mode(1, 1, 4, 2) == 2        # forced
     A, W, Hs = np.zeros((2, 3, 4)), np.zeros((4, 4)), np.zeros((3, 3, 4))
     with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\), 1 \(columns\) or 2 "

@@ -246,11 +246,12 @@ SPLITS_BATCH = True
 #: 22 / 22 vs 23 / 25; T=2000, B=16, H=128: 9 / 13 vs 24 / 32.
 MIN_H_FOR_COLUMN_SPLIT = 512
 
-#: "auto" takes the packed column split (``_split_mode`` 2, wide.h) from this hidden size on any
-#: thread count, and on one thread from ``MIN_H_FOR_PACKED_ONE_THREAD`` with 8 rows or more (below,
-#: one barrier per step of a few µs of work lost to the row split). Measured, float32, kernel
-#: forward / backward, today's split over packed (docs/kernels_wide.md): T=300, B=20, H=800:
-#: 2.5 / 2.4 (1 thread), 4.4 / 4.1 (2); T=100, B=128, H=1024: 1.4 / 1.7 (1), 1.5 / 1.9 (2).
+#: "auto" takes the packed column split (``_split_mode`` 2, wide.h; AVX-512 only) from this hidden
+#: size on any thread count, and on one thread from ``MIN_H_FOR_PACKED_ONE_THREAD`` with 8 rows or
+#: more (on 2 threads below H=512 its barrier per step of a few µs of work lost to the row split).
+#: Measured, float32, forward / backward, BLAS split over packed, timed in turns
+#: (benchmarks/test_bench_kernels_wide.py, docs/kernels_wide.md): T=300, B=20, H=800: 2.5 / 2.4
+#: on 1 thread, 4.2 / 4.5 on 2; T=100, B=128, H=1024: 1.4 / 1.4 and 1.5 / 1.6.
 MIN_H_FOR_PACKED = 512
 MIN_H_FOR_PACKED_ONE_THREAD = 128
 
@@ -801,8 +802,8 @@ def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split, bint is_d
 
 def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False):
     """Whether "auto" takes the packed column split: where it measured faster (docs/kernels_wide.md)."""
-    if fbw_level < 1:               # the plain C loop was not measured against BLAS: keep BLAS
-        return False
+    if fbw_level < 2:               # only the AVX-512 loop was measured against BLAS (AVX2 on this CPU
+        return False                # lost to its AVX-512 BLAS at B=128): elsewhere a forced path
     if is_double and H >= 2 * MIN_H_FOR_PACKED and rows > 16:
         return False                # f64 slices of 4-8 MB: BLAS's cache blocking won (0.7-1.0x)
     return H >= MIN_H_FOR_PACKED or (threads == 1 and H >= MIN_H_FOR_PACKED_ONE_THREAD and rows >= 8)
