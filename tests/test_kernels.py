@@ -289,8 +289,9 @@ def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape
 
 
 @pytest.mark.parametrize("bad", [0, -1])
-def test_threads_below_one_are_refused(kernels, bad):
-    T, B, H = 4, 3, 5
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 3, 520)], ids=["H5", "H520"])
+def test_threads_below_one_are_refused(kernels, bad, shape):
+    T, B, H = shape
     A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
     ends, bp_starts = windows(T, 2)
     Hs, _ = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)

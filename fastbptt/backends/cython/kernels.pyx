@@ -746,6 +746,8 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
                            bint is_double) except -1:
     """Fill the shape and split of a kernel job (the arrays are the caller's); returns the part count."""
     cdef Py_ssize_t n
+    if threads < 1:
+        raise ValueError(f"threads: expected an int >= 1, got {threads}")
     cdef int mode = _split_mode(threads, b1 - b0, H, split, is_double)
     job.cols = mode != 0
     job.nr = fbw_panel(is_double) if mode == 2 else 0
@@ -805,7 +807,7 @@ def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False
     if fbw_level < 2:               # only the AVX-512 loop was measured against BLAS (AVX2 on this CPU
         return False                # lost to its AVX-512 BLAS at B=128): elsewhere a forced path
     if is_double and H >= 2 * MIN_H_FOR_PACKED and rows > 16:
-        return False                # f64 slices of 4-8 MB: BLAS's cache blocking won (0.7-1.0x)
+        return False                # f64 slices of 4-8 MB: BLAS won on 1 thread (0.7-0.9x), tied on 2
     return H >= MIN_H_FOR_PACKED or (threads == 1 and H >= MIN_H_FOR_PACKED_ONE_THREAD and rows >= 8)
 
 
