@@ -311,6 +311,7 @@ E2E_SHAPES = {
     "T20B1H32": (20, 1, 8, 32, 8),      # Numba's loop in float32 where NumPy's cblas is not found
     "T9B6H48": (9, 6, 5, 48, 3),
     "T9B5H64": (9, 5, 6, 64, 3),
+    "T3B3H520": (3, 3, 5, 520, 4),      # Cython's packed column split (with AVX-512)
 }
 
 
