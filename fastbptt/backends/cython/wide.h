@@ -15,6 +15,11 @@
 #else
 #define FBW_X86 0
 #endif
+#if defined(__GNUC__)
+#define FBW_INLINE static inline __attribute__((always_inline))   /* MR becomes a constant */
+#else
+#define FBW_INLINE static __inline
+#endif
 
 /* portable */
 #define FBW_T float

@@ -19,7 +19,7 @@ typedef FBW_T FBW_FN(fbw_vec_) __attribute__((vector_size(FBW_L * sizeof(FBW_T))
 
 /* C[r, 0:nv] = [C[r, 0:nv] +] sum_k X[r, k] * P[k, 0:nv] for r < MR; MR is a constant after
  * inlining, so the accumulators stay in registers (2*MR vectors). */
-FBW_ATTR static inline __attribute__((always_inline)) void
+FBW_ATTR FBW_INLINE void
 FBW_FN(fbw_block_)(const int MR, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
                    const FBW_T *P, int acc, FBW_T *C, Py_ssize_t ldc, int nv)
 {
