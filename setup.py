@@ -30,15 +30,22 @@ LIBMVEC = (sys.platform.startswith("linux") and platform.machine() in ("x86_64",
            and os.environ.get("FASTBPTT_NO_LIBMVEC", "") in ("", "0")
            and ctypes.util.find_library("mvec") is not None)
 
+
+def _local_headers(pyx):
+    """The C headers beside ``pyx`` if it includes one (they include each other): rebuild on change."""
+    headers = sorted(pyx.parent.glob("*.h"))
+    return [str(h) for h in headers] if any(f'"{h.name}"' in pyx.read_text() for h in headers) else []
+
+
 extensions = [
     Extension(
         ".".join(pyx.with_suffix("").parts),
         [str(pyx)],
+        depends=_local_headers(pyx),
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
         + ([("FASTBPTT_LIBMVEC", "1")] if LIBMVEC else []),
         libraries=["mvec"] if LIBMVEC else [],
-        depends=[str(h) for h in sorted(pyx.parent.glob("*.h"))] if pyx.stem == "kernels" else [],
         extra_compile_args=["-O3", "-funroll-loops"] if not DEBUG else ["-O0", "-g"],
     )
     for pyx in sorted(Path("fastbptt").rglob("*.pyx"))

@@ -345,3 +345,65 @@ def test_simd_kernels_tanh_against_numpy(level, dtype):
         exact = np.tanh(x.astype(np.float64) + 0.0)
         err = np.abs(Hs[1, 0] - exact) / np.maximum(np.abs(exact), np.finfo(dtype).tiny)
         assert np.all(err <= tol), (H, x[err > tol], Hs[1, 0][err > tol])
+
+
+# --- the packed column split (wide.h): each of its loops forced ------------------------------------
+
+_WIDE_START = K._set_wide_level(-1)             # -1 changes nothing: reads the level the CPU gave
+_WIDE_NAMES = {0: "portable", 1: "avx2", 2: "avx512"}
+
+
+@pytest.fixture(params=list(range(_WIDE_START + 1)), ids=lambda lv: _WIDE_NAMES[lv])
+def wide_level(request):
+    assert K._set_wide_level(request.param) == request.param
+    yield request.param
+    K._set_wide_level(_WIDE_START)
+
+
+# beside SHAPES: several panels with a 1-column last one (H=33 in f32 on AVX-512), more batch rows
+# than one register block of every loop (B=13, 25), and H above the "auto" threshold
+PACKED_SHAPES = dict(SHAPES, H33B13=(4, 13, 33), H40B25=(3, 25, 40), H520B3=(5, 3, 520))
+
+
+@pytest.mark.parametrize("shape", list(PACKED_SHAPES.values()), ids=list(PACKED_SHAPES))
+@pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=["full", "k1", "k3", "k1k2_2_5"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_split_each_loop_matches_reference(wide_level, dtype, truncation, shape):
+    """``_split=2`` on 1-3 threads, whole batch and parts of it (``rows``), both activations."""
+    T, B, H = shape
+    A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
+    ends, bp_starts = windows(T, truncation)
+    W_hhT = np.ascontiguousarray(W_hh.T)
+    assert K.WIDE_IMPL == _WIDE_NAMES[wide_level]
+    for act in (R.ACT_TANH, R.ACT_RELU):
+        Hs_ref, dZ_ref = reference_kernels(A, W_hh, h0, G, act, ends, bp_starts)
+        for threads in (1, 2, 3):
+            for parts in ([(0, B)], [(0, 1), (1, B)] if B > 1 else []):
+                if not parts:
+                    continue
+                Hs = np.full_like(Hs_ref, np.nan)
+                Hs[0] = h0
+                dZ = np.full_like(G, np.nan)
+                for rows in parts:
+                    K.forward_recurrence(A, W_hhT, Hs, act, rows=rows, threads=threads, _split=2)
+                    K.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, rows=rows,
+                                          threads=threads, _split=2)
+                where = f"act {act}, threads {threads}, rows {parts}"
+                assert rel_err(Hs, Hs_ref) <= RTOL[dtype], where
+                assert rel_err(dZ, dZ_ref) <= RTOL[dtype], where
+
+
+def test_packed_split_same_bits_on_any_thread_count(wide_level):
+    """Each column is summed in the same order whatever thread owns its panel."""
+    A, W_hh, h0, G = kernel_problem(7, 9, 75, np.float32, seed=4)
+    ends, bp_starts = windows(7, (2, 5))
+    out = []
+    for threads in (1, 2, 3):
+        Hs = np.empty((8, 9, 75), np.float32)
+        Hs[0] = h0
+        K.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, R.ACT_TANH, threads=threads, _split=2)
+        dZ = np.empty_like(G)
+        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ, threads=threads, _split=2)
+        out.append((Hs, dZ))
+    for Hs, dZ in out[1:]:
+        assert np.array_equal(Hs, out[0][0]) and np.array_equal(dZ, out[0][1])

@@ -39,8 +39,9 @@ DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")
 ACTS = [pytest.param(R.ACT_TANH, id="tanh"), pytest.param(R.ACT_RELU, id="relu")]
 TRUNC = [pytest.param(v, id=k) for k, v in TRUNCATIONS.items()]
 # (T, B, H): T = 1, B = 1, H = 1, H not a multiple of 8, and both sides of each backend's switch
-# of its per-step product (Cython: small loop up to B·H = 16; Numba: its loop at B = 1 up to
-# H = 32 / 128 where NumPy's cblas is not found)
+# of its per-step product (Cython: small loop up to B·H = 16; with AVX-512, the packed column
+# split on one thread from H = 128 at 8 rows, and from H = 512 (``MIN_H_FOR_PACKED``); Numba:
+# its loop at B = 1 up to H = 32 / 128 where NumPy's cblas is not found)
 SHAPES = {
     "T1B1H1": (1, 1, 1),
     "T1B3H5": (1, 3, 5),
@@ -58,6 +59,8 @@ SHAPES = {
     "T7B2H64": (7, 2, 64),
     "T5B1H129": (5, 1, 129),
     "T5B17H70": (5, 17, 70),
+    "T4B9H130": (4, 9, 130),
+    "T5B3H520": (5, 3, 520),
 }
 
 
@@ -286,8 +289,9 @@ def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape
 
 
 @pytest.mark.parametrize("bad", [0, -1])
-def test_threads_below_one_are_refused(kernels, bad):
-    T, B, H = 4, 3, 5
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 3, 520)], ids=["H5", "H520"])
+def test_threads_below_one_are_refused(kernels, bad, shape):
+    T, B, H = shape
     A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
     ends, bp_starts = windows(T, 2)
     Hs, _ = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
@@ -307,6 +311,7 @@ E2E_SHAPES = {
     "T20B1H32": (20, 1, 8, 32, 8),      # Numba's loop in float32 where NumPy's cblas is not found
     "T9B6H48": (9, 6, 5, 48, 3),
     "T9B5H64": (9, 5, 6, 64, 3),
+    "T3B3H520": (3, 3, 5, 520, 4),      # Cython's packed column split (with AVX-512)
 }
 
 

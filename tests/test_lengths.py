@@ -606,7 +606,8 @@ def _kernel_calls(name):
     if name == "cython":
         calls += [("small loop", {"_path": 1}), ("BLAS", {"_path": 0}), ("SIMD kernels", {"_path": 2}),
                   ("2 threads, rows", {"threads": 2, "_split": 0}),
-                  ("2 threads, columns", {"threads": 2, "_split": 1})]
+                  ("2 threads, columns", {"threads": 2, "_split": 1}),
+                  ("packed columns", {"_split": 2}), ("2 threads, packed columns", {"threads": 2, "_split": 2})]
     return calls
 
 

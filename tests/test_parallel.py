@@ -151,12 +151,12 @@ def test_kernel_rows_compute_only_their_rows(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("split", [0, 1], ids=["rows", "columns"])
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["rows", "columns", "packed"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=str)
 @pytest.mark.parametrize("T,B,H", [(1, 3, 5), (7, 1, 9), (6, 2, 1), (9, 5, 13), (5, 4, 40)])
 def test_cython_kernels_split_rows_or_columns(T, B, H, truncation, threads, split, dtype):
-    """The C team's two splits against the reference kernels (columns: a barrier every step)."""
+    """The C team's splits against the reference kernels (columns, plain or packed: a barrier every step)."""
     from fastbptt.backends import reference as R
     K = resolve_backend("cython")
     rng = np.random.default_rng(T * 100 + B * 10 + H)
@@ -180,15 +180,31 @@ def test_cython_kernels_split_rows_or_columns(T, B, H, truncation, threads, spli
 
 def test_cython_split_rule_and_bad_split():
     K = resolve_backend("cython")
-    assert K._split_cols(2, 128, 1024, -1) and K._split_cols(2, 8, 1024, -1)
-    assert K._split_cols(2, 64, 512, -1) and not K._split_cols(2, 16, 512, -1)
-    assert not K._split_cols(2, 64, 256, -1) and not K._split_cols(1, 128, 1024, -1)
+    start = K._set_wide_level(-1)
+    try:
+        for level in range(start + 1):
+            assert K._set_wide_level(level) == level
+            if level < 2:       # no AVX-512 loop for the packed split: the BLAS splits' rule
+                assert K._split_mode(2, 128, 1024, -1) == 1 and K._split_mode(2, 8, 1024, -1) == 1
+                assert K._split_mode(2, 64, 512, -1) == 1 and K._split_mode(2, 16, 512, -1) == 0
+                assert K._split_mode(1, 128, 1024, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+                assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
+                continue
+            assert K._split_mode(2, 20, 800, -1) == 2 and K._split_mode(2, 3, 512, -1) == 2
+            assert K._split_mode(1, 128, 1024, -1) == 2 and K._split_mode(1, 8, 128, -1) == 2
+            assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+            assert K._split_mode(2, 128, 1024, -1, True) == 1 and K._split_mode(2, 16, 1024, -1, True) == 2
+            assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
+    finally:
+        K._set_wide_level(start)
+    assert K._split_mode(2, 128, 1024, 1) == 1 and K._split_mode(1, 1, 4, 2) == 2        # forced
     A, W, Hs = np.zeros((2, 3, 4)), np.zeros((4, 4)), np.zeros((3, 3, 4))
-    with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\) or 1 \(columns\), got 7"):
+    with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\), 1 \(columns\) or 2 "
+                                         r"\(packed columns\), got 7"):
         K.forward_recurrence(A, W, Hs, 0, threads=2, _split=7)
 
 
-@pytest.mark.parametrize("split", [0, 1], ids=["rows", "columns"])
+@pytest.mark.parametrize("split", [0, 1, 2], ids=["rows", "columns", "packed"])
 def test_cython_split_repeated_calls_agree(split):
     """Many calls on the team, windows included: a race in the hand-offs or barriers would show."""
     K = resolve_backend("cython")

@@ -8,7 +8,10 @@ serves float32 and float64.
 Each step's (B, H)·(H, H) product goes either to BLAS (scipy's, through
 :mod:`fastbptt.backends.cython.blas`) or, at small shapes where the BLAS call overhead
 dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
-for the rule and the measurements behind it. At B <= 4 (per thread) whole
+for the rule and the measurements behind it. At large H a call splits each step's
+columns between threads; from ``MIN_H_FOR_PACKED`` each thread packs its columns
+of W once per call and multiplies them with its own loop (wide.h), instead of a
+BLAS call that re-packs them every step. At B <= 4 (per thread) whole
 calls go instead, where they measured faster (``_use_simd``), to the
 register-blocked SIMD loops of ``simd_step.h`` (AVX-512, AVX2 or portable,
 ``SIMD_IMPL``; ``FASTBPTT_SIMD`` forces a level or turns them off). tanh is glibc's: its vector
@@ -17,7 +20,7 @@ register-blocked SIMD loops of ``simd_step.h`` (AVX-512, AVX2 or portable,
 The kernels are single-threaded; the BLAS pool is the caller's business.
 """
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, intptr_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -295,6 +298,26 @@ cdef extern from *:
 
 fastbptt_mv_init()
 
+# The packed column split (``_split_mode`` 2): each thread packs its columns of W once per call
+# and multiplies them with its own register-blocked loop at every step; see wide.h.
+cdef extern from "wide.h":
+    int fbw_level
+    void fbw_init() noexcept nogil
+    int fbw_set_level(int level) noexcept nogil
+    const char *fbw_impl() noexcept nogil
+    Py_ssize_t fbw_panel(int is_double) noexcept nogil
+    void fbw_pack_f32(Py_ssize_t K, const float *W, Py_ssize_t ld, Py_ssize_t w, Py_ssize_t nr,
+                      float *P) noexcept nogil
+    void fbw_pack_f64(Py_ssize_t K, const double *W, Py_ssize_t ld, Py_ssize_t w, Py_ssize_t nr,
+                      double *P) noexcept nogil
+    void fbw_product_f32(Py_ssize_t B, Py_ssize_t K, const float *X, Py_ssize_t ldx, const float *P,
+                         Py_ssize_t w, int acc, float *C, Py_ssize_t ldc) noexcept nogil
+    void fbw_product_f64(Py_ssize_t B, Py_ssize_t K, const double *X, Py_ssize_t ldx,
+                         const double *P, Py_ssize_t w, int acc, double *C, Py_ssize_t ldc) noexcept nogil
+
+
+fbw_init()
+
 NAME = "cython"
 
 #: the kernels release the GIL, so :mod:`fastbptt.engine.core` may run them on disjoint batch ``rows``
@@ -310,12 +333,24 @@ SPLITS_BATCH = True
 #: 22 / 22 vs 23 / 25; T=2000, B=16, H=128: 9 / 13 vs 24 / 32.
 MIN_H_FOR_COLUMN_SPLIT = 512
 
+#: "auto" takes the packed column split (``_split_mode`` 2, wide.h; AVX-512 only) from this hidden
+#: size on any thread count, and on one thread from ``MIN_H_FOR_PACKED_ONE_THREAD`` with 8 rows or
+#: more (on 2 threads below H=512 its barrier per step of a few µs of work lost to the row split).
+#: Measured, float32, forward / backward, BLAS split over packed, timed in turns
+#: (benchmarks/test_bench_kernels_wide.py, docs/kernels_wide.md): T=300, B=20, H=800: 2.5 / 2.4
+#: on 1 thread, 4.2 / 4.5 on 2; T=100, B=128, H=1024: 1.4 / 1.4 and 1.5 / 1.6.
+MIN_H_FOR_PACKED = 512
+MIN_H_FOR_PACKED_ONE_THREAD = 128
+
 #: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt.backends.cython.pool`:
 #: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
 TEAM = True
 
 #: which tanh the kernels use: "libmvec-avx512", "libmvec-sse" or "libm" (see above)
 TANH_IMPL = fastbptt_tanh_impl().decode()
+
+#: which loop the packed column split uses: "avx512", "avx2" or "portable" (see wide.h)
+WIDE_IMPL = fbw_impl().decode()
 
 ACT_TANH = 0
 ACT_RELU = 1
@@ -590,14 +625,42 @@ cdef extern from *:
     void fb_barrier_wait(fb_barrier *b, long *local_sense) noexcept nogil
 
 
+cdef inline void _cols_product(Py_ssize_t n, Py_ssize_t w, Py_ssize_t H, const floating *X,
+                              const floating *W, const floating *P, bint accumulate,
+                              floating *C) noexcept nogil:
+    """``C[:, :w] = [C +] X·W[:, :w]`` for n rows (row strides H): by BLAS, or with ``P`` (not
+    NULL) by the packed loop of wide.h on those columns of W packed once per call."""
+    if P != NULL:
+        if floating is float:
+            fbw_product_f32(n, H, X, H, P, w, accumulate, C, H)
+        else:
+            fbw_product_f64(n, H, X, H, P, w, accumulate, C, H)
+    else:
+        _gemm(NoTrans, NoTrans, <int> n, <int> w, <int> H, <floating> 1.0, X, <int> H, W, <int> H,
+              <floating> (1.0 if accumulate else 0.0), C, <int> H)
+
+
+cdef inline void _cols_pack(Py_ssize_t H, Py_ssize_t w, const floating *W, floating *P,
+                            Py_ssize_t nr) noexcept nogil:
+    """Pack the columns ``W[:, :w]`` (row stride H) into ``P`` in panels of ``nr`` (no-op if NULL):
+    by the thread that will read them, so they start out in its cache."""
+    if P != NULL:
+        if floating is float:
+            fbw_pack_f32(H, W, H, w, nr, P)
+        else:
+            fbw_pack_f64(H, W, H, w, nr, P)
+
+
 cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1,
                         const floating *A, Py_ssize_t sA, const floating *W_hhT, floating *Hs,
                         Py_ssize_t sH, int act, fb_barrier *barrier, const int64_t *bs,
-                        Py_ssize_t lo) noexcept nogil:
-    """Columns [j0, j1) of every step of :func:`_forward` (rows of A and Hs: H apart)."""
+                        Py_ssize_t lo, floating *P, Py_ssize_t nr) noexcept nogil:
+    """Columns [j0, j1) of every step of :func:`_forward` (rows of A and Hs: H apart); with ``P``
+    (not NULL) the product is the packed loop's (see ``_cols_product``)."""
     cdef Py_ssize_t t, b, n, w = j1 - j0
     cdef long sense = 0
     cdef floating *h
+    _cols_pack(H, w, W_hhT + j0, P, nr)
     for t in range(T):
         n = _active(bs, t, lo, B)               # the same for every thread: they all stop together
         if n == 0:
@@ -605,8 +668,7 @@ cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0,
         h = Hs + (t + 1) * sH
         for b in range(n):
             memcpy(h + b * H + j0, A + t * sA + b * H + j0, w * sizeof(floating))
-        _gemm(NoTrans, NoTrans, <int> n, <int> w, <int> H, <floating> 1.0, Hs + t * sH, <int> H,
-              W_hhT + j0, <int> H, <floating> 1.0, h + j0, <int> H)
+        _cols_product(n, w, H, Hs + t * sH, W_hhT + j0, P, True, h + j0)
         for b in range(n):
             _activate(w, act, h + b * H + j0)
         fb_barrier_wait(barrier, &sense)        # h_t complete before anyone reads it
@@ -617,8 +679,9 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
                          const floating *W_hh, Py_ssize_t n_win, const int64_t *ends,
                          const int64_t *bp_starts, int act, floating *dZ, Py_ssize_t sZ,
                          floating *carried, floating *dz2, fb_barrier *barrier, const int64_t *bs,
-                         Py_ssize_t lo) noexcept nogil:
-    """Columns [j0, j1) of :func:`_backward`; ``dz2`` holds two (B, H) buffers, used in turn.
+                         Py_ssize_t lo, floating *P, Py_ssize_t nr) noexcept nogil:
+    """Columns [j0, j1) of :func:`_backward`; ``dz2`` holds two (B, H) buffers, used in turn;
+    ``P`` as in :func:`_forward_cols`.
 
     Step t writes its columns of dz into buffer t % 2, waits for the others', and reads all
     of it for its columns of δ_{t-1}; a thread writes a buffer again only two steps later,
@@ -628,6 +691,7 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
     cdef Py_ssize_t w_ = j1 - j0, win, t, b, n, n_carried, end, bp_start, loss_start = 0, k = 0
     cdef long sense = 0
     cdef floating *dz
+    _cols_pack(H, w_, W_hh + j0, P, nr)
     for win in range(n_win):
         end = ends[win]
         bp_start = bp_starts[win]
@@ -647,8 +711,7 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
             n_carried = 0
             if t > bp_start and n > 0:
                 fb_barrier_wait(barrier, &sense)    # dz_t complete
-                _gemm(NoTrans, NoTrans, <int> n, <int> w_, <int> H, <floating> 1.0, dz, <int> H,
-                      W_hh + j0, <int> H, <floating> 0.0, carried + j0, <int> H)
+                _cols_product(n, w_, H, dz, W_hh + j0, P, False, carried + j0)
                 n_carried = n
             t -= 1
         loss_start = end
@@ -701,6 +764,28 @@ cdef struct _Job:
     const int64_t *bp_starts
     const int64_t *bs
     const int64_t *bounds       # the parts' first rows (n + 1, absolute), or NULL: equal row counts
+    void *P                     # cols only: W's columns packed in panels of nr (wide.h), or NULL: BLAS
+    Py_ssize_t nr
+
+
+cdef inline Py_ssize_t _col_part(_Job *j, Py_ssize_t p, Py_ssize_t n, Py_ssize_t *j1) noexcept nogil:
+    """Columns [j0, *j1) of part p of a column split (returned: j0); packed, whole panels each."""
+    cdef Py_ssize_t panels
+    if j.P == NULL:
+        j1[0] = part_start(p + 1, n, j.H)
+        return part_start(p, n, j.H)
+    panels = (j.H + j.nr - 1) // j.nr
+    j1[0] = min(part_start(p + 1, n, panels) * j.nr, j.H)
+    return part_start(p, n, panels) * j.nr
+
+
+cdef inline void *_col_panels(_Job *j, Py_ssize_t j0) noexcept nogil:
+    """Where the packed panels from column j0 start (NULL without packing)."""
+    if j.P == NULL:
+        return NULL
+    if j.is_double:
+        return <double *> j.P + j0 * j.H
+    return <float *> j.P + j0 * j.H
 
 
 cdef int _simd_forward_part(_Job *j, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -731,16 +816,15 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t lo, hi
     if j.cols:
-        lo = part_start(p, n, j.H)
-        hi = part_start(p + 1, n, j.H)
+        lo = _col_part(j, p, n, &hi)
         if j.is_double:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const double *> j.A + j.b0 * j.H, j.stride,
                           <const double *> j.W, <double *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier,
-                          j.bs, j.b0)
+                          j.bs, j.b0, <double *> _col_panels(j, lo), j.nr)
         else:
             _forward_cols(j.T, j.rows, j.H, lo, hi, <const float *> j.A + j.b0 * j.H, j.stride,
                           <const float *> j.W, <float *> j.Hs + j.b0 * j.H, j.stride, j.act, j.barrier,
-                          j.bs, j.b0)
+                          j.bs, j.b0, <float *> _col_panels(j, lo), j.nr)
         return
     if j.bounds != NULL:
         lo, hi = j.bounds[p], j.bounds[p + 1]
@@ -763,18 +847,19 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     cdef _Job *j = <_Job *> arg
     cdef Py_ssize_t r0, r1, lo
     if j.cols:
-        r0 = part_start(p, n, j.H)
-        r1 = part_start(p + 1, n, j.H)
+        r0 = _col_part(j, p, n, &r1)
         if j.is_double:
             _backward_cols(j.T, j.rows, j.H, r0, r1, <const double *> j.G + j.b0 * j.H, j.stride,
                            <const double *> j.Hs + j.b0 * j.H, j.stride, <const double *> j.W,
                            j.n_win, j.ends, j.bp_starts, j.act, <double *> j.dZ + j.b0 * j.H,
-                           j.stride, <double *> j.carried, <double *> j.dz, j.barrier, j.bs, j.b0)
+                           j.stride, <double *> j.carried, <double *> j.dz, j.barrier, j.bs, j.b0,
+                           <double *> _col_panels(j, r0), j.nr)
         else:
             _backward_cols(j.T, j.rows, j.H, r0, r1, <const float *> j.G + j.b0 * j.H, j.stride,
                            <const float *> j.Hs + j.b0 * j.H, j.stride, <const float *> j.W,
                            j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + j.b0 * j.H,
-                           j.stride, <float *> j.carried, <float *> j.dz, j.barrier, j.bs, j.b0)
+                           j.stride, <float *> j.carried, <float *> j.dz, j.barrier, j.bs, j.b0,
+                           <float *> _col_panels(j, r0), j.nr)
         return
     if j.bounds != NULL:
         r0, r1 = j.bounds[p] - j.b0, j.bounds[p + 1] - j.b0
@@ -801,8 +886,16 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
                            bint is_double) except -1:
     """Fill the shape and split of a kernel job (the arrays are the caller's); returns the part count."""
     cdef Py_ssize_t n
-    job.cols = _split_cols(threads, b1 - b0, H, split)
-    n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
+    if threads < 1:
+        raise ValueError(f"threads: expected an int >= 1, got {threads}")
+    cdef int mode = _split_mode(threads, b1 - b0, H, split, is_double)
+    job.cols = mode != 0
+    job.nr = fbw_panel(is_double) if mode == 2 else 0
+    job.P = NULL                # set by _attach_panels
+    if mode == 2:
+        n = min(threads, (H + job.nr - 1) // job.nr)
+    else:
+        n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
     barrier.count = 0
     barrier.sense = 0
     barrier.n = n
@@ -822,15 +915,49 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
     return n
 
 
+cdef object _attach_panels(_Job *job):
+    """For a packed job (``job.nr`` > 0): a buffer for W's columns in panels, 64-byte aligned, that
+    ``job.P`` points into (the caller keeps it alive); None otherwise. Each thread fills its own."""
+    if job.nr == 0:
+        return None
+    cdef Py_ssize_t itemsize = 8 if job.is_double else 4
+    cdef Py_ssize_t panels = (job.H + job.nr - 1) // job.nr
+    buf = np.empty(panels * job.nr * job.H * itemsize + 64, dtype=np.uint8)
+    cdef unsigned char[::1] view = buf
+    cdef intptr_t addr = <intptr_t> &view[0]
+    job.P = <void *> (addr + ((-addr) & 63))
+    return buf
+
+
+def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split, bint is_double=False):
+    """How a call on ``threads`` threads splits each step: 0 by rows, 1 by columns (BLAS per step),
+    2 by columns packed once per call (wide.h; also on one thread: one part)."""
+    if split not in (-1, 0, 1, 2):
+        raise ValueError(f"_split: expected -1 (auto), 0 (rows), 1 (columns) or 2 (packed columns), "
+                         f"got {split}")
+    if split == 2:
+        return 2
+    if split == -1 and _use_packed(threads, rows, H, is_double):
+        return 2
+    if threads < 2:
+        return 0
+    if split != -1:
+        return split
+    return int(H >= 2 * MIN_H_FOR_COLUMN_SPLIT or (H >= MIN_H_FOR_COLUMN_SPLIT and rows >= 16 * threads))
+
+
+def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False):
+    """Whether "auto" takes the packed column split: where it measured faster (docs/kernels_wide.md)."""
+    if fbw_level < 2:               # only the AVX-512 loop was measured against BLAS (AVX2 on this CPU
+        return False                # lost to its AVX-512 BLAS at B=128): elsewhere a forced path
+    if is_double and H >= 2 * MIN_H_FOR_PACKED and rows > 16:
+        return False                # f64 slices of 4-8 MB: BLAS won on 1 thread (0.7-0.9x), tied on 2
+    return H >= MIN_H_FOR_PACKED or (threads == 1 and H >= MIN_H_FOR_PACKED_ONE_THREAD and rows >= 8)
+
+
 def _split_cols(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
     """Whether a call on ``threads`` threads splits the columns of every step (else the rows)."""
-    if split not in (-1, 0, 1):
-        raise ValueError(f"_split: expected -1 (auto), 0 (rows) or 1 (columns), got {split}")
-    if threads < 2:
-        return False
-    if split != -1:
-        return split == 1
-    return H >= 2 * MIN_H_FOR_COLUMN_SPLIT or (H >= MIN_H_FOR_COLUMN_SPLIT and rows >= 16 * threads)
+    return _split_mode(threads, rows, H, split) != 0
 
 
 def _n_parts(int threads, Py_ssize_t rows):
@@ -865,7 +992,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_mode``),
         one per thread of fastbptt's C team (see ``TEAM``).
     batch_sizes : int64 ndarray of shape (T,), optional
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
@@ -874,8 +1001,9 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop, 2 the small-batch
         SIMD kernels at the level in force (``SIMD_IMPL``; tests).
     _split : int, optional
-        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
-        rows, 1 the columns of every step (tests).
+        -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
+        rows, 1 the columns of every step; 2 the columns, packed once per call
+        for the loop of wide.h, on any thread count (tests).
     """
     cdef Py_ssize_t T = A.shape[0], B = A.shape[1], H = A.shape[2]
     _check_act(act)
@@ -895,6 +1023,7 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     job.bs = &bs[0] if bs is not None else NULL
     cdef const int64_t[::1] bounds = _work_bounds(bs, b0, b1, n, job.cols)
     job.bounds = &bounds[0] if bounds is not None else NULL
+    panels = _attach_panels(&job)
     job.A = &A[0, 0, 0]
     job.W = &W_hhT[0, 0]
     job.Hs = &Hs[0, 0, 0]
@@ -925,7 +1054,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         Compute only the sequences ``b0 .. b1-1`` of the batch (all if None);
         calls on disjoint rows may run on several threads at once.
     threads : int, optional
-        Split the call into this many parts (by rows; by columns at large H, see ``_split_cols``),
+        Split the call into this many parts (by rows; by columns at large H, see ``_split_mode``),
         one per thread of fastbptt's C team (see ``TEAM``).
     batch_sizes : int64 ndarray of shape (T,), optional
         Step t runs on rows ``0 .. batch_sizes[t]-1`` only (non-increasing counts: the
@@ -934,8 +1063,9 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         -1 chooses per shape; 0 forces BLAS, 1 the small-shape loop, 2 the small-batch
         SIMD kernels at the level in force (``SIMD_IMPL``; tests).
     _split : int, optional
-        With ``threads`` > 1: -1 chooses per shape (``_split_cols``), 0 splits the
-        rows, 1 the columns of every step (tests).
+        -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
+        rows, 1 the columns of every step; 2 the columns, packed once per call
+        for the loop of wide.h, on any thread count (tests).
     """
     cdef Py_ssize_t T = G.shape[0], B = G.shape[1], H = G.shape[2]
     cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
@@ -970,6 +1100,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
     cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
+    panels = _attach_panels(&job)
     job.G = &G[0, 0, 0]
     job.Hs = <void *> &Hs[0, 0, 0]
     job.W = &W_hh[0, 0]
@@ -1019,4 +1150,13 @@ def _set_tanh_level(int level):
     global TANH_IMPL
     got = fastbptt_tanh_set_level(level)
     TANH_IMPL = fastbptt_tanh_impl().decode()
+    return got
+
+
+def _set_wide_level(int level):
+    """Tests only: the packed column split's loop by 2 = AVX-512, 1 = AVX2, 0 = plain C (if the CPU
+    has it). Returns the level now in force. Not thread-safe: call it only when no kernel runs."""
+    global WIDE_IMPL
+    got = fbw_set_level(level)
+    WIDE_IMPL = fbw_impl().decode()
     return got
