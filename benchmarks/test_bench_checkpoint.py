@@ -19,14 +19,12 @@ Run: ``pytest benchmarks/test_bench_checkpoint.py --benchmark-json=checkpoint.js
 """
 
 import os
-import threading
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt.tools.bench import time_interleaved
+from fastbptt.tools.bench import peak_traced_bytes, time_interleaved
 
 QUICK = bool(os.environ.get("FASTBPTT_BENCH_QUICK"))
 
@@ -41,33 +39,15 @@ def _problem(output):
     return params, X, Y
 
 
-def _peak_bytes(fn):
-    """Peak of traced allocations while ``fn`` runs on a new thread (fresh work arrays)."""
-    peak = []
-
-    def target():
-        tracemalloc.start()
-        try:
-            fn()
-            peak.append(tracemalloc.get_traced_memory()[1])
-        finally:
-            tracemalloc.stop()
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    return peak[0]
-
-
 @pytest.mark.parametrize("output", ["sequence", "last"])
 def test_checkpoint_cell(benchmark, output):
     params, X, Y = _problem(output)
 
     def plain():
-        return fastbptt.loss_and_grad(params, X, Y, output=output)
+        return fastbptt.loss_and_grad(params, X, Y, output=output, backend="cython")
 
     def checkpointed():
-        return fastbptt.loss_and_grad(params, X, Y, output=output, checkpoint="sqrt")
+        return fastbptt.loss_and_grad(params, X, Y, output=output, checkpoint="sqrt", backend="cython")
 
     a, b = plain(), checkpointed()
     identical = a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1].arrays(), b[1].arrays()))
@@ -77,8 +57,8 @@ def test_checkpoint_cell(benchmark, output):
     if getattr(benchmark, "disabled", False):          # --benchmark-disable: correctness only
         benchmark(checkpointed)
         return
-    info["peak_bytes_plain"] = _peak_bytes(plain)
-    info["peak_bytes_checkpoint"] = _peak_bytes(checkpointed)
+    info["peak_bytes_plain"] = peak_traced_bytes(plain)
+    info["peak_bytes_checkpoint"] = peak_traced_bytes(checkpointed)
     info["memory_ratio"] = info["peak_bytes_checkpoint"] / info["peak_bytes_plain"]
     samples = time_interleaved({"plain": plain, "checkpoint": checkpointed}, rounds=3 if QUICK else 5,
                                min_sample_s=0.0)

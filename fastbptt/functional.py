@@ -188,7 +188,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
         Y_ = pack.sort(Y_, 1 if output == "sequence" else 0)
         if output == "sequence":
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
-    choice = _dispatch("loss_and_grad" if checkpoint is None else "checkpoint", backend, params, X3, pack)
+    choice = _dispatch("loss_and_grad", backend, params, X3, pack)     # (checkpointed too: one choice, the same bits)
     kernels, t0 = choice.kernels, perf_counter()
     with call_scope(threads=choice.threads):
         if checkpoint is not None:

@@ -5,14 +5,13 @@ time blocks that both sum in (``engine.checkpoint.BLOCK_ROWS``) are made small i
 so that short sequences have many segments, and kept at the default in one.
 """
 
-import threading
-import tracemalloc
 
 import numpy as np
 import pytest
 
 import fastbptt
 from fastbptt.engine import checkpoint as ck
+from fastbptt.tools.bench import peak_traced_bytes
 from helpers import RTOL, make_problem, rel_err
 
 BACKENDS = ["numpy", "numba", "cython"]
@@ -152,32 +151,14 @@ def test_blocks_sum_to_the_whole(monkeypatch, lengths, loss, output):
             assert rel_err(h, whole[2]) <= RTOL[np.float64]      # (A's GEMM rows differ by call size)
 
 
-def _peak_bytes(fn):
-    """Peak of traced allocations while ``fn`` runs on a new thread (whose work arrays are all new)."""
-    peak = []
-
-    def target():
-        tracemalloc.start()
-        try:
-            fn()
-            peak.append(tracemalloc.get_traced_memory()[1])
-        finally:
-            tracemalloc.stop()
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    return peak[0]
-
-
 def test_memory_bounded(monkeypatch):
     """At T = 4096 (segments of 64 steps) the checkpointed call holds a small fraction of full BPTT's states."""
     monkeypatch.setattr(ck, "BLOCK_ROWS", 16 * 64)
     T, B, H = 4096, 16, 32
     params, X, Y = make_problem(T, B, 2, H, 1, output="last", dtype=np.float64, seed=0)
     X, Y = np.ascontiguousarray(X), np.ascontiguousarray(Y)
-    plain = _peak_bytes(lambda: fastbptt.loss_and_grad(params, X, Y, output="last", backend="cython"))
-    checked = _peak_bytes(lambda: fastbptt.loss_and_grad(params, X, Y, output="last", backend="cython",
+    plain = peak_traced_bytes(lambda: fastbptt.loss_and_grad(params, X, Y, output="last", backend="cython"))
+    checked = peak_traced_bytes(lambda: fastbptt.loss_and_grad(params, X, Y, output="last", backend="cython",
                                                          checkpoint="sqrt"))
     states = (T + 1) * B * H * 8
     assert plain > 3 * states           # Hs, A, G, dZ: (T, B, H) each

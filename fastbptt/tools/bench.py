@@ -303,6 +303,29 @@ def time_callable(fn, *, repeats=7, min_sample_s=0.05, budget_s=10.0, min_repeat
     return samples
 
 
+def peak_traced_bytes(fn):
+    """The peak of Python-traced allocations (numpy's included) while ``fn()`` runs, on a new
+    thread: its work arrays (kept per thread) are all new, so every array of the call counts."""
+    import threading
+    import tracemalloc
+    peak = []
+
+    def target():
+        tracemalloc.start()
+        try:
+            fn()
+            peak.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if not peak:
+        raise RuntimeError("peak_traced_bytes: the call raised (see the thread's traceback above)")
+    return peak[0]
+
+
 def time_interleaved(fns, rounds, min_sample_s=0.05):
     """``{key: [seconds per call, one sample per round]}``: the callables ``fns`` timed in turns,
     so that the machine's drift hits them alike (each sample at least ``min_sample_s``)."""
