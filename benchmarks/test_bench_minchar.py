@@ -16,7 +16,7 @@ import fastbptt
 from fastbptt.tools import minchar
 
 QUICK = bool(os.environ.get("FASTBPTT_BENCH_QUICK"))
-CHUNKS = 20 if QUICK else 200
+CHUNKS = 60 if QUICK else 200
 VOCAB, HIDDEN = 65, 100
 _seconds = {}
 
@@ -35,10 +35,14 @@ def test_minchar_loop(benchmark, impl, ids):
         loop = lambda: minchar.fastbptt_loop(ids, VOCAB, HIDDEN, CHUNKS, dtype=np.float32,  # noqa: E731
                                              backend=impl)
     losses = benchmark.pedantic(loop, rounds=1 if QUICK else 3, warmup_rounds=0)
-    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]      # it learns
+    assert np.all(np.isfinite(losses)) and losses[-10:].mean() < losses[:10].mean()     # it learns
     benchmark.group = "min-char-rnn loop" + (" quick" if QUICK else "")
-    median = benchmark.stats.stats.median
+    benchmark.extra_info["chunks"] = CHUNKS
+    stats = getattr(benchmark, "stats", None)         # None with --benchmark-disable
+    if stats is None:
+        return
+    median = stats.stats.median
     _seconds[impl] = median
-    benchmark.extra_info.update({"chunks": CHUNKS, "seconds_per_chunk": median / CHUNKS})
+    benchmark.extra_info["seconds_per_chunk"] = median / CHUNKS
     if impl != "gist" and "gist" in _seconds:
-        benchmark.extra_info["speedup_vs_numpy"] = _seconds["gist"] / median
+        benchmark.extra_info["speedup_vs_gist"] = _seconds["gist"] / median
