@@ -14,6 +14,7 @@ the BLAS wrapper, and each tanh implementation.
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -300,7 +301,7 @@ def _import_kernels_with(value):
     code = ("import fastbptt.backends.cython.kernels as K; print(K.SIMD_IMPL); "
             "print(K.uses_simd(1, 32, 'float32'))")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tempfile.gettempdir())     # the installed package, not the source tree
 
 
 @pytest.mark.parametrize("value,impl", [pytest.param("avx512", "avx512", marks=_LACKS["avx512"]),
@@ -324,7 +325,8 @@ def test_simd_environment_variable_bad_value_names_it():
     code = ("import fastbptt; from fastbptt.backends import resolve_backend\n"
             "assert 'cython' not in fastbptt.available_backends()\n"
             "resolve_backend('cython')")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tempfile.gettempdir())
     assert proc.returncode != 0 and "FASTBPTT_SIMD='neon'" in proc.stderr, proc.stderr
 
 

@@ -154,7 +154,7 @@ def test_cache_is_written_atomically_and_read_by_a_new_process(learn, monkeypatc
             f"dtype=np.dtype('float64'), lengths=False); "
             "print(json.dumps([type(c).__name__, c.name, c.threads]))")
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, cwd=learn.parent)    # the installed package, not the source tree
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["Choice", entry["backend"], entry["threads"]]
 
