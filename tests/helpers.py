@@ -23,6 +23,35 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / scale)
 
 
+def assert_close(got, ref, dtype, what):
+    """``got`` (ours) within RTOL[dtype] of ``ref`` (an oracle): shape, dtype, then :func:`rel_err`."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape}, the oracle's {ref.shape}"
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {np.dtype(dtype)}"
+    err = rel_err(got, ref)
+    assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]}"
+
+
+def torch_suffix(i, dirs):
+    """torch's name suffix of (layer, direction) ``i``: ``_l0``, ``_l0_reverse``, ``_l1``, ..."""
+    return f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
+
+
+def check_layer_grads(grads, params, oracle_layers, dtype, what=""):
+    """Every (layer, direction)'s gradients against torch's ``(weight_ih, weight_hh, bias_ih, bias_hh)``
+    grads: torch has two biases where we have one, b_h = bias_ih + bias_hh, so both get ∂L/∂b_h."""
+    assert isinstance(grads, fastbptt.RNNParams)
+    assert grads.bidirectional == params.bidirectional and grads.num_layers == params.num_layers
+    assert len(grads.layers) == len(oracle_layers)
+    dirs = params.num_directions
+    for i, (lay, (g_ih, g_hh, gb_ih, gb_hh)) in enumerate(zip(grads.layers, oracle_layers)):
+        sfx = torch_suffix(i, dirs)
+        assert_close(lay.W_xh, g_ih, dtype, f"{what}dW_xh (weight_ih{sfx})")
+        assert_close(lay.W_hh, g_hh, dtype, f"{what}dW_hh (weight_hh{sfx})")
+        assert_close(lay.b_h, gb_ih, dtype, f"{what}db_h (bias_ih{sfx})")
+        assert_close(lay.b_h, gb_hh, dtype, f"{what}db_h (bias_hh{sfx})")
+
+
 def make_problem(T, B, D, H, O, *, loss="mse", output="sequence", dtype=np.float64, seed=0,
                  single=False, scale=1.0, num_layers=1, bidirectional=False):
     """Random params, X, Y for a shape; Y matches loss and output. single=True drops B (B must be 1);

@@ -238,19 +238,6 @@ def test_rows_calls_run_at_once_from_several_threads(kernels):
             assert rel_err(Hs, Hs_ref) <= RTOL[np.float64] and rel_err(dZ, dZ_ref) <= RTOL[np.float64]
 
 
-@pytest.mark.parametrize("bad", [(3, 3), (-1, 2), (0, 6), (4, 2)], ids=str)
-def test_rows_out_of_range_are_refused(kernels, bad):
-    T, B, H = 4, 5, 3
-    A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
-    ends, bp_starts = windows(T, 2)
-    Hs, _ = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
-    msg = r"rows: expected \(b0, b1\) with 0 <= b0 < b1 <= B=5"
-    with pytest.raises(ValueError, match=msg):
-        kernels.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs.copy(), R.ACT_TANH, rows=bad)
-    with pytest.raises(ValueError, match=msg):
-        kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty_like(G), rows=bad)
-
-
 # --- threads=n ---------------------------------------------------------------------------------
 
 THREAD_SHAPES = {"T1B3H5": (1, 3, 5), "T7B1H9": (7, 1, 9), "T6B2H1": (6, 2, 1), "T9B5H13": (9, 5, 13),
@@ -288,18 +275,22 @@ def test_threads_match_reference(kernels, dtype, act, truncation, threads, shape
         assert rel_err(Hs, Hs_ref) <= RTOL[dtype] and rel_err(dZ, dZ_ref) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 3, 520)], ids=["H5", "H520"])
-def test_threads_below_one_are_refused(kernels, bad, shape):
+BAD_CALLS = [({"rows": bad}, r"rows: expected \(b0, b1\) with 0 <= b0 < b1 <= B=3", (4, 3, 5))
+             for bad in [(3, 3), (-1, 2), (0, 6), (4, 2)]]
+BAD_CALLS += [({"threads": bad}, f"threads: expected an int >= 1, got {bad}", shape)
+              for bad in (0, -1) for shape in [(4, 3, 5), (2, 3, 520)]]     # H=520: the packed split
+
+
+@pytest.mark.parametrize("kw,msg,shape", BAD_CALLS, ids=[f"{k}-H{s[2]}".replace(" ", "") for k, _, s in BAD_CALLS])
+def test_bad_rows_and_threads_are_refused(kernels, kw, msg, shape):
     T, B, H = shape
     A, W_hh, h0, G = kernel_problem(T, B, H, np.float64, seed=0)
     ends, bp_starts = windows(T, 2)
     Hs, _ = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
-    msg = f"threads: expected an int >= 1, got {bad}"
     with pytest.raises(ValueError, match=msg):
-        kernels.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs.copy(), R.ACT_TANH, threads=bad)
+        kernels.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs.copy(), R.ACT_TANH, **kw)
     with pytest.raises(ValueError, match=msg):
-        kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty_like(G), threads=bad)
+        kernels.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, np.empty_like(G), **kw)
 
 
 # --- the kernels inside loss_and_grad ------------------------------------------------------------

@@ -30,7 +30,7 @@ import pytest
 import fastbptt
 from fastbptt.backends import reference as R, resolve_backend
 from fastbptt.engine.core import windows
-from helpers import RTOL, rel_err
+from helpers import RTOL, assert_close, check_layer_grads, rel_err, torch_suffix
 
 BACKENDS = ("numpy", "numba", "cython")
 F64 = np.float64
@@ -63,22 +63,9 @@ def _valid(lengths, T):
     return np.arange(T)[:, None] < np.asarray(lengths)[None, :]
 
 
-def _check(got, ref, dtype, what):
-    """``got`` (ours) within RTOL[dtype] of ``ref`` (torch): shape, dtype, then max |diff| / max |ref|."""
-    got, ref = np.asarray(got), np.asarray(ref)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, torch's {ref.shape}"
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {np.dtype(dtype)}"
-    err = rel_err(got, ref)
-    assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]}"
-
-
 def _user_state(h, n):
     """(n, B, H) -> the user's shape: (B, H) for one unidirectional layer."""
     return h[0] if n == 1 else h
-
-
-def _sfx(i, dirs):
-    return f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
 
 
 def _fill(a, valid, value):
@@ -136,7 +123,7 @@ def _torch_model(L, bi, act, seed, dtype=F64, head=True):
 def _torch_layer_grads(rnn, n, dirs):
     """Per (layer, direction): (weight_ih, weight_hh, bias_ih, bias_hh) gradients, then cleared."""
     named = dict(rnn.named_parameters())
-    out = [tuple(named[f"{w}{_sfx(i, dirs)}"].grad.numpy().copy()
+    out = [tuple(named[f"{w}{torch_suffix(i, dirs)}"].grad.numpy().copy()
                  for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for i in range(n)]
     rnn.zero_grad(set_to_none=True)
     return out
@@ -215,17 +202,6 @@ def _lg_case(L, bi, loss, output, act, lkey, dtype=F64):
             "b_y": lin.bias.grad.numpy().copy(), "h_n": _user_state(h_n.detach().numpy(), n)}
 
 
-def _check_layer_grads(grads, params, oracle, dtype, what=""):
-    assert isinstance(grads, fastbptt.RNNParams) and len(grads.layers) == len(oracle)
-    dirs = params.num_directions
-    for i, (lay, (g_ih, g_hh, gb_ih, gb_hh)) in enumerate(zip(grads.layers, oracle)):
-        sfx = _sfx(i, dirs)
-        np.testing.assert_allclose(gb_hh, gb_ih, rtol=1e-12, atol=1e-15, err_msg=f"torch's bias_hh{sfx}")
-        _check(lay.W_xh, g_ih, dtype, f"{what}dW_xh (weight_ih{sfx})")
-        _check(lay.W_hh, g_hh, dtype, f"{what}dW_hh (weight_hh{sfx})")
-        _check(lay.b_h, gb_ih, dtype, f"{what}db_h (bias_ih{sfx})")
-
-
 def _run_lg_case(L, bi, loss, output, act, lkey, backend, dtype=F64):
     c = _lg_case(L, bi, loss, output, act, lkey, dtype)
     params = c["params"].copy()
@@ -234,10 +210,10 @@ def _run_lg_case(L, bi, loss, output, act, lkey, backend, dtype=F64):
                                                   activation=act, backend=backend)
     assert isinstance(value, float)
     assert value == pytest.approx(c["loss"], rel=RTOL[dtype], abs=RTOL[dtype]), "loss (mean over valid positions)"
-    _check_layer_grads(grads, params, c["layers"], dtype)
-    _check(grads.W_hy, c["W_hy"], dtype, "dW_hy (linear.weight)")
-    _check(grads.b_y, c["b_y"], dtype, "db_y (linear.bias)")
-    _check(h_last, c["h_n"], dtype, "h_last vs torch's h_n")
+    check_layer_grads(grads, params, c["layers"], dtype)
+    assert_close(grads.W_hy, c["W_hy"], dtype, "dW_hy (linear.weight)")
+    assert_close(grads.b_y, c["b_y"], dtype, "db_y (linear.bias)")
+    assert_close(h_last, c["h_n"], dtype, "h_last vs torch's h_n")
 
 
 def test_every_backend_is_available():
@@ -299,24 +275,24 @@ def _run_vjp_case(L, bi, act, lkey, backend, head):
     if head:
         O_logits, Hs = fastbptt.forward(params, c["X"].copy(), c["h0"].copy(), lengths=lengths.copy(),
                                         activation=act, backend=backend)
-        _check(Hs[1:], c["out"], F64, "forward Hs[1:] vs torch's pad_packed_sequence(output)")
+        assert_close(Hs[1:], c["out"], F64, "forward Hs[1:] vs torch's pad_packed_sequence(output)")
         assert np.all(Hs[1:][~valid] == 0), "forward: Hs[1:] must hold zeros at padded steps"
         np.testing.assert_array_equal(Hs[0], c["h0_top"], err_msg="forward Hs[0]: the top layer's h0")
-        _check(O_logits[valid], c["logits"][valid], F64, "forward O_logits at the valid steps")
+        assert_close(O_logits[valid], c["logits"][valid], F64, "forward O_logits at the valid steps")
     output, h_n = fastbptt.rnn(params, c["X"].copy(), c["h0"].copy(), lengths=lengths.copy(),
                                activation=act, backend=backend)
-    _check(output, c["out"], F64, "rnn output")
+    assert_close(output, c["out"], F64, "rnn output")
     assert np.all(output[~valid] == 0), "rnn: output must hold zeros at padded steps"
-    _check(h_n, c["h_n"], F64, "rnn h_n")
+    assert_close(h_n, c["h_n"], F64, "rnn h_n")
     output, h_n, vjp = fastbptt.rnn_vjp(params, c["X"].copy(), c["h0"].copy(), lengths=lengths.copy(),
                                         activation=act, backend=backend)
-    _check(output, c["out"], F64, "rnn_vjp output")
-    _check(h_n, c["h_n"], F64, "rnn_vjp h_n")
+    assert_close(output, c["out"], F64, "rnn_vjp output")
+    assert_close(h_n, c["h_n"], F64, "rnn_vjp h_n")
     grads, dX, dh0 = vjp(c["dO"].copy(), c["dH"].copy())
-    _check_layer_grads(grads, params, c["layers"], F64, "vjp ")
-    _check(dX, c["dX"], F64, "vjp dX")
+    check_layer_grads(grads, params, c["layers"], F64, "vjp ")
+    assert_close(dX, c["dX"], F64, "vjp dX")
     assert np.all(dX[~valid] == 0), "vjp: dX must be zero at padded steps"
-    _check(dh0, c["dh0"], F64, "vjp dh0")
+    assert_close(dh0, c["dh0"], F64, "vjp dh0")
     if head:
         assert not np.any(grads.W_hy) and not np.any(grads.b_y), "vjp: the head's gradients must be zero"
     else:
@@ -371,7 +347,7 @@ def test_vjp_keeps_its_own_lengths(backend):
     again = vjp(c["dO"], c["dH"])
     for a, b in zip(list(first[0].arrays()) + [first[1], first[2]], list(again[0].arrays()) + [again[1], again[2]]):
         np.testing.assert_array_equal(a, b)
-    _check(again[1], c["dX"], F64, "vjp dX after other calls")
+    assert_close(again[1], c["dX"], F64, "vjp dX after other calls")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -475,10 +451,10 @@ def test_truncated_stack_with_lengths_matches_torch(L, loss, output, truncation,
                                                   lengths=c["lengths"].copy(), loss=loss, output=output,
                                                   truncation=truncation, backend=backend)
     assert value == pytest.approx(c["loss"], rel=RTOL[F64], abs=RTOL[F64]), "the whole-sequence loss"
-    _check_layer_grads(grads, params, c["layers"], F64)
-    _check(grads.W_hy, c["W_hy"], F64, "dW_hy")
-    _check(grads.b_y, c["b_y"], F64, "db_y")
-    _check(h_last, c["h_n"], F64, "h_last vs torch's h_n")
+    check_layer_grads(grads, params, c["layers"], F64)
+    assert_close(grads.W_hy, c["W_hy"], F64, "dW_hy")
+    assert_close(grads.b_y, c["b_y"], F64, "db_y")
+    assert_close(h_last, c["h_n"], F64, "h_last vs torch's h_n")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -488,7 +464,7 @@ def test_truncated_stack_relu_with_lengths_matches_torch(truncation, backend):
     params = c["params"].copy()
     _, grads, _ = fastbptt.loss_and_grad(params, c["X"], c["Y"], h0=c["h0"], lengths=c["lengths"],
                                          activation="relu", truncation=truncation, backend=backend)
-    _check_layer_grads(grads, params, c["layers"], F64)
+    check_layer_grads(grads, params, c["layers"], F64)
 
 
 @pytest.mark.parametrize("loss,output", [("mse", "sequence"), ("ce", "last")])

@@ -20,14 +20,14 @@ import pytest
 
 import fastbptt
 
+from helpers import RTOL, assert_close, check_layer_grads, torch_suffix
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 BACKENDS = ("numpy", "numba", "cython")
-# max |ours - torch| over max |torch| per array (and elementwise rtol): float64 is computed in
-# float64 against torch float64; float32 params and data are rounded to float32 first and
-# compared with torch float64 on the same (rounded) values.
-TOL = {np.float64: 1e-10, np.float32: 1e-5}
+# against torch in float64 (helpers.RTOL): float32 params and data are rounded to float32 first
+# and compared with torch float64 on the same (rounded) values.
 
 STRUCTS = [(1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
 STRUCT_IDS = [f"L{L}{'-bi' if bi else ''}" for L, bi in STRUCTS]
@@ -52,20 +52,6 @@ def _seed(*key):
     return zlib.crc32(repr(key).encode())
 
 
-def _assert_close(got, ref, dtype, what):
-    got = np.asarray(got)
-    ref = np.asarray(ref, dtype=np.float64)
-    assert got.shape == ref.shape, f"{what}: shape {got.shape}, torch's {ref.shape}"
-    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {np.dtype(dtype)}"
-    tol = TOL[dtype]
-    scale = max(float(np.max(np.abs(ref))), 1e-300) if ref.size else 1.0
-    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=tol, atol=tol * scale, err_msg=what)
-
-
-def _sfx(i, dirs):
-    return f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
-
-
 def _torch_model(D, H, O, L, bi, act, seed, dtype, *, head=True):
     """An nn.RNN (and Linear) in float64, every parameter (bias_hh too) random and representable in ``dtype``."""
     rng = np.random.default_rng(seed)
@@ -87,7 +73,7 @@ def _our_params(rnn, lin, dtype):
 def _torch_layer_grads(rnn, n, dirs):
     """Per (layer, direction): (weight_ih, weight_hh, bias_ih, bias_hh) gradients."""
     named = dict(rnn.named_parameters())
-    return [tuple(named[f"{w}{_sfx(i, dirs)}"].grad.numpy().copy()
+    return [tuple(named[f"{w}{torch_suffix(i, dirs)}"].grad.numpy().copy()
                   for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for i in range(n)]
 
 
@@ -171,21 +157,6 @@ def _lg_case(L, bi, loss, output, act, truncation, dtype, shape):
             "b_y": lin.bias.grad.numpy().copy(), "h_n": _user_state(h_n.numpy(), n, False)}
 
 
-def _check_layer_grads(grads, params, oracle_layers, dtype, what=""):
-    assert isinstance(grads, fastbptt.RNNParams)
-    assert grads.bidirectional == params.bidirectional and grads.num_layers == params.num_layers
-    assert len(grads.layers) == len(oracle_layers)
-    dirs = params.num_directions
-    for i, (lay, (g_ih, g_hh, gb_ih, gb_hh)) in enumerate(zip(grads.layers, oracle_layers)):
-        sfx = _sfx(i, dirs)
-        # torch's oracle itself: b_h = bias_ih + bias_hh, so both get ∂L/∂b_h
-        np.testing.assert_allclose(gb_hh, gb_ih, rtol=1e-12, atol=1e-15, err_msg=f"torch bias_hh{sfx}")
-        _assert_close(lay.W_xh, g_ih, dtype, f"{what}dW_xh (weight_ih{sfx})")
-        _assert_close(lay.W_hh, g_hh, dtype, f"{what}dW_hh (weight_hh{sfx})")
-        _assert_close(lay.b_h, gb_ih, dtype, f"{what}db_h (bias_ih{sfx})")
-        _assert_close(lay.b_h, gb_hh, dtype, f"{what}db_h (bias_hh{sfx})")
-
-
 def _run_lg_case(L, bi, loss, output, act, backend, *, truncation=None, dtype=np.float64, shape=SHAPE,
                  single=False):
     """``single``: one sequence (2-D X), the B axis (of size 1) dropped from X, Y, h0 and h_last."""
@@ -199,12 +170,12 @@ def _run_lg_case(L, bi, loss, output, act, backend, *, truncation=None, dtype=np
     value, grads, h_last = fastbptt.loss_and_grad(params, X, Y, h0=h0, loss=loss, output=output,
                                                   activation=act, truncation=truncation, backend=backend)
     assert isinstance(value, float)
-    tol = TOL[dtype]
+    tol = RTOL[dtype]
     assert value == pytest.approx(c["loss"], rel=tol, abs=tol), "loss value"
-    _check_layer_grads(grads, params, c["layers"], dtype)
-    _assert_close(grads.W_hy, c["W_hy"], dtype, "dW_hy (linear.weight)")
-    _assert_close(grads.b_y, c["b_y"], dtype, "db_y (linear.bias)")
-    _assert_close(h_last, h_n, dtype, "h_last vs torch h_n")
+    check_layer_grads(grads, params, c["layers"], dtype)
+    assert_close(grads.W_hy, c["W_hy"], dtype, "dW_hy (linear.weight)")
+    assert_close(grads.b_y, c["b_y"], dtype, "db_y (linear.bias)")
+    assert_close(h_last, h_n, dtype, "h_last vs torch h_n")
 
 
 def test_every_backend_is_available():
@@ -236,9 +207,9 @@ def test_forward_matches_torch(L, bi, activation, backend):
         out, _ = rnn(torch.from_numpy(X), torch.from_numpy(h0))
         logits = lin(out)
     top = h0[-2:] if bi else h0[-1:]                 # the top layer's initial state(s), concatenated
-    _assert_close(Hs[1:], out.numpy(), np.float64, "Hs[1:] vs torch output")
+    assert_close(Hs[1:], out.numpy(), np.float64, "Hs[1:] vs torch output")
     np.testing.assert_array_equal(Hs[0], np.concatenate(list(top), axis=-1), err_msg="Hs[0]")
-    _assert_close(O_logits, logits.numpy(), np.float64, "O_logits vs linear(output)")
+    assert_close(O_logits, logits.numpy(), np.float64, "O_logits vs linear(output)")
 
 
 # ----------------------------------------------------------------- truncation
@@ -307,18 +278,18 @@ def _run_vjp_case(L, bi, act, variant, backend, *, dtype=np.float64, shape=SHAPE
     params = c["params"].copy()
     h0 = None if c["h0"] is None else c["h0"].copy()
     output, h_n = fastbptt.rnn(params, c["X"].copy(), h0, activation=act, backend=backend)
-    _assert_close(output, c["out"], dtype, "rnn output")
-    _assert_close(h_n, c["h_n"], dtype, "rnn h_n")
+    assert_close(output, c["out"], dtype, "rnn output")
+    assert_close(h_n, c["h_n"], dtype, "rnn h_n")
     output, h_n, vjp = fastbptt.rnn_vjp(params, c["X"].copy(), h0, activation=act, backend=backend)
-    _assert_close(output, c["out"], dtype, "rnn_vjp output")
-    _assert_close(h_n, c["h_n"], dtype, "rnn_vjp h_n")
+    assert_close(output, c["out"], dtype, "rnn_vjp output")
+    assert_close(h_n, c["h_n"], dtype, "rnn_vjp h_n")
     if c["dH"] is None:
         grads, dX, dh0 = vjp(c["dO"].copy())
     else:
         grads, dX, dh0 = vjp(c["dO"].copy(), c["dH"].copy())
-    _check_layer_grads(grads, params, c["layers"], dtype, "vjp ")
-    _assert_close(dX, c["dX"], dtype, "vjp dX")
-    _assert_close(dh0, c["dh0"], dtype, "vjp dh0")
+    check_layer_grads(grads, params, c["layers"], dtype, "vjp ")
+    assert_close(dX, c["dX"], dtype, "vjp dX")
+    assert_close(dh0, c["dh0"], dtype, "vjp dh0")
     if params.has_head:
         assert grads.W_hy.shape == params.W_hy.shape and grads.b_y.shape == params.b_y.shape
         assert not np.any(grads.W_hy) and not np.any(grads.b_y), "the head's gradients must be zero"
