@@ -344,19 +344,7 @@ class RNN(_LocalRNN):
                                            f"({type(exc).__name__}: {exc}). The model holds its last "
                                            "completed update; it can be saved and fit again.") from exc
                     logs["val_loss"] = sum(v for v, _ in got) / sum(n for _, n in got)
-                record = {k: logs[k] for k in ("loss", "seq_per_s", "val_loss") if k in logs}
-                if lr_at is not None or "lr" in hist:
-                    record["lr"] = logs["lr"]
-                n = len(hist["loss"])
-                for key in hist.keys() | record.keys():
-                    if key != "loss":
-                        hist.setdefault(key, [float("nan")] * n).append(record.get(key, float("nan")))
-                hist["loss"].append(record["loss"])
-                bar.end_epoch(logs)
-                stop = False
-                for cb in callbacks:
-                    stop = (cb(self, dict(logs)) is False) or stop
-                if stop:
+                if self._end_epoch(logs, lr_at, bar, callbacks):
                     break
             if stateful:
                 try:

@@ -797,6 +797,22 @@ class RNN:
         return self._evaluate(kind, Xt, Yt, lengths,
                               self._kernels(Xt.shape[0], min(Xt.shape[1], _PREDICT_CHUNK)))
 
+    def _end_epoch(self, logs, lr_at, bar, callbacks):
+        """An epoch's end (every trainer's): its figures into ``history_`` (all or none), its progress
+        line, then the callbacks in order; returns whether one asked to stop."""
+        hist = self.history_
+        record = {k: (list(logs[k]) if isinstance(logs[k], list) else logs[k])   # not the callbacks' lists
+                  for k in ("loss", "seq_per_s", "val_loss", "val_steps", "grad_norm_by_t",
+                            "spectral_radius", "max_singular_value") if k in logs}
+        if lr_at is not None or "lr" in hist:
+            record["lr"] = logs["lr"]
+        _append_epoch(hist, record)
+        bar.end_epoch(logs)
+        stop = False
+        for cb in callbacks:
+            stop = (cb(self, dict(logs)) is False) or stop
+        return stop
+
     # ------------------------------------------------------------------ fit
     def fit(self, X, Y, *, lengths=None, epochs=1, validation_data=None, shuffle=True, stateful=False,
             progress=None, diagnostics=False, callbacks=None, validation_every=None):
@@ -940,17 +956,7 @@ class RNN:
             for index in range(1, epochs + 1):
                 bar.start_epoch(index)
                 logs = self._fit_epoch(run, bar)
-                record = {k: (list(logs[k]) if isinstance(logs[k], list) else logs[k])   # not the callbacks' lists
-                          for k in ("loss", "seq_per_s", "val_loss", "val_steps", "grad_norm_by_t",
-                                    "spectral_radius", "max_singular_value") if k in logs}
-                if lr_at is not None or "lr" in hist:
-                    record["lr"] = logs["lr"]
-                _append_epoch(hist, record)
-                bar.end_epoch(logs)
-                stop = False
-                for cb in callbacks:
-                    stop = (cb(self, dict(logs)) is False) or stop
-                if stop:
+                if self._end_epoch(logs, lr_at, bar, callbacks):
                     break
         except KeyboardInterrupt as exc:
             done = self.optimizer_.step_count - steps_before
