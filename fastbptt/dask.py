@@ -38,8 +38,8 @@ from distributed import default_client, futures_of, get_worker, wait
 from . import _validation as V
 from ._progress import check_progress, make_progress
 from ._threads import call_scope, set_num_threads
-from .engine.core import ACT_CODES
-from .engine.training import (Carry, apply_step, has_step, is_artbp, point_grad, point_weight, step_where,
+from .engine.core import ACT_CODES, is_artbp
+from .engine.training import (Carry, apply_step, has_step, point_grad, point_weight, step_where,
                               update_points)
 from .estimator import RNN as _LocalRNN
 

@@ -97,12 +97,12 @@ from ._progress import check_progress, make_progress
 from ._threads import call_scope
 from .backends import BACKENDS, dispatch, resolve_backend
 from .diagnostics import recurrent_spectrum
-from .engine.core import ACT_CODES
+from .engine.core import ACT_CODES, is_artbp
 from .engine.lengths import packing
 from .engine.losses import LOSS_FUNCS, LOSSES, predict_from_logits
 from .engine.model import hidden_grad_norms
 from .engine.stack import head_logits, stack_forward
-from .engine.training import batch_truncation, is_artbp, train_batch, update_points
+from .engine.training import batch_truncation, train_batch, update_points
 from .params import INITS, RNNParams
 
 __all__ = ["RNN"]

@@ -27,7 +27,7 @@ import numpy as np
 from . import _validation as V
 from .backends import dispatch
 from .engine import checkpoint as _checkpoint
-from .engine.core import ACT_CODES, windows
+from .engine.core import ACT_CODES, is_artbp, windows
 from .engine.lengths import packing
 from .engine.losses import LOSSES
 from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
@@ -61,10 +61,6 @@ def _prepare(params, X, h0, lengths, *, head):
     if pack is not None:
         X3, h0s = pack.sort(X3, 1), pack.sort(h0s, 1)
     return X3, h0s, single, lengths, pack
-
-
-def _is_artbp(truncation):
-    return isinstance(truncation, tuple) and truncation[0] == "artbp"
 
 
 def _unsort(a, pack, axis=1):
@@ -196,7 +192,7 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
                                                           ACT_CODES[activation], pack=pack,
                                                           segment=_checkpoint.segment_steps(checkpoint, T, B))
             h_last = _unsort(fwd.h_n, pack)
-        elif pack is None and not _is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
+        elif pack is None and not is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
             plan = plan_for(kernels, params, T, B, loss, output, ACT_CODES[activation], truncation)
             value, arrays, h_last = plan.run(params, X3, Y_, h0s)
             grads = RNNParams._trusted_like(params, arrays)

@@ -53,6 +53,11 @@ def scratch(name, shape, dtype):
     return view
 
 
+def is_artbp(truncation):
+    """Whether ``truncation`` (validated) is ARTBP's ``("artbp", c, seed)``."""
+    return isinstance(truncation, tuple) and truncation[0] == "artbp"
+
+
 def windows(T, truncation):
     """The backprop windows of a truncation mode, as the kernels take them.
 

@@ -20,15 +20,10 @@ import math
 import numpy as np
 
 from ..clip import clip_grad_norm, clip_grad_value
-from .core import windows
+from .core import is_artbp, windows
 from .lengths import packing
 from .model import loss_and_grad
 from .stack import stack_forward
-
-
-def is_artbp(truncation):
-    """Whether ``truncation`` (validated) is ARTBP's ``("artbp", c, seed)``."""
-    return isinstance(truncation, tuple) and truncation[0] == "artbp"
 
 
 def batch_truncation(truncation, rng):
