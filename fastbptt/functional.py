@@ -30,9 +30,9 @@ from .engine import checkpoint as _checkpoint
 from .engine.core import ACT_CODES, is_artbp, windows
 from .engine.lengths import packing
 from .engine.losses import LOSSES
-from .engine.model import loss_and_grad as _model_loss_and_grad, pack_grads
+from .engine.model import loss_and_grad as _model_loss_and_grad
 from .engine.plan import plan_for
-from .engine.stack import head_logits, stack_backward, stack_forward
+from .engine.stack import head_logits, pack_grads, stack_backward, stack_forward
 from ._threads import call_scope
 from .params import RNNParams
 

@@ -34,7 +34,7 @@ from .._threads import row_parts, run as run_tasks, team_size
 from ..backends.reference import ACT_TANH
 from .core import column_sums, matmul, pmatmul, scratch
 from .losses import LOSS_SUMS
-from .stack import StackForward, _input_rows_W1
+from .stack import StackForward, _input_rows_W1, pack_grads
 
 # Rows (steps · batch) of one block of the GEMMs over time. Each block's GEMMs are split
 # between the threads on their own, and more blocks cost plain full BPTT time on 2 threads
@@ -211,7 +211,6 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
     each segment again in the backward (``fwd`` then has ``h_n`` only). Both give the same
     floating-point result.
     """
-    from .model import pack_grads
     run = _Run(kernels, params, X3, act, pack)
     T, B, H, L, dt = run.T, run.B, run.H, run.L, run.dtype
     s = T if segment is None or segment >= T else segment

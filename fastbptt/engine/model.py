@@ -6,19 +6,10 @@ C-contiguous arrays of the parameters' dtype and a resolved backend module.
 
 import numpy as np
 
-from ..params import RNNParams
 from . import checkpoint as _checkpoint
 from .core import column_sums, matmul, pmatmul, scratch, windows
 from .losses import LOSS_FUNCS
-from .stack import head_logits, stack_backward, stack_forward
-
-
-def pack_grads(params, layer_grads, head=None):
-    """An :class:`RNNParams` of gradients in ``params``' structure (head zeros when not given)."""
-    arrays = [a for g in layer_grads for a in g]
-    if params.has_head:
-        arrays += list(head) if head is not None else [np.zeros_like(params.W_hy), np.zeros_like(params.b_y)]
-    return RNNParams._trusted_like(params, arrays)
+from .stack import head_logits, pack_grads, stack_backward, stack_forward
 
 
 def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_from=0, pack=None,

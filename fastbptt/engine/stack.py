@@ -26,7 +26,16 @@ GEMMs run on the valid positions only: ``X1`` then holds the valid rows
 
 import numpy as np
 
+from ..params import RNNParams
 from .core import matmul, pmatmul, recurrence, scratch, with_ones
+
+
+def pack_grads(params, layer_grads, head=None):
+    """An :class:`RNNParams` of gradients in ``params``' structure (head zeros when not given)."""
+    arrays = [a for g in layer_grads for a in g]
+    if params.has_head:
+        arrays += list(head) if head is not None else [np.zeros_like(params.W_hy), np.zeros_like(params.b_y)]
+    return RNNParams._trusted_like(params, arrays)
 
 
 class StackForward:
