@@ -186,11 +186,11 @@ def loss_and_grad(params, X, Y, *, h0=None, lengths=None, loss="mse", output="se
             Y_ = Y_.reshape((T * B,) + Y_.shape[2:])[pack.idx]
     choice = _dispatch("loss_and_grad", backend, params, X3, pack)     # (checkpointed too: one choice, the same bits)
     kernels, t0 = choice.kernels, perf_counter()
+    segment = None if checkpoint is None else _checkpoint.segment_steps(checkpoint, T, B)
     with call_scope(threads=choice.threads):
-        if checkpoint is not None:
+        if segment is not None and segment < T:     # (one segment is plain full BPTT)
             value, grads, fwd = _checkpoint.loss_and_grad(kernels, params, X3, Y_, h0s, loss, output,
-                                                          ACT_CODES[activation], pack=pack,
-                                                          segment=_checkpoint.segment_steps(checkpoint, T, B))
+                                                          ACT_CODES[activation], pack=pack, segment=segment)
             h_last = _unsort(fwd.h_n, pack)
         elif pack is None and not is_artbp(truncation):   # the shape's plan, made once (same arithmetic)
             plan = plan_for(kernels, params, T, B, loss, output, ACT_CODES[activation], truncation)

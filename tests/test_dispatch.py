@@ -56,17 +56,24 @@ def learned_entry(X, params, op="loss_and_grad"):
     return W.learned()[W._key_text(key)]
 
 
-def slowed(name, monkeypatch, delay_s=0.004):
-    """Make backend ``name`` slower by ``delay_s`` per forward recurrence, deterministically."""
-    real = _backends._load(name)
+def _delayed(real, when):
+    """A copy of backend module ``real`` whose recurrences (the forward kernel, and the whole-layer
+    call of engine.fused where it has one) first sleep 4 ms whenever ``when()`` holds."""
     fake = types.ModuleType(real.__name__)
     fake.__dict__.update(vars(real))
+    for kernel in ("forward_recurrence", "layer_loss_and_grad"):
+        if getattr(real, kernel, None) is not None:
+            def delayed(*args, _real=getattr(real, kernel), **kw):
+                if when():
+                    time.sleep(0.004)
+                return _real(*args, **kw)
+            setattr(fake, kernel, delayed)
+    return fake
 
-    def forward_recurrence(*args, **kw):
-        time.sleep(delay_s)
-        return real.forward_recurrence(*args, **kw)
 
-    fake.forward_recurrence = forward_recurrence
+def slowed(name, monkeypatch):
+    """Make backend ``name`` slower by 4 ms per recurrence, deterministically."""
+    fake = _delayed(_backends._load(name), lambda: True)
     monkeypatch.setitem(_backends._loaded, name, fake)
     return fake
 
@@ -92,17 +99,7 @@ def test_learning_picks_the_faster_team(learn, monkeypatch):
     if get_num_threads() < 2:
         pytest.skip("needs 2 CPUs: the team sizes tried are 1 .. fastbptt.get_num_threads()")
     for name in COMPILED:
-        real = _backends._load(name)
-        fake = types.ModuleType(real.__name__)
-        fake.__dict__.update(vars(real))
-
-        def forward_recurrence(*args, _real=real, **kw):
-            if team_size() > 1:
-                time.sleep(0.004)
-            return _real.forward_recurrence(*args, **kw)
-
-        fake.forward_recurrence = forward_recurrence
-        monkeypatch.setitem(_backends._loaded, name, fake)
+        monkeypatch.setitem(_backends._loaded, name, _delayed(_backends._load(name), lambda: team_size() > 1))
     params, X, Y = make_problem(6, 3, 4, 9, 2, dtype=np.float32)
     settle(params, X, Y)
     assert learned_entry(X, params)["threads"] == 1

@@ -7,6 +7,7 @@ C-contiguous arrays of the parameters' dtype and a resolved backend module.
 import numpy as np
 
 from . import checkpoint as _checkpoint
+from . import fused as _fused
 from .core import column_sums, matmul, pmatmul, scratch, windows
 from .losses import LOSS_FUNCS
 from .stack import head_logits, pack_grads, stack_backward, stack_forward
@@ -32,6 +33,8 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins, loss_fro
     """
     T, B, _ = X3.shape
     O = params.output_size
+    if pack is None and not loss_from and last_rows is None and _fused.applies(kernels, params, T, B, wins):
+        return _fused.loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins)
     if (not params.bidirectional and not loss_from and last_rows is None and len(wins) == 2
             and wins[0].shape[0] == 1 and wins[1][0] == 0):
         # full BPTT in the fixed time blocks that checkpointed BPTT sums in too (bit for bit)

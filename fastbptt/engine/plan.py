@@ -18,6 +18,7 @@ import numpy as np
 
 from .._threads import team_size
 from . import blas as _blas
+from . import fused as _fused
 from .checkpoint import block_steps
 from .core import column_sums, pmatmul, windows
 from .losses import LOSS_FUNCS
@@ -28,7 +29,7 @@ class Plan:
     """See the module docstring. ``run`` takes validated, C-contiguous arrays of the plan's dtype."""
 
     __slots__ = ("key", "kernels", "loss", "output", "act", "wins", "fast", "T", "B",
-                 "X1", "W1", "W_hhT", "A", "Hs", "dOut", "dZ", "dW1", "loss_fn", "threads", "small")
+                 "X1", "W1", "W_hhT", "A", "Hs", "dOut", "dZ", "dW1", "loss_fn", "threads", "small", "fused", "work")
 
     def __init__(self, key, kernels, params, T, B, loss, output, act, wins):
         self.key, self.kernels = key, kernels
@@ -40,9 +41,14 @@ class Plan:
         full = len(wins) == 2 and wins[0].shape[0] == 1 and wins[1][0] == 0
         self.fast = (params.num_layers == 1 and not params.bidirectional and len(wins) == 2
                      and (not full or T <= block_steps(B)))
+        self.fused = self.fast and _fused.applies(kernels, params, T, B, wins)
         if not self.fast:
             return
         D, H, dt = params.input_size, params.hidden_size, params.dtype
+        if self.fused:          # the whole call in one (see engine.fused)
+            self.work = _fused.work_arrays(T, B, H, params.output_size, output, dt, new=True)
+            self.threads = _fused.threads(kernels, params, T, B)
+            return
         self.X1 = np.empty((T * B, D + 1), dt)
         self.X1[:, D] = 1
         self.W1 = np.empty((H, D + 1), dt)
@@ -69,6 +75,12 @@ class Plan:
                     dst[...] = src
                 arrays = grads
             return value, list(arrays), fwd.h_n
+        if self.fused:
+            if grads is None:
+                grads = [np.empty(a.shape, a.dtype) for a in params.arrays()]
+            value = _fused.run(self.kernels, params, X3, Y, h0s, self.loss, self.output, self.act, self.wins,
+                               grads, self.work, self.threads)
+            return value, grads, self.work[2][self.T:].copy()
         return self._run_layer(params, X3, Y, h0s, grads)
 
     def _run_layer(self, params, X3, Y, h0s, grads):

@@ -1054,8 +1054,11 @@ def format_table(results):
                         + (f" ({vs['ratio']:.2f}x {vs['best']}'s timed in turns)" if vs else "")
                         + f" (took {auto.get('auto_choice', {}).get('backend', '?')} on "
                         f"{auto.get('threads', '?')} thr)")
+            auto_ups = [f"{r} {row[r]['median_s'] / auto['median_s']:.2f}x" for r in ref_cols
+                        if r in row and row[r]["kind"] == "peer"] if auto is not None else []
             summary.append(f"{name}: fastbptt best = {best['impl']} {best['median_s'] * 1e3:.3f} ms{took}"
-                           + (f"; speed-up over {', '.join(ups)}" if ups else ""))
+                           + (f"; speed-up over {', '.join(ups)}" if ups else "")
+                           + (f" (auto's: {', '.join(auto_ups)})" if auto_ups else ""))
     if summary:
         lines.append("")
         lines.append("summary (best: the fastest named backend; auto: the dispatcher, learning in this run; "

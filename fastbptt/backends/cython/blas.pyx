@@ -118,18 +118,24 @@ def using_cblas():
 cdef void _any_gemm(bint ta, bint tb, int64_t m, int64_t n, int64_t k, const floating *A, int64_t lda,
                     const floating *B, int64_t ldb, floating *C, int64_t ldc) noexcept nogil:
     """Row-major ``C = op(A)·op(B)`` on NumPy's cblas if set, else through ``_gemm`` (SciPy's)."""
+    _cgemm(ta, tb, m, n, k, A, lda, B, ldb, 0, C, ldc)
+
+
+cdef void _cgemm(bint ta, bint tb, int64_t m, int64_t n, int64_t k, const floating *A, int64_t lda,
+                 const floating *B, int64_t ldb, floating beta, floating *C, int64_t ldc) noexcept nogil:
+    """Row-major ``C = op(A)·op(B) + beta·C`` on NumPy's cblas if set, else through ``_gemm``."""
     if floating is float:
         if _np_sgemm != NULL:
             _np_sgemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
-                      m, n, k, 1.0, A, lda, B, ldb, 0.0, C, ldc)
+                      m, n, k, 1.0, A, lda, B, ldb, beta, C, ldc)
             return
     else:
         if _np_dgemm != NULL:
             _np_dgemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
-                      m, n, k, 1.0, A, lda, B, ldb, 0.0, C, ldc)
+                      m, n, k, 1.0, A, lda, B, ldb, beta, C, ldc)
             return
     _gemm(Trans if ta else NoTrans, Trans if tb else NoTrans, <int> m, <int> n, <int> k,
-          <floating> 1.0, A, <int> lda, B, <int> ldb, <floating> 0.0, C, <int> ldc)
+          <floating> 1.0, A, <int> lda, B, <int> ldb, beta, C, <int> ldc)
 
 
 cdef struct _GemmJob:

@@ -31,7 +31,12 @@ from fastbptt._validation import check_batch_sizes
 from cython cimport floating
 from fastbptt.backends.cython.pool cimport part_start, run_parts
 
-from fastbptt.backends.cython.blas cimport BLAS_Trans, NoTrans, _gemm
+from fastbptt.backends.cython.blas cimport BLAS_Trans, NoTrans, _cgemm, _gemm
+
+cimport numpy as cnp
+from libc.math cimport exp, expf, fabs, fabsf, log, log1p, log1pf, logf
+
+cnp.import_array()
 
 # tanh over a contiguous run, in C. Where the build found glibc's libmvec
 # (glibc >= 2.35 on x86-64: setup.py defines FASTBPTT_LIBMVEC and links -lmvec)
@@ -406,7 +411,9 @@ cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept 
     at H = 5..8 and at B = 3 below H = 128). The AVX2 rule is from the AVX2 code on Zen 4; never
     at the portable level.
     """
-    if B < 1 or B > 4 or fb_simd_level == 0:
+    if B > 4:                   # f32 at H <= 64 on AVX-512: 1.07-1.6x faster than BLAS per step up
+        return fb_simd_level == 2 and not is_double and H <= 64     # to 64 rows (Xeon; docs/kernels_simd.md)
+    if B < 1 or fb_simd_level == 0:
         return False
     if fb_simd_level == 1:
         return B == 1 or H <= 4 or (not is_double and 16 <= H <= 24)
@@ -1160,3 +1167,375 @@ def _set_wide_level(int level):
     got = fbw_set_level(level)
     WIDE_IMPL = fbw_impl().decode()
     return got
+
+
+
+# ---------------------------------------------------------------------------------------------
+# one layer's whole loss and gradient in one call
+# ---------------------------------------------------------------------------------------------
+# At short chunks (T=25, B=1, H=100) the arithmetic of a step is ~15-30 µs and a dozen NumPy calls
+# around the two kernels cost ~60 µs more; here the input projection, the recurrence, the head,
+# the loss, the backward loop and the weight gradients run in one call without the GIL, on the
+# caller's work arrays. On a team, each GEMM phase splits its rows between the threads (the weight
+# gradients by their output rows, so no partial sums), and the head's gradient is the sum of the
+# parts' in part order.
+
+#: the losses of ``layer_loss_and_grad`` by name (as ``fastbptt.engine.losses.LOSSES``)
+LOSS_CODES = {"mse": 0, "bce": 1, "ce": 2}
+
+
+cdef struct _LayerCall:
+    Py_ssize_t T, B, D, H, O, n_out, phase
+    int loss
+    bint seq, is_double
+    const void *X
+    const void *Y               # (n_out, O) of the dtype for mse/bce; (n_out,) int64 class ids for ce
+    const void *h0
+    const void *W_xh
+    const void *W_hh
+    const void *b_h
+    const void *W_hy
+    const void *b_y
+    void *A
+    void *W_hhT
+    void *Hs
+    void *logits
+    void *dOut
+    void *dZ
+    void *ones                  # (T·B,): ones, for the column sums
+    void *gW_xh
+    void *gW_hh
+    void *gb_h
+    void *gW_hy
+    void *gb_y
+    void *sums                  # (parts - 1, O·H + O): the head gradients of parts 1, 2, ...
+    double *losses              # (parts,): each part's loss sum
+    Py_ssize_t *bad             # (parts,): each part's first row with a class id out of range, or -1
+
+
+cdef void *_data(object a, str name, int typenum, Py_ssize_t size, bint write) except NULL:
+    """The data of a C-contiguous ndarray of ``size`` elements of ``typenum`` (else TypeError/ValueError)."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name}: expected an ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    if cnp.PyArray_TYPE(arr) != typenum:
+        raise TypeError(f"{name}: expected dtype {cnp.PyArray_DescrFromType(typenum)}, got {a.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) or cnp.PyArray_SIZE(arr) != size:
+        raise ValueError(f"{name}: expected a C-contiguous array of {size} elements, got shape {a.shape} "
+                         f"(C-contiguous: {bool(cnp.PyArray_IS_C_CONTIGUOUS(arr))})")
+    if write and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name}: expected a writeable array")
+    if size == 0:
+        return <void *> &_no_data
+    return cnp.PyArray_DATA(arr)
+
+
+cdef double _no_data = 0
+
+
+cdef inline void _column_sums(const floating *M, Py_ssize_t n, Py_ssize_t w, Py_ssize_t ldm,
+                              const floating *ones, floating *out) noexcept nogil:
+    """``out = M.sum(axis=0)`` of an (n, w) ``M`` with row stride ``ldm`` as ``ones·M``, on BLAS."""
+    _cgemm(False, False, 1, w, n, ones, n, M, ldm, <floating> 0, out, w)
+
+
+cdef Py_ssize_t _loss_rows(_LayerCall *c, floating *o, Py_ssize_t r0, Py_ssize_t r1,
+                           double *total_out) noexcept nogil:
+    """The loss sum of logit rows r0..r1 (``o`` points at row r0) into ``total_out``; ``o`` becomes
+    ∂loss/∂o for torch's mean over every row. Returns -1, or the first row whose class id is out
+    of range. The arithmetic of ``fastbptt.engine.losses``: terms in the dtype, summed in double."""
+    cdef Py_ssize_t O = c.O, N = c.n_out * c.O, i, j, m_rows = r1 - r0
+    cdef const floating *y
+    cdef const int64_t *ids
+    cdef floating d, x, s, m, scale, e, inv_n, xc
+    cdef double total = 0
+    if c.loss == 0:                                     # mse: mean((o - y)²)
+        y = <const floating *> c.Y + r0 * O
+        scale = <floating> (2.0 / N)
+        for i in range(m_rows * O):
+            d = o[i] - y[i]
+            total += d * d
+            o[i] = scale * d
+    elif c.loss == 1:                                   # bce with logits: max(o,0) - o·y + log(1 + e^-|o|)
+        y = <const floating *> c.Y + r0 * O
+        for i in range(m_rows * O):
+            x = o[i]
+            if floating is float:
+                d = (x if x > 0 else 0) - x * y[i] + log1pf(expf(-fabsf(x)))
+                s = 1 / (1 + expf(-x))
+            else:
+                d = (x if x > 0 else 0) - x * y[i] + log1p(exp(-fabs(x)))
+                s = 1 / (1 + exp(-x))
+            total += d
+            o[i] = (s - y[i]) / <floating> N
+    else:                                               # ce: mean of -log softmax(o)[y]
+        ids = <const int64_t *> c.Y + r0
+        inv_n = <floating> (1.0 / c.n_out)
+        for i in range(m_rows):
+            if ids[i] < 0 or ids[i] >= O:
+                return r0 + i
+            m = o[i * O]
+            for j in range(1, O):
+                if o[i * O + j] > m:
+                    m = o[i * O + j]
+            xc = o[i * O + ids[i]] - m
+            s = 0
+            for j in range(O):
+                if floating is float:
+                    e = expf(o[i * O + j] - m)
+                else:
+                    e = exp(o[i * O + j] - m)
+                o[i * O + j] = e
+                s += e
+            if floating is float:
+                total -= <floating> (xc - logf(s))
+            else:
+                total -= xc - log(s)
+            scale = inv_n / s
+            for j in range(O):
+                o[i * O + j] *= scale
+            o[i * O + ids[i]] -= inv_n
+    total_out[0] = total
+    return -1
+
+
+cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag) noexcept nogil:
+    """Part p of n of one phase of the call (``tag`` only picks the dtype):
+
+    0. rows of A = b_h + X·W_xhᵀ (and of the ones; W_hhᵀ's columns; part 0: Hs[0] = h0);
+    1. rows of the head: logits, loss, ∂L/∂logits, its rows of dOut and its part of dW_hy, db_y;
+    2. rows of the weight gradients dW_xh, db_h, dW_hh (columns of dZ).
+    """
+    cdef Py_ssize_t T = c.T, B = c.B, D = c.D, H = c.H, O = c.O, TB = c.T * c.B, r0, r1, i, j, i0, j0
+    cdef const floating *W_hh = <const floating *> c.W_hh
+    cdef floating *W_hhT = <floating *> c.W_hhT
+    cdef floating *A = <floating *> c.A
+    cdef floating *Hs = <floating *> c.Hs
+    cdef floating *ones = <floating *> c.ones
+    cdef floating *dZ = <floating *> c.dZ
+    cdef floating *o
+    cdef floating *H_out
+    cdef floating *gw
+    cdef floating *gb
+    cdef Py_ssize_t last
+    if c.phase == 0:
+        r0 = part_start(p, n, TB)
+        r1 = part_start(p + 1, n, TB)
+        for i in range(r0, r1):
+            memcpy(A + i * H, c.b_h, H * sizeof(floating))
+            ones[i] = 1
+        _cgemm(False, True, r1 - r0, H, D, <const floating *> c.X + r0 * D, D,
+               <const floating *> c.W_xh, D, <floating> 1, A + r0 * H, H)
+        r0 = part_start(p, n, H)                # the kernels' step product takes W_hhᵀ contiguous
+        r1 = part_start(p + 1, n, H)            # (in tiles of 16: their rows stay in cache)
+        for i0 in range(r0, r1, 16):
+            for j0 in range(0, H, 16):
+                for i in range(i0, min(i0 + 16, r1)):
+                    for j in range(j0, min(j0 + 16, H)):
+                        W_hhT[j * H + i] = W_hh[i * H + j]
+        if p == 0:
+            memcpy(Hs, c.h0, B * H * sizeof(floating))
+    elif c.phase == 1:
+        r0 = part_start(p, n, c.n_out)
+        r1 = part_start(p + 1, n, c.n_out)
+        o = <floating *> c.logits + r0 * O
+        H_out = Hs + (B * H if c.seq else T * B * H) + r0 * H
+        for i in range(r0, r1):
+            memcpy(o + (i - r0) * O, c.b_y, O * sizeof(floating))
+        _cgemm(False, True, r1 - r0, O, H, H_out, H, <const floating *> c.W_hy, H, <floating> 1, o, O)
+        c.bad[p] = _loss_rows(c, o, r0, r1, &c.losses[p])
+        if c.bad[p] >= 0:
+            return
+        gw = <floating *> c.gW_hy if p == 0 else <floating *> c.sums + (p - 1) * (O * H + O)
+        gb = <floating *> c.gb_y if p == 0 else <floating *> c.sums + (p - 1) * (O * H + O) + O * H
+        _cgemm(True, False, O, H, r1 - r0, o, O, H_out, H, <floating> 0, gw, H)
+        _column_sums(o, r1 - r0, O, O, ones, gb)
+        if c.seq:
+            _cgemm(False, False, r1 - r0, H, O, o, O, <const floating *> c.W_hy, H, <floating> 0,
+                   <floating *> c.dOut + r0 * H, H)
+        else:                                   # only the last step has a loss
+            last = (T - 1) * B * H
+            memset(<floating *> c.dOut + part_start(p, n, last), 0,
+                   (part_start(p + 1, n, last) - part_start(p, n, last)) * sizeof(floating))
+            _cgemm(False, False, r1 - r0, H, O, o, O, <const floating *> c.W_hy, H, <floating> 0,
+                   <floating *> c.dOut + last + r0 * H, H)
+    else:
+        r0 = part_start(p, n, H)
+        r1 = part_start(p + 1, n, H)
+        _cgemm(True, False, r1 - r0, D, TB, dZ + r0, H, <const floating *> c.X, D, <floating> 0,
+               <floating *> c.gW_xh + r0 * D, D)
+        _column_sums(dZ + r0, TB, r1 - r0, H, ones, <floating *> c.gb_h + r0)
+        _cgemm(True, False, r1 - r0, H, TB, dZ + r0, H, Hs, H, <floating> 0, <floating *> c.gW_hh + r0 * H, H)
+
+
+cdef void _layer_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    cdef _LayerCall *c = <_LayerCall *> arg
+    if c.is_double:
+        _layer_phase(c, p, n, <double *> NULL)
+    else:
+        _layer_phase(c, p, n, <float *> NULL)
+
+
+cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *bjob, Py_ssize_t bparts,
+                           Py_ssize_t parts, floating *tag, double *value) noexcept nogil:
+    """The whole call (``tag`` only picks the dtype); returns -1, or a row with a bad class id."""
+    cdef Py_ssize_t p, i, nh = min(parts, c.n_out), size = c.O * c.H + c.O
+    cdef floating *gw = <floating *> c.gW_hy
+    cdef floating *gb = <floating *> c.gb_y
+    cdef const floating *part
+    cdef double total = 0
+    c.phase = 0
+    run_parts(_layer_part, c, min(parts, c.T * c.B))
+    fjob.A = c.A
+    fjob.W = c.W_hhT
+    fjob.Hs = c.Hs
+    run_parts(_forward_part, fjob, fparts)
+    c.phase = 1
+    run_parts(_layer_part, c, nh)
+    for p in range(nh):
+        if c.bad[p] >= 0:
+            return c.bad[p]
+        total += c.losses[p]
+    for p in range(1, nh):                      # the head's gradients: the parts' sums in part order
+        part = <const floating *> c.sums + (p - 1) * size
+        for i in range(c.O * c.H):
+            gw[i] += part[i]
+        for i in range(c.O):
+            gb[i] += part[c.O * c.H + i]
+    value[0] = total / (c.n_out if c.loss == 2 else c.n_out * c.O)
+    bjob.G = c.dOut
+    bjob.Hs = c.Hs
+    bjob.W = c.W_hh
+    bjob.dZ = c.dZ
+    run_parts(_backward_part, bjob, bparts)
+    c.phase = 2
+    run_parts(_layer_part, c, min(parts, c.H))
+    return -1
+
+
+def layer_loss_and_grad(X, Y, h0, weights, grads, work, const int64_t[::1] ends,
+                        const int64_t[::1] bp_starts, int loss, bint sequence, int act, int threads=1,
+                        int gemm_threads=1):
+    """One unidirectional layer with its head: the loss, and every gradient, in one call.
+
+    What ``fastbptt.engine.model.loss_and_grad`` computes for that model without
+    lengths: A = X·W_xhᵀ + b_h, the forward recurrence, the head, the loss
+    (torch's mean), ∂L/∂h from the head, the backward loop over the windows
+    (see :func:`backward_accumulate`) and the weight gradients.
+
+    Parameters
+    ----------
+    X : (T, B, D) C-contiguous float32 or float64
+    Y : the targets: (T·B or B, O) of the dtype (mse, bce), or (T·B or B,) int64 class ids (ce)
+    h0 : (B, H) of the dtype
+    weights : (W_xh (H, D), W_hh (H, H), b_h (H,), W_hy (O, H), b_y (O,)), C-contiguous
+    grads : five arrays of the same shapes, overwritten with the gradients
+    work : (A (T, B, H), W_hhT (H, H), Hs (T+1, B, H), logits (T·B or B, O), dOut (T, B, H),
+        dZ (T, B, H), carried (B, H), dz (2B, H), ones (T·B,)): overwritten; after the call
+        ``Hs`` holds h0 and the states (``Hs[T]``: the final one)
+    ends, bp_starts : the windows (see :func:`backward_accumulate`)
+    loss : a value of ``LOSS_CODES``
+    sequence : True: a loss at every step (Y has T·B rows); False: at the last step only (B rows)
+    act : ``ACT_TANH`` (0) or ``ACT_RELU`` (1)
+    threads, gemm_threads : int, optional
+        The team sizes of the two kernels (see :func:`forward_recurrence`) and of the GEMM
+        phases (their rows split between the threads; each GEMM on one BLAS call per thread).
+
+    Returns
+    -------
+    float : the loss.
+    """
+    if len(weights) != 5 or len(grads) != 5 or len(work) != 9:
+        raise ValueError(f"weights, grads, work: expected 5, 5 and 9 arrays, got {len(weights)}, "
+                         f"{len(grads)} and {len(work)}")
+    if not cnp.PyArray_Check(X) or cnp.PyArray_NDIM(<cnp.ndarray> X) != 3:
+        raise ValueError(f"X: expected an ndarray of shape (T, B, D), got {getattr(X, 'shape', type(X))}")
+    _check_act(act)
+    if loss not in (0, 1, 2):
+        raise ValueError(f"loss: expected 0 (mse), 1 (bce) or 2 (ce), got {loss}")
+    if gemm_threads < 1:
+        raise ValueError(f"gemm_threads: expected an int >= 1, got {gemm_threads}")
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(<cnp.ndarray> X)
+    cdef _LayerCall c
+    cdef Py_ssize_t T = dims[0], B = dims[1], D = dims[2], H, O
+    W_xh, W_hh, b_h, W_hy, b_y = weights
+    if not cnp.PyArray_Check(W_xh) or cnp.PyArray_NDIM(<cnp.ndarray> W_xh) != 2 or \
+            not cnp.PyArray_Check(W_hy) or cnp.PyArray_NDIM(<cnp.ndarray> W_hy) != 2:
+        raise ValueError("weights: expected W_xh (H, D) and W_hy (O, H) ndarrays")
+    H = cnp.PyArray_DIMS(<cnp.ndarray> W_xh)[0]
+    O = cnp.PyArray_DIMS(<cnp.ndarray> W_hy)[0]
+    if T < 1 or B < 1 or H < 1 or O < 1:
+        raise ValueError(f"X, weights: expected T, B, H, O >= 1, got {T}, {B}, {H}, {O}")
+    cdef bint is_double = cnp.PyArray_TYPE(<cnp.ndarray> X) == cnp.NPY_DOUBLE
+    cdef int tn = cnp.NPY_DOUBLE if is_double else cnp.NPY_FLOAT
+    cdef Py_ssize_t n_out = T * B if sequence else B
+    cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
+    if bp_starts.shape[0] != n_win:
+        raise ValueError(f"bp_starts: expected shape ({n_win},) like ends, got ({bp_starts.shape[0]},)")
+    for i in range(n_win):
+        if not (prev < ends[i] <= T) or not (0 <= bp_starts[i] < ends[i]):
+            raise ValueError(
+                f"ends, bp_starts: expected 0 < ends[0] < ... <= T={T} and 0 <= bp_starts[i] < ends[i], "
+                f"got ends[{i}]={ends[i]}, bp_starts[{i}]={bp_starts[i]} (previous end {prev})")
+        prev = ends[i]
+    c.T, c.B, c.D, c.H, c.O, c.n_out = T, B, D, H, O, n_out
+    c.loss, c.seq, c.is_double = loss, sequence, is_double
+    c.X = _data(X, "X", tn, T * B * D, False)
+    if loss == 2:
+        c.Y = _data(Y, "Y", cnp.NPY_INT64, n_out, False)
+    else:
+        c.Y = _data(Y, "Y", tn, n_out * O, False)
+    c.h0 = _data(h0, "h0", tn, B * H, False)
+    c.W_xh = _data(W_xh, "W_xh", tn, H * D, False)
+    c.W_hh = _data(W_hh, "W_hh", tn, H * H, False)
+    c.b_h = _data(b_h, "b_h", tn, H, False)
+    c.W_hy = _data(W_hy, "W_hy", tn, O * H, False)
+    c.b_y = _data(b_y, "b_y", tn, O, False)
+    c.gW_xh = _data(grads[0], "grads[0]", tn, H * D, True)
+    c.gW_hh = _data(grads[1], "grads[1]", tn, H * H, True)
+    c.gb_h = _data(grads[2], "grads[2]", tn, H, True)
+    c.gW_hy = _data(grads[3], "grads[3]", tn, O * H, True)
+    c.gb_y = _data(grads[4], "grads[4]", tn, O, True)
+    c.A = _data(work[0], "A", tn, T * B * H, True)
+    c.W_hhT = _data(work[1], "W_hhT", tn, H * H, True)
+    c.Hs = _data(work[2], "Hs", tn, (T + 1) * B * H, True)
+    c.logits = _data(work[3], "logits", tn, n_out * O, True)
+    c.dOut = _data(work[4], "dOut", tn, T * B * H, True)
+    c.dZ = _data(work[5], "dZ", tn, T * B * H, True)
+    cdef void *carried = _data(work[6], "carried", tn, B * H, True)
+    cdef void *dz = _data(work[7], "dz", tn, 2 * B * H, True)
+    c.ones = _data(work[8], "ones", tn, T * B, True)
+
+    cdef Py_ssize_t parts = min(gemm_threads, max(T * B, H))
+    cdef double[::1] losses = np.empty(parts, np.float64)
+    cdef Py_ssize_t[::1] bad = np.empty(parts, np.intp)
+    cdef unsigned char[::1] sums = np.empty(max(1, (parts - 1) * (O * H + O)) * (8 if is_double else 4),
+                                            np.uint8)
+    c.losses = &losses[0]
+    c.bad = &bad[0]
+    c.sums = &sums[0]
+    cdef _Job fjob, bjob
+    cdef fb_barrier fbar, bbar
+    cdef Py_ssize_t fparts = _setup_job(&fjob, &fbar, T, B, H, 0, B, act, threads, -1, -1, is_double)
+    fjob.bs = NULL
+    fjob.bounds = NULL
+    fpanels = _attach_panels(&fjob)
+    cdef Py_ssize_t bparts = _setup_job(&bjob, &bbar, T, B, H, 0, B, act, threads, -1, -1, is_double)
+    bjob.bs = NULL
+    bjob.bounds = NULL
+    bpanels = _attach_panels(&bjob)
+    bjob.carried = carried
+    bjob.dz = dz
+    bjob.n_win = n_win
+    bjob.ends = &ends[0] if n_win else NULL
+    bjob.bp_starts = &bp_starts[0] if n_win else NULL
+    cdef double value = 0
+    cdef Py_ssize_t bad_row
+    with nogil:
+        if is_double:
+            bad_row = _layer_run(&c, &fjob, fparts, &bjob, bparts, parts, <double *> NULL, &value)
+        else:
+            bad_row = _layer_run(&c, &fjob, fparts, &bjob, bparts, parts, <float *> NULL, &value)
+    if bad_row >= 0:
+        raise ValueError(f"Y: expected class ids in [0, {O}), got {Y.reshape(-1)[bad_row]} at row {bad_row}")
+    return value
