@@ -214,7 +214,8 @@ def _fast_targets(Y, params, T, B, single, loss, output):
     if loss == "ce":
         if Y.shape != user or Y.dtype.kind not in "iu":
             return None
-        if Y.size and (Y.min() < 0 or Y.max() >= params.output_size):
+        # one reduction: negative ids become huge as unsigned ints of the same size
+        if Y.size and Y.view(Y.dtype.str.replace("i", "u")).max() >= params.output_size:
             return None         # the full check says what is wrong
         return Y.reshape(lead)
     if Y.shape != user + (params.output_size,) or Y.dtype != params.dtype or not Y.flags.c_contiguous:

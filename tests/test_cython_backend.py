@@ -108,9 +108,9 @@ def test_simd_rule_sides():
     K._set_simd_level("avx512")
     for B, H in ((1, 32), (1, 100), (1, 7), (4, 256), (3, 64), (2, 48), (4, 4), (3, 8)):  # online, chunk
         assert K.uses_simd(B, H, np.float32), (B, H)
-    for B, H in ((5, 32), (8, 64), (32, 64)):          # small: 16 or 32 rows a thread
+    for B, H in ((5, 32), (8, 64), (32, 64), (8, 128), (16, 100)):     # small, longseq: rows a thread
         assert K.uses_simd(B, H, np.float32), (B, H)
-    for B, H in ((5, 65), (64, 128), (2, 64)):
+    for B, H in ((5, 129), (17, 128), (64, 128), (2, 64)):
         assert not K.uses_simd(B, H, np.float32), (B, H)
     assert not K.uses_simd(5, 32, np.float64)
     assert K.uses_simd(4, 256, np.float64) and K.uses_simd(3, 128, np.float64)

@@ -411,8 +411,8 @@ cdef inline bint _use_simd(Py_ssize_t B, Py_ssize_t H, bint is_double) noexcept 
     at H = 5..8 and at B = 3 below H = 128). The AVX2 rule is from the AVX2 code on Zen 4; never
     at the portable level.
     """
-    if B > 4:                   # f32 at H <= 64 on AVX-512: 1.07-1.6x faster than BLAS per step up
-        return fb_simd_level == 2 and not is_double and H <= 64     # to 64 rows (Xeon; docs/kernels_simd.md)
+    if B > 4:                   # f32 on AVX-512 (Xeon; docs/kernels_simd.md): 1.07-1.6x BLAS's per-step
+        return fb_simd_level == 2 and not is_double and (H <= 64 or (H <= 128 and B <= 16))  # product
     if B < 1 or fb_simd_level == 0:
         return False
     if fb_simd_level == 1:
