@@ -117,6 +117,16 @@ def test_simd_rule_sides():
     assert not K.uses_simd(2, 32, np.float64) and not K.uses_simd(3, 8, np.float64)
 
 
+@_LACKS["avx512"]
+def test_packed_rule_sides():
+    """Where "auto" takes the packed column split on a team of 2 (float32, the AVX-512 loop)."""
+    for rows, H in ((64, 256), (32, 256), (16, 384), (20, 800), (128, 1024)):     # medium, wide, large
+        assert K._use_packed(2, rows, H, False), (rows, H)
+    for rows, H in ((16, 256), (128, 256), (64, 128), (8, 384)):
+        assert not K._use_packed(2, rows, H, False), (rows, H)
+    assert not K._use_packed(2, 64, 256, True)
+
+
 def test_crossover_rule_sides():
     for key in ("small_B1H16", "small_B4H4"):
         _, B, H = SHAPES[key]

@@ -733,6 +733,19 @@ def _check_act(int act):
         raise ValueError(f"act: expected ACT_TANH (0) or ACT_RELU (1), got {act}")
 
 
+cdef _check_windows(const int64_t[::1] ends, const int64_t[::1] bp_starts, Py_ssize_t T):
+    """ValueError unless the windows are as the kernel contract says (see backward_accumulate)."""
+    cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
+    if bp_starts.shape[0] != n_win:
+        raise ValueError(f"bp_starts: expected shape ({n_win},) like ends, got ({bp_starts.shape[0]},)")
+    for i in range(n_win):
+        if not (prev < ends[i] <= T) or not (0 <= bp_starts[i] < ends[i]):
+            raise ValueError(
+                f"ends, bp_starts: expected 0 < ends[0] < ... <= T={T} and 0 <= bp_starts[i] < ends[i], "
+                f"got ends[{i}]={ends[i]}, bp_starts[{i}]={bp_starts[i]} (previous end {prev})")
+        prev = ends[i]
+
+
 def _rows(rows, Py_ssize_t B):
     """``rows`` -> (b0, b1): the batch rows a kernel call computes (all of them if None)."""
     if rows is None:
@@ -959,6 +972,8 @@ def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False
         return False                # lost to its AVX-512 BLAS at B=128): elsewhere a forced path
     if is_double and H >= 2 * MIN_H_FOR_PACKED and rows > 16:
         return False                # f64 slices of 4-8 MB: BLAS won on 1 thread (0.7-0.9x), tied on 2
+    if not is_double and threads > 1 and (H >= 384 and rows >= 16 or H >= 256 and 32 <= rows <= 64):
+        return True     # f32 on 2 threads (Xeon): 1.27-1.49x the row split at H=256, 1.2-2.6x at 384
     return H >= MIN_H_FOR_PACKED or (threads == 1 and H >= MIN_H_FOR_PACKED_ONE_THREAD and rows >= 8)
 
 
@@ -1075,7 +1090,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
         for the loop of wide.h, on any thread count (tests).
     """
     cdef Py_ssize_t T = G.shape[0], B = G.shape[1], H = G.shape[2]
-    cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
+    cdef Py_ssize_t n_win = ends.shape[0]
     _check_act(act)
     if Hs.shape[0] != T + 1 or Hs.shape[1] != B or Hs.shape[2] != H:
         raise ValueError(f"Hs: expected shape ({T + 1}, {B}, {H}), "
@@ -1085,14 +1100,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     if dZ.shape[0] != T or dZ.shape[1] != B or dZ.shape[2] != H:
         raise ValueError(f"dZ: expected shape ({T}, {B}, {H}), "
                          f"got ({dZ.shape[0]}, {dZ.shape[1]}, {dZ.shape[2]})")
-    if bp_starts.shape[0] != n_win:
-        raise ValueError(f"bp_starts: expected shape ({n_win},) like ends, got ({bp_starts.shape[0]},)")
-    for i in range(n_win):
-        if not (prev < ends[i] <= T) or not (0 <= bp_starts[i] < ends[i]):
-            raise ValueError(
-                f"ends, bp_starts: expected 0 < ends[0] < ... <= T={T} and 0 <= bp_starts[i] < ends[i], "
-                f"got ends[{i}]={ends[i]}, bp_starts[{i}]={bp_starts[i]} (previous end {prev})")
-        prev = ends[i]
+    _check_windows(ends, bp_starts, T)
     if T == 0 or B == 0 or H == 0:
         return
     cdef Py_ssize_t b0, b1, n
@@ -1469,15 +1477,8 @@ def layer_loss_and_grad(X, Y, h0, weights, grads, work, const int64_t[::1] ends,
     cdef bint is_double = cnp.PyArray_TYPE(<cnp.ndarray> X) == cnp.NPY_DOUBLE
     cdef int tn = cnp.NPY_DOUBLE if is_double else cnp.NPY_FLOAT
     cdef Py_ssize_t n_out = T * B if sequence else B
-    cdef Py_ssize_t n_win = ends.shape[0], i, prev = 0
-    if bp_starts.shape[0] != n_win:
-        raise ValueError(f"bp_starts: expected shape ({n_win},) like ends, got ({bp_starts.shape[0]},)")
-    for i in range(n_win):
-        if not (prev < ends[i] <= T) or not (0 <= bp_starts[i] < ends[i]):
-            raise ValueError(
-                f"ends, bp_starts: expected 0 < ends[0] < ... <= T={T} and 0 <= bp_starts[i] < ends[i], "
-                f"got ends[{i}]={ends[i]}, bp_starts[{i}]={bp_starts[i]} (previous end {prev})")
-        prev = ends[i]
+    cdef Py_ssize_t n_win = ends.shape[0]
+    _check_windows(ends, bp_starts, T)
     c.T, c.B, c.D, c.H, c.O, c.n_out = T, B, D, H, O, n_out
     c.loss, c.seq, c.is_double = loss, sequence, is_double
     c.X = _data(X, "X", tn, T * B * D, False)
