@@ -192,9 +192,10 @@ def test_cython_split_rule_and_bad_split():
                 continue
             assert K._split_mode(2, 20, 800, -1) == 2 and K._split_mode(2, 3, 512, -1) == 2
             assert K._split_mode(1, 128, 1024, -1) == 2 and K._split_mode(1, 8, 128, -1) == 2
-            assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 64, 256, -1) == 0
+            assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 16, 256, -1) == 0
+            assert K._split_mode(2, 64, 256, -1) == 2 and K._split_mode(2, 64, 256, -1, True) == 0   # medium
             assert K._split_mode(2, 128, 1024, -1, True) == 1 and K._split_mode(2, 16, 1024, -1, True) == 2
-            assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 64, 256, -1)
+            assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 16, 256, -1)
     finally:
         K._set_wide_level(start)
     assert K._split_mode(2, 128, 1024, 1) == 1 and K._split_mode(1, 1, 4, 2) == 2        # forced
