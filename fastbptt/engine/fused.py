@@ -61,8 +61,9 @@ def run(kernels, params, X3, Y, h0s, loss, output, act, wins, grads, work, teams
     layer = params.layers[0]
     Y = np.ascontiguousarray(Y, np.int64 if loss == "ce" else None)
     weights = tuple(map(np.ascontiguousarray, (layer.W_xh, layer.W_hh, layer.b_h, params.W_hy, params.b_y)))
-    return kernels.layer_loss_and_grad(np.ascontiguousarray(X3), Y, np.ascontiguousarray(h0s[0]), weights, grads, work, wins[0], wins[1],
-                                       LOSS_CODES[loss], output == "sequence", act, *teams)
+    X3, h0 = np.ascontiguousarray(X3), np.ascontiguousarray(h0s[0])
+    return kernels.layer_loss_and_grad(X3, Y, h0, weights, grads, work, wins[0], wins[1], LOSS_CODES[loss],
+                                       output == "sequence", act, *teams)
 
 
 def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, wins):

@@ -6,8 +6,9 @@ same arithmetic as :func:`fastbptt.engine.model.loss_and_grad`, operation for
 operation (so the results are bit-identical at the same thread count), without
 re-deriving shapes, windows, work arrays or the backend. One unidirectional
 layer without lengths -- the batch-1 / short-chunk case, where a call's
-arithmetic is ~10-20 µs and everything else used to be most of it -- runs a
-straight-line path; other structures run the engine's.
+arithmetic is ~10-20 µs and everything else used to be most of it -- runs
+one compiled call where the backend has it (:mod:`fastbptt.engine.fused`),
+else a straight-line path; other structures run the engine's.
 
 Not thread-safe: one plan per thread (:func:`plan_for`) or per owner.
 """
@@ -28,8 +29,8 @@ from .model import loss_and_grad as model_loss_and_grad
 class Plan:
     """See the module docstring. ``run`` takes validated, C-contiguous arrays of the plan's dtype."""
 
-    __slots__ = ("key", "kernels", "loss", "output", "act", "wins", "fast", "T", "B",
-                 "X1", "W1", "W_hhT", "A", "Hs", "dOut", "dZ", "dW1", "loss_fn", "threads", "small", "fused", "work")
+    __slots__ = ("key", "kernels", "loss", "output", "act", "wins", "fast", "fused", "T", "B", "work",
+                 "X1", "W1", "W_hhT", "A", "Hs", "dOut", "dZ", "dW1", "loss_fn", "threads", "small")
 
     def __init__(self, key, kernels, params, T, B, loss, output, act, wins):
         self.key, self.kernels = key, kernels

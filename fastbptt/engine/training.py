@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from .._validation import _all_finite
 from ..clip import clip_grad_norm, clip_grad_value
 from .core import is_artbp, windows
 from .lengths import packing
@@ -206,7 +207,7 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
         raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
     for name, g in grads.items():
-        if not np.all(np.isfinite(g)):
+        if not _all_finite(g):
             raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "
                                      "diverged. The parameters are those of the last good step. Try a "
                                      "lower lr or clip_norm=...")
