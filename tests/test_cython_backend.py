@@ -422,3 +422,78 @@ def test_packed_split_same_bits_on_any_thread_count(wide_level):
         out.append((Hs, dZ))
     for Hs, dZ in out[1:]:
         assert np.array_equal(Hs, out[0][0]) and np.array_equal(dZ, out[0][1])
+
+
+# ----------------------------------------------------------- the whole layer in one call (engine.fused)
+LAYER_SHAPES = {"T1_B1": (1, 1, 2, 3, 2), "B1_odd": (9, 1, 3, 13, 4), "B3": (7, 3, 5, 11, 3),
+                "B5_H40": (6, 5, 4, 40, 2)}
+
+
+@pytest.mark.parametrize("teams", [(1, 1), (2, 2), (1, 3)], ids=["team1", "team2", "gemm3"])
+@pytest.mark.parametrize("truncation", [None, 3, (2, 5)], ids=["full", "k3", "k1k2_2_5"])
+@pytest.mark.parametrize("output", ["sequence", "last"])
+@pytest.mark.parametrize("loss", ["mse", "bce", "ce"])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("shape", list(LAYER_SHAPES.values()), ids=list(LAYER_SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_loss_and_grad_matches_reference(dtype, shape, act, loss, output, truncation, teams):
+    """``layer_loss_and_grad`` on every team split (more parts than rows too) against the reference's
+    ``loss_and_grad``: the loss, the five gradients and the states."""
+    import fastbptt
+    from fastbptt.engine import fused
+    from fastbptt.engine.core import ACT_CODES
+    from helpers import assert_close, make_problem
+
+    T, B, D, H, O = shape
+    params, X, Y = make_problem(T, B, D, H, O, loss=loss, output=output, dtype=np.float64, seed=T + B + H)
+    h0 = np.random.default_rng(1).normal(scale=0.5, size=(B, H))
+    ref_loss, ref_grads, ref_h = fastbptt.loss_and_grad(params, X, Y, h0=h0, loss=loss, output=output,
+                                                        activation=act, truncation=truncation, backend="numpy")
+    p = params.astype(dtype)
+    X3, h0s = X.astype(dtype), h0.astype(dtype)[None]
+    Y_ = Y.reshape((-1,) if loss == "ce" else (-1, O)).astype(np.int64 if loss == "ce" else dtype)
+    grads = [np.empty_like(a) for a in p.arrays()]
+    work = fused.work_arrays(T, B, H, O, output, dtype, new=True)
+    with fastbptt._threads.call_scope(threads=max(teams)):
+        value = fused.run(K, p, X3, Y_, h0s, loss, output, ACT_CODES[act], windows(T, truncation), grads,
+                          work, teams)
+    assert value == pytest.approx(ref_loss, rel=RTOL[dtype], abs=RTOL[dtype])
+    for name, g, r in zip(p.names(), grads, ref_grads.arrays()):
+        assert_close(g, r, dtype, name)
+    assert_close(work[2][T], ref_h, dtype, "h_last")
+
+
+def test_layer_loss_and_grad_refuses_bad_arrays():
+    """Clear errors naming the array, and a class id out of range, before any gradient is written."""
+    from fastbptt.engine import fused
+    T, B, D, H, O = 4, 2, 3, 5, 3
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(T, B, D))
+    w = [rng.normal(size=s) for s in ((H, D), (H, H), (H,), (O, H), (O,))]
+    grads = [np.zeros_like(a) for a in w]
+    work = fused.work_arrays(T, B, H, O, "sequence", np.float64, new=True)
+    ends, starts = windows(T, None)
+    Y = rng.integers(0, O, size=T * B)
+
+    def call(X=X, Y=Y, h0=np.zeros((B, H)), w=w, grads=grads, work=work, loss=2):
+        return K.layer_loss_and_grad(X, Y, h0, tuple(w), grads, work, ends, starts, loss, True, 0)
+
+    call()
+    with pytest.raises(TypeError, match=r"X: expected dtype float64, got float32"):
+        call(X=X.astype(np.float32))
+    with pytest.raises(ValueError, match=r"h0: expected a C-contiguous array of 10 elements, got shape \(2, 4\)"):
+        call(h0=np.zeros((B, 4)))
+    with pytest.raises(TypeError, match=r"Y: expected dtype int64, got float64"):
+        call(Y=Y.astype(np.float64))
+    with pytest.raises(ValueError, match=r"grads\[1\]: expected a writeable array"):
+        ro = np.zeros((H, H))
+        ro.flags.writeable = False
+        call(grads=[grads[0], ro] + grads[2:])
+    with pytest.raises(ValueError, match=r"weights, grads, work: expected 5, 5 and 9 arrays, got 5, 5 and 8"):
+        call(work=work[:8])
+    bad = Y.copy()
+    bad[5] = O
+    before = [g.copy() for g in grads]
+    with pytest.raises(ValueError, match=rf"Y: expected class ids in \[0, {O}\), got {O} at row 5"):
+        call(Y=bad)
+    assert all(np.array_equal(g, b) for g, b in zip(grads, before))

@@ -1474,8 +1474,10 @@ def layer_loss_and_grad(X, Y, h0, weights, grads, work, const int64_t[::1] ends,
     O = cnp.PyArray_DIMS(<cnp.ndarray> W_hy)[0]
     if T < 1 or B < 1 or H < 1 or O < 1:
         raise ValueError(f"X, weights: expected T, B, H, O >= 1, got {T}, {B}, {H}, {O}")
-    cdef bint is_double = cnp.PyArray_TYPE(<cnp.ndarray> X) == cnp.NPY_DOUBLE
-    cdef int tn = cnp.NPY_DOUBLE if is_double else cnp.NPY_FLOAT
+    cdef int tn = cnp.PyArray_TYPE(<cnp.ndarray> W_xh)     # the parameters' dtype is the call's
+    if tn != cnp.NPY_DOUBLE and tn != cnp.NPY_FLOAT:
+        raise TypeError(f"weights: expected float32 or float64 arrays, got {W_xh.dtype}")
+    cdef bint is_double = tn == cnp.NPY_DOUBLE
     cdef Py_ssize_t n_out = T * B if sequence else B
     cdef Py_ssize_t n_win = ends.shape[0]
     _check_windows(ends, bp_starts, T)
