@@ -15,6 +15,10 @@ step for step against torch. With ``g`` the gradient and ``p`` a parameter:
              or  p -= lr·g/avg
 ``Adagrad``  s += g²;  p -= lr · g / (√s + eps)
 
+Where the Cython extension is built, each rule runs as one compiled pass over
+the flat arrays (``backends/cython/update.pyx``), bit-identical to the NumPy
+code of the optimizer's ``_update``, which runs otherwise.
+
 A step never leaves non-finite parameters behind: every new value is
 computed first, and if any parameter or buffer would become NaN or inf the
 step raises ``FloatingPointError`` and changes nothing.
@@ -185,6 +189,21 @@ def _one_buffer(arrays):
             return None
         pos += a.nbytes
     return base[start:start + sum(a.size for a in arrays)]
+
+
+_COMPILED = []     # [module or None] once looked up
+
+
+def _compiled():
+    """The optimizers' element-wise rules in one compiled pass each (``backends/cython/update.pyx``,
+    bit-identical to the NumPy code of each ``_update``), or None without the Cython extension."""
+    if not _COMPILED:
+        try:
+            from .backends.cython import update
+        except ImportError:
+            update = None
+        _COMPILED.append(update)
+    return _COMPILED[0]
 
 
 def _finite(a):
@@ -417,6 +436,12 @@ class SGD(Optimizer):
     def _update(self, p, g, bufs, t, ws):
         h = self._hyper
         new_p = ws.tmp(1)
+        fast = _compiled()
+        if fast is not None:
+            buf = bufs["momentum_buffer"]
+            new = ws.buffer(buf) if h["momentum"] else None
+            fast.sgd(p, g, buf, new, new_p, h["lr"], h["momentum"], h["nesterov"], h["weight_decay"])
+            return new_p, ({"momentum_buffer": new} if h["momentum"] else {})
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
         new_bufs = {}
@@ -468,9 +493,14 @@ class Adam(Optimizer):
         h = self._hyper
         beta1, beta2 = h["betas"]
         denom, new_p = ws.tmp(1), ws.tmp(2)
+        m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
+        fast = _compiled()
+        if fast is not None:
+            new_m, new_v = ws.buffer(m), ws.buffer(v)
+            fast.adam(p, g, m, v, new_m, new_v, new_p, h["lr"], beta1, beta2, h["eps"], h["weight_decay"], t)
+            return new_p, {"exp_avg": new_m, "exp_avg_sq": new_v}
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
-        m, v = bufs["exp_avg"], bufs["exp_avg_sq"]
         new_m, new_v = ws.buffer(m), ws.buffer(v)
         if m is None:
             m, v = np.zeros_like(p), np.zeros_like(p)
@@ -524,6 +554,13 @@ class RMSprop(Optimizer):
         avg, new_p = ws.tmp(1), ws.tmp(2)
         v = bufs["square_avg"]
         new_v = ws.buffer(v)
+        fast = _compiled()
+        if fast is not None:
+            buf = bufs.get("momentum_buffer")
+            new_buf = ws.buffer(buf) if h["momentum"] > 0 else None
+            fast.rmsprop(p, g, v, buf, new_v, new_buf, new_p, h["lr"], h["alpha"], h["eps"], h["momentum"])
+            return new_p, ({"square_avg": new_v, "momentum_buffer": new_buf} if h["momentum"] > 0
+                           else {"square_avg": new_v})
         if v is None:
             v = np.zeros_like(p)
         np.multiply(g, g, out=avg)
@@ -571,6 +608,10 @@ class Adagrad(Optimizer):
         denom, new_p = ws.tmp(1), ws.tmp(2)
         s = bufs["sum"]
         new_s = ws.buffer(s)
+        fast = _compiled()
+        if fast is not None:
+            fast.adagrad(p, g, s, new_s, new_p, h["lr"], h["eps"])
+            return new_p, {"sum": new_s}
         if s is None:
             s = np.zeros_like(p)
         np.add(s, np.multiply(g, g, out=denom), out=new_s)                # s + g²

@@ -331,3 +331,29 @@ def test_read_only_params_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match="params.W_hh is read-only"):
         opt.step(params, grads[0])
     assert params == before and opt.step_count == 0 and opt.state_dict()["buffers"]["momentum_buffer"] == {}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
+def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make_opt, ref, dtype):
+    """The one-pass rules of backends/cython/update.pyx against each optimizer's NumPy code: the same
+    parameters and buffers, bit for bit, at the first step (no buffers yet) and at every later one."""
+    import fastbptt.optim as optim
+
+    assert optim._compiled() is not None         # built in CI: a missing extension is a failure
+    runs = []
+    for compiled in (True, False):
+        monkeypatch.setattr(optim, "_COMPILED", [optim._COMPILED[0] if compiled else None])
+        params, grads = make(dtype)
+        opt = make_opt()
+        states = []
+        for g in grads:
+            opt.step(params, g)
+            states.append([a.copy() for a in params.arrays()]
+                          + [b.copy() for n in opt._buffer_names
+                             for b in opt.state_dict()["buffers"].get(n, {}).values()])
+        runs.append(states)
+    for step, (fast, slow) in enumerate(zip(*runs), start=1):
+        assert len(fast) == len(slow)
+        for a, b in zip(fast, slow):
+            assert a.dtype == b.dtype == dtype and np.array_equal(a, b), (name, step)
