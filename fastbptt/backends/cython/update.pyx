@@ -19,12 +19,19 @@ from libc.math cimport pow, sqrt, sqrtf
 cdef inline floating _sqrt(floating x) noexcept nogil:
     if floating is float:
         return sqrtf(x)
-    return sqrt(x)
+    else:
+        return sqrt(x)
 
 
-cdef inline int _check(Py_ssize_t n, str name, Py_ssize_t got) except -1:
-    if got != n:
-        raise ValueError(f"{name}: expected {n} elements like p, got {got}")
+cdef inline Py_ssize_t _n(const floating[::1] a) noexcept:
+    return -1 if a is None else a.shape[0]
+
+
+cdef int _sizes(Py_ssize_t n, str names, tuple sizes) except -1:
+    """ValueError unless every array has ``n`` elements (a size of -1: an array given as None)."""
+    for name, got in zip(names.split(), sizes):
+        if got != -1 and got != n:
+            raise ValueError(f"{name}: expected {n} elements like p, got {got}")
     return 0
 
 
@@ -33,12 +40,7 @@ def sgd(const floating[::1] p, const floating[::1] g, const floating[::1] buf, f
     """``new_p = p - lr·g'``; with momentum, ``new_buf = momentum·buf + g`` (``buf`` None: ``g``) and
     ``g' = g + momentum·new_buf`` (nesterov) or ``new_buf``; ``g`` first gets ``+ wd·p``."""
     cdef Py_ssize_t i, n = p.shape[0]
-    _check(n, "g", g.shape[0])
-    _check(n, "new_p", new_p.shape[0])
-    if buf is not None:
-        _check(n, "buf", buf.shape[0])
-    if new_buf is not None:
-        _check(n, "new_buf", new_buf.shape[0])
+    _sizes(n, "g new_p buf new_buf", (g.shape[0], new_p.shape[0], _n(buf), _n(new_buf)))
     if momentum and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
     cdef floating lr_ = <floating> lr, mom = <floating> momentum, wd = <floating> weight_decay, gi, b
@@ -61,14 +63,7 @@ def adam(const floating[::1] p, const floating[::1] g, const floating[::1] m, co
     """torch's Adam (see :class:`fastbptt.optim.Adam`): ``m`` lerped toward ``g``, ``v`` the
     average of ``g²``, bias-corrected, at step ``t``."""
     cdef Py_ssize_t i, n = p.shape[0]
-    _check(n, "g", g.shape[0])
-    _check(n, "new_p", new_p.shape[0])
-    _check(n, "new_m", new_m.shape[0])
-    _check(n, "new_v", new_v.shape[0])
-    if m is not None:
-        _check(n, "m", m.shape[0])
-    if v is not None:
-        _check(n, "v", v.shape[0])
+    _sizes(n, "g new_p new_m new_v m v", (g.shape[0], new_p.shape[0], new_m.shape[0], new_v.shape[0], _n(m), _n(v)))
     cdef double w = 1.0 - beta1
     cdef bint low = w < 0.5, has_wd = weight_decay != 0, first = m is None or v is None
     cdef floating wd = <floating> weight_decay, w_ = <floating> (w if low else 1.0 - w)
@@ -97,15 +92,7 @@ def rmsprop(const floating[::1] p, const floating[::1] g, const floating[::1] v,
             double eps, double momentum):
     """torch's RMSprop (see :class:`fastbptt.optim.RMSprop`); ``new_buf`` only with momentum > 0."""
     cdef Py_ssize_t i, n = p.shape[0]
-    _check(n, "g", g.shape[0])
-    _check(n, "new_p", new_p.shape[0])
-    _check(n, "new_v", new_v.shape[0])
-    if v is not None:
-        _check(n, "v", v.shape[0])
-    if buf is not None:
-        _check(n, "buf", buf.shape[0])
-    if new_buf is not None:
-        _check(n, "new_buf", new_buf.shape[0])
+    _sizes(n, "g new_p new_v v buf new_buf", (g.shape[0], new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
     if momentum > 0 and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
     cdef floating a_ = <floating> alpha, ac = <floating> (1.0 - alpha), eps_ = <floating> eps
@@ -129,11 +116,7 @@ def adagrad(const floating[::1] p, const floating[::1] g, const floating[::1] s,
             floating[::1] new_p, double lr, double eps):
     """``new_s = s + g²``, ``new_p = p - lr·g / (√new_s + eps)`` (see :class:`fastbptt.optim.Adagrad`)."""
     cdef Py_ssize_t i, n = p.shape[0]
-    _check(n, "g", g.shape[0])
-    _check(n, "new_p", new_p.shape[0])
-    _check(n, "new_s", new_s.shape[0])
-    if s is not None:
-        _check(n, "s", s.shape[0])
+    _sizes(n, "g new_p new_s s", (g.shape[0], new_p.shape[0], new_s.shape[0], _n(s)))
     cdef floating lr_ = <floating> lr, eps_ = <floating> eps, gi, ns, zero = 0
     cdef bint first = s is None
     with nogil:
