@@ -426,7 +426,7 @@ def test_packed_split_same_bits_on_any_thread_count(wide_level):
 
 # ----------------------------------------------------------- the whole layer in one call (engine.fused)
 LAYER_SHAPES = {"T1_B1": (1, 1, 2, 3, 2), "B1_odd": (9, 1, 3, 13, 4), "B3": (7, 3, 5, 11, 3),
-                "B5_H40": (6, 5, 4, 40, 2)}
+                "B5_H40": (6, 5, 4, 40, 2), "head_chunks": (130, 9, 3, 7, 3)}   # 1170 rows: 3 head chunks
 
 
 @pytest.mark.parametrize("teams", [(1, 1), (2, 2), (1, 3)], ids=["team1", "team2", "gemm3"])
@@ -497,3 +497,30 @@ def test_layer_loss_and_grad_refuses_bad_arrays():
     with pytest.raises(ValueError, match=rf"Y: expected class ids in \[0, {O}\), got {O} at row 5"):
         call(Y=bad)
     assert all(np.array_equal(g, b) for g, b in zip(grads, before))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("loss", ["mse", "bce", "ce"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_loss_and_grad_matches_the_numpy_head(dtype, loss, threads):
+    """The compiled head of a block of rows (engine.checkpoint's blocked full BPTT) against the
+    NumPy code it replaces there: the loss sum, ∂L/∂h and the head's gradients (added to)."""
+    import fastbptt
+    from fastbptt.engine.losses import LOSS_CODES, LOSS_SUMS
+
+    assert K.LOSS_CODES == LOSS_CODES
+    m, H, O, n_out = 1300, 9, 4, 2000            # several chunks of HEAD_CHUNK rows; a part of a mean
+    rng = np.random.default_rng(3)
+    Hr = rng.normal(size=(m, H)).astype(dtype)
+    W, b = rng.normal(size=(O, H)).astype(dtype), rng.normal(size=O).astype(dtype)
+    Y = rng.integers(0, O, size=m) if loss == "ce" else (rng.random((m, O)) < 0.5).astype(dtype)
+    dW0, db0 = rng.normal(size=(O, H)).astype(dtype), rng.normal(size=O).astype(dtype)
+    n_total = n_out if loss == "ce" else n_out * O
+    ref_sum, dO = LOSS_SUMS[loss]((Hr @ W.T + b).astype(dtype), Y, n_total)
+    dW, db, G = dW0.copy(), db0.copy(), np.empty((m, H), dtype)
+    with fastbptt._threads.call_scope(threads=threads):
+        got = K.head_loss_and_grad(Hr, W, b, Y.astype(np.int64) if loss == "ce" else Y, LOSS_CODES[loss], n_out,
+                                   dW, db, G, threads)
+    assert got == pytest.approx(ref_sum, rel=RTOL[dtype])
+    assert rel_err(G, dO @ W) <= RTOL[dtype]
+    assert rel_err(dW, dW0 + dO.T @ Hr) <= RTOL[dtype] and rel_err(db, db0 + dO.sum(axis=0)) <= RTOL[dtype]

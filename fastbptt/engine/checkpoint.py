@@ -33,7 +33,7 @@ import numpy as np
 from .._threads import row_parts, run as run_tasks, team_size
 from ..backends.reference import ACT_TANH
 from .core import column_sums, matmul, pmatmul, scratch
-from .losses import LOSS_SUMS
+from .losses import LOSS_CODES, LOSS_SUMS
 from .stack import StackForward, _input_rows_W1, pack_grads
 
 # Rows (steps · batch) of one block of the GEMMs over time. Each block's GEMMs are split
@@ -245,6 +245,10 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
     db_y = np.zeros_like(params.b_y)
     W_hy = np.ascontiguousarray(params.W_hy)
     n_total = Y.size        # elements (mse, bce) or positions (ce) of the mean
+    # the Cython backend's head of a block of rows (kernels.head_loss_and_grad): over n rows in all
+    head = getattr(kernels, "head_loss_and_grad", None)
+    b_y = np.ascontiguousarray(params.b_y)
+    head_rows = n_total if loss == "ce" else n_total // params.output_size
     if output == "last":
         last_out = h_n[L - 1]
         o = pmatmul(last_out, W_hy, trans_b=True, kernels=kernels)
@@ -275,6 +279,13 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
         if output == "sequence":
             for k0, k1 in reversed(run.blocks(a, b)):
                 H_rows = run.rows(top[1:], k0, k1, a)
+                if head is not None and pack is None:     # the block's head in one compiled call
+                    y = np.ascontiguousarray(Y[k0:k1].reshape((-1,) + Y.shape[2:]),
+                                             np.int64 if loss == "ce" else None)
+                    partials[k0] = head(H_rows, W_hy, b_y, y, LOSS_CODES[loss], head_rows, dW_hy, db_y,
+                                        G[k0 - a:k1 - a].reshape(-1, H),
+                                        team_size(6 * H_rows.shape[0] * H * W_hy.shape[0], c_team=True))
+                    continue
                 o = pmatmul(H_rows, W_hy, trans_b=True, kernels=kernels)
                 o += params.b_y
                 if pack is None:

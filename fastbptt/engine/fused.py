@@ -18,10 +18,8 @@ from .._threads import team_size
 from . import blas as _blas  # noqa: F401  (points the compiled GEMMs at NumPy's cblas)
 from .checkpoint import block_steps
 from .core import scratch
+from .losses import LOSS_CODES
 from .stack import StackForward, pack_grads
-
-#: ``layer_loss_and_grad``'s loss codes (as ``backends/cython/kernels.pyx``'s ``LOSS_CODES``)
-LOSS_CODES = {"mse": 0, "bce": 1, "ce": 2}
 
 
 def applies(kernels, params, T, B, wins):

@@ -9,6 +9,8 @@ import numpy as np
 from scipy.special import expit, softmax
 
 LOSSES = ("mse", "bce", "ce")
+#: the compiled backend's codes for them (``backends/cython/kernels.pyx``: ``LOSS_CODES``)
+LOSS_CODES = {"mse": 0, "bce": 1, "ce": 2}
 
 
 def mse_sum(o, y, n):
