@@ -62,6 +62,7 @@ import numpy as np
 from ._atomic import commit
 from .params import RNNParams
 from ._threads import call_scope
+from ._validation import _all_finite
 
 __all__ = ["Optimizer", "SGD", "Adam", "RMSprop", "Adagrad", "get_optimizer", "OPTIMIZERS",
            "Schedule", "StepDecay", "CosineDecay", "Warmup", "schedule_from_config"]
@@ -206,12 +207,6 @@ def _compiled():
     return _COMPILED[0]
 
 
-def _finite(a):
-    """No NaN or inf in ``a``: one BLAS dot product (NaN and inf propagate into it), the exact check
-    only when that is not finite (a huge finite value can overflow it)."""
-    return bool(np.isfinite(np.dot(a, a))) or bool(np.isfinite(a).all())
-
-
 class Optimizer:
     """Base class: hyperparameters, per-parameter buffers, a step count.
 
@@ -297,7 +292,7 @@ class Optimizer:
         new_p, new_bufs = self._update(_flat(p_arrays) if flat_p is None else flat_p, g,
                                        {b: buffers.get(b) for b in self._buffer_names}, t, ws)
         for label, arr in (("params", new_p), *new_bufs.items()):
-            if not _finite(arr):
+            if not _all_finite(arr):
                 name = layout.where(int(np.flatnonzero(~np.isfinite(arr))[0]))
                 raise FloatingPointError(
                     f"{owner}.step: the update of {name} gives non-finite values in {label} "

@@ -284,7 +284,7 @@ def loss_and_grad(kernels, params, X3, Y, h0s, loss, output, act, pack=None, seg
                                              np.int64 if loss == "ce" else None)
                     partials[k0] = head(H_rows, W_hy, b_y, y, LOSS_CODES[loss], head_rows, dW_hy, db_y,
                                         G[k0 - a:k1 - a].reshape(-1, H),
-                                        team_size(6 * H_rows.shape[0] * H * W_hy.shape[0], c_team=True))
+                                        team_size(6 * H_rows.shape[0] * H * W_hy.shape[0], c_team=kernels.TEAM))
                     continue
                 o = pmatmul(H_rows, W_hy, trans_b=True, kernels=kernels)
                 o += params.b_y

@@ -15,9 +15,8 @@ bit-identical to one another.
 import numpy as np
 
 from .._threads import team_size
-from . import blas as _blas  # noqa: F401  (points the compiled GEMMs at NumPy's cblas)
 from .checkpoint import block_steps
-from .core import scratch
+from .core import scratch     # (core imports engine.blas: the compiled GEMMs run on NumPy's cblas)
 from .losses import LOSS_CODES
 from .stack import StackForward, pack_grads
 

@@ -29,7 +29,7 @@ from .model import loss_and_grad as model_loss_and_grad
 class Plan:
     """See the module docstring. ``run`` takes validated, C-contiguous arrays of the plan's dtype."""
 
-    __slots__ = ("key", "kernels", "loss", "output", "act", "wins", "fast", "fused", "T", "B", "work",
+    __slots__ = ("key", "kernels", "loss", "output", "act", "wins", "fast", "fused", "T", "B", "work", "teams",
                  "X1", "W1", "W_hhT", "A", "Hs", "dOut", "dZ", "dW1", "loss_fn", "threads", "small")
 
     def __init__(self, key, kernels, params, T, B, loss, output, act, wins):
@@ -48,7 +48,7 @@ class Plan:
         D, H, dt = params.input_size, params.hidden_size, params.dtype
         if self.fused:          # the whole call in one (see engine.fused)
             self.work = _fused.work_arrays(T, B, H, params.output_size, output, dt, new=True)
-            self.threads = _fused.threads(kernels, params, T, B)
+            self.teams = _fused.threads(kernels, params, T, B)
             return
         self.X1 = np.empty((T * B, D + 1), dt)
         self.X1[:, D] = 1
@@ -80,7 +80,7 @@ class Plan:
             if grads is None:
                 grads = [np.empty(a.shape, a.dtype) for a in params.arrays()]
             value = _fused.run(self.kernels, params, X3, Y, h0s, self.loss, self.output, self.act, self.wins,
-                               grads, self.work, self.threads)
+                               grads, self.work, self.teams)
             return value, grads, self.work[2][self.T:].copy()
         return self._run_layer(params, X3, Y, h0s, grads)
 

@@ -1242,9 +1242,9 @@ cdef double _no_data = 0
 
 
 cdef inline void _column_sums(const floating *M, Py_ssize_t n, Py_ssize_t w, Py_ssize_t ldm,
-                              const floating *ones, floating *out) noexcept nogil:
-    """``out = M.sum(axis=0)`` of an (n, w) ``M`` with row stride ``ldm`` as ``ones·M``, on BLAS."""
-    _cgemm(False, False, 1, w, n, ones, n, M, ldm, <floating> 0, out, w)
+                              const floating *ones, floating beta, floating *out) noexcept nogil:
+    """``out = M.sum(axis=0) + beta·out`` of an (n, w) ``M`` with row stride ``ldm`` as ``ones·M``, on BLAS."""
+    _cgemm(False, False, 1, w, n, ones, n, M, ldm, beta, out, w)
 
 
 cdef Py_ssize_t _loss_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, floating *o, const void *Y,
@@ -1342,7 +1342,7 @@ cdef Py_ssize_t _head_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, Py_ssize_t 
         total[0] += part
         beta = 1 if accumulate or c0 > 0 else 0
         _cgemm(True, False, O, H, k, o + c0 * O, O, H_rows + c0 * H, H, beta, gw, H)
-        _cgemm(False, False, 1, O, k, ones, k, o + c0 * O, O, beta, gb, O)
+        _column_sums(o + c0 * O, k, O, O, ones, beta, gb)
         _cgemm(False, False, k, H, O, o + c0 * O, O, W_hy, H, <floating> 0, dOut + c0 * H, H)
         c0 += k
     return -1
@@ -1510,7 +1510,7 @@ cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag)
         r1 = part_start(p + 1, n, H)
         _cgemm(True, False, r1 - r0, D, TB, dZ + r0, H, <const floating *> c.X, D, <floating> 0,
                <floating *> c.gW_xh + r0 * D, D)
-        _column_sums(dZ + r0, TB, r1 - r0, H, ones, <floating *> c.gb_h + r0)
+        _column_sums(dZ + r0, TB, r1 - r0, H, ones, <floating> 0, <floating *> c.gb_h + r0)
         _cgemm(True, False, r1 - r0, H, TB, dZ + r0, H, Hs, H, <floating> 0, <floating *> c.gW_hh + r0 * H, H)
 
 
