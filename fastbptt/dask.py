@@ -45,6 +45,25 @@ from .estimator import RNN as _LocalRNN
 
 __all__ = ["RNN"]
 
+# How long fit waits for a worker to come up (a LocalCluster starting, a nanny restarting one).
+WORKER_WAIT = 60.0
+
+
+def worker_addresses(client):
+    """The sorted addresses of the cluster's workers, waiting up to ``WORKER_WAIT`` s for one.
+
+    Asked of the scheduler directly: ``client.scheduler_info()`` falls back, without a word, to a cached
+    summary that lists no workers when the scheduler is slow to answer.
+    """
+    workers = sorted(client.nthreads())
+    if not workers:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except TimeoutError:
+            raise RuntimeError(f"client: the cluster has no workers (waited {WORKER_WAIT:g} s)") from None
+        workers = sorted(client.nthreads())
+    return workers
+
 
 class _Shard:
     """The actor on one worker: its rows of the data (time-major, checked), their state, and the
@@ -183,9 +202,7 @@ class RNN(_LocalRNN):
     # ------------------------------------------------------------- placement
     def _place(self, client, X, Y, state, points, what=("X", "Y")):
         """Actors holding the rows of ``(X, Y)``: ``(actors, shard_of, local_of, N, T)``."""
-        workers = sorted(client.scheduler_info()["workers"])
-        if not workers:
-            raise RuntimeError("client: the cluster has no workers")
+        workers = worker_addresses(client)
         cfg = self._worker_config()
         if isinstance(X, _da.Array) or isinstance(Y, _da.Array):
             groups, N, T = self._dask_parts(client, X, Y, what)

@@ -107,7 +107,7 @@ def test_worker_lost_mid_fit_is_a_clear_error(client):
     ref = fastbptt.RNN(3, 6, 2, **kw).fit(X, Y, epochs=1)
 
     def kill_a_worker(model, logs):
-        victim = sorted(client.scheduler_info()["workers"])[0]
+        victim = sorted(client.nthreads())[0]
         try:
             client.run(os._exit, 1, workers=[victim])
         except Exception:
@@ -120,6 +120,25 @@ def test_worker_lost_mid_fit_is_a_clear_error(client):
     client.wait_for_workers(2, timeout=60)
     m.fit(X, Y)                                     # resumable
     assert len(m.history_["loss"]) == 2
+
+
+def test_fit_waits_for_a_worker_then_names_the_empty_cluster(monkeypatch):
+    X, Y = data(N=6)
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    with LocalCluster(n_workers=0, dashboard_address=None, processes=False) as cluster, Client(cluster) as c:
+        monkeypatch.setattr(fdask, "WORKER_WAIT", 0.5)
+        m = fdask.RNN(3, 4, 2, client=c, dtype=np.float64, seed=1, batch_size=3)
+        with pytest.raises(RuntimeError, match=r"no workers \(waited 0.5 s\)"):
+            m.fit(X, Y)
+        assert m.history_["loss"] == []
+        cluster.scale(1)                            # a worker that comes up while fit waits is used
+        monkeypatch.setattr(fdask, "WORKER_WAIT", 60.0)
+        assert fdask.worker_addresses(c) and len(m.fit(X, Y).history_["loss"]) == 1
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_import_fastbptt_imports_no_dask_nor_sklearn():

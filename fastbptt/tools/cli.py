@@ -138,7 +138,7 @@ class _maybe_client:
     def __enter__(self):
         if self.address is not None:
             self.client = _connect(self.address)
-            _say(f"scheduler {self.address}: {len(self.client.scheduler_info()['workers'])} workers")
+            _say(f"scheduler {self.address}: {len(self.client.nthreads())} workers")
         return self.client
 
     def __exit__(self, *exc):
