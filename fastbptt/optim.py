@@ -108,7 +108,7 @@ class _Workspace:
     state before it, double buffering), so an interrupted step leaves the committed one intact."""
 
     def __init__(self):
-        self.n, self.dtype, self.tmps, self.spare, self.taken = 0, None, [], [], []
+        self.n, self.dtype, self.tmps, self.spare, self.taken, self.finite = 0, None, [], [], [], False
 
     def prepare(self, n, dtype, committed):
         if n != self.n or dtype != self.dtype:
@@ -116,6 +116,7 @@ class _Workspace:
         held = {id(a) for a in committed.values()}
         self.spare = [a for a in self.spare if id(a) not in held]
         self.taken = []
+        self.finite = False     # set by a compiled rule that found every value it wrote finite
 
     def tmp(self, i):
         """Temporary ``i`` (0 holds the gradient)."""
@@ -223,6 +224,7 @@ class Optimizer:
 
     name = None
     _buffer_names = ()
+    _g_read_only = False       # _update leaves g unwritten when the compiled rules are built
 
     def __init__(self):
         self._state = _EMPTY
@@ -280,7 +282,9 @@ class Optimizer:
         with call_scope():      # its dot products on BLAS pinned to one thread, as every call
             self._step(params, grads)
 
-    def _step(self, params, grads):
+    def _step(self, params, grads, flat_g=None):
+        """:meth:`step`'s work. ``flat_g``: the 1-D array whose consecutive slices ``grads``' arrays
+        are (a caller that made them so); a compiled rule, which does not write it, reads it as is."""
         owner = type(self).__name__
         p_arrays, g_arrays = _check_pair(owner, params, grads)
         state = self._state
@@ -288,10 +292,13 @@ class Optimizer:
         t = state.step + 1
         ws = self._ws
         ws.prepare(layout.offsets[-1], layout.dtype, state.buffers)
-        g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
+        if flat_g is None or not self._g_read_only or _compiled() is None:
+            g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
+        else:
+            g = flat_g
         new_p, new_bufs = self._update(_flat(p_arrays) if flat_p is None else flat_p, g,
                                        {b: buffers.get(b) for b in self._buffer_names}, t, ws)
-        for label, arr in (("params", new_p), *new_bufs.items()):
+        for label, arr in () if ws.finite else (("params", new_p), *new_bufs.items()):
             if not _all_finite(arr):
                 name = layout.where(int(np.flatnonzero(~np.isfinite(arr))[0]))
                 raise FloatingPointError(
@@ -414,6 +421,7 @@ class SGD(Optimizer):
     """
 
     name = "sgd"
+    _g_read_only = True
     _buffer_names = ("momentum_buffer",)
 
     def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
@@ -435,7 +443,7 @@ class SGD(Optimizer):
         if fast is not None:
             buf = bufs["momentum_buffer"]
             new = ws.buffer(buf) if h["momentum"] else None
-            fast.sgd(p, g, buf, new, new_p, h["lr"], h["momentum"], h["nesterov"], h["weight_decay"])
+            ws.finite = fast.sgd(p, g, buf, new, new_p, h["lr"], h["momentum"], h["nesterov"], h["weight_decay"])
             return new_p, ({"momentum_buffer": new} if h["momentum"] else {})
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
@@ -471,6 +479,7 @@ class Adam(Optimizer):
     """
 
     name = "adam"
+    _g_read_only = True
     _buffer_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -492,7 +501,8 @@ class Adam(Optimizer):
         fast = _compiled()
         if fast is not None:
             new_m, new_v = ws.buffer(m), ws.buffer(v)
-            fast.adam(p, g, m, v, new_m, new_v, new_p, h["lr"], beta1, beta2, h["eps"], h["weight_decay"], t)
+            ws.finite = fast.adam(p, g, m, v, new_m, new_v, new_p, h["lr"], beta1, beta2, h["eps"],
+                                  h["weight_decay"], t)
             return new_p, {"exp_avg": new_m, "exp_avg_sq": new_v}
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
@@ -534,6 +544,7 @@ class RMSprop(Optimizer):
     """
 
     name = "rmsprop"
+    _g_read_only = True
     _buffer_names = ("square_avg", "momentum_buffer")
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0):
@@ -553,7 +564,8 @@ class RMSprop(Optimizer):
         if fast is not None:
             buf = bufs.get("momentum_buffer")
             new_buf = ws.buffer(buf) if h["momentum"] > 0 else None
-            fast.rmsprop(p, g, v, buf, new_v, new_buf, new_p, h["lr"], h["alpha"], h["eps"], h["momentum"])
+            ws.finite = fast.rmsprop(p, g, v, buf, new_v, new_buf, new_p, h["lr"], h["alpha"], h["eps"],
+                                     h["momentum"])
             return new_p, ({"square_avg": new_v, "momentum_buffer": new_buf} if h["momentum"] > 0
                            else {"square_avg": new_v})
         if v is None:
@@ -591,6 +603,7 @@ class Adagrad(Optimizer):
     """
 
     name = "adagrad"
+    _g_read_only = True
     _buffer_names = ("sum",)
 
     def __init__(self, lr=1e-2, eps=1e-10):
@@ -605,7 +618,7 @@ class Adagrad(Optimizer):
         new_s = ws.buffer(s)
         fast = _compiled()
         if fast is not None:
-            fast.adagrad(p, g, s, new_s, new_p, h["lr"], h["eps"])
+            ws.finite = fast.adagrad(p, g, s, new_s, new_p, h["lr"], h["eps"])
             return new_p, {"sum": new_s}
         if s is None:
             s = np.zeros_like(p)

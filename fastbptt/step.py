@@ -88,7 +88,8 @@ class Step:
         self._act = ACT_CODES[activation]
         self._shapes = {}           # (X.shape, single) -> zero h0s, for the shapes that passed the checks
         self._plans = {}            # (T, B, backend, team) -> Plan
-        self._grads = None          # the gradients' arrays, reused from call to call
+        self._grads = None          # the gradients' arrays, reused from call to call: views of
+        self._flat = None           # this one array (one pass checks, clamps and updates them all)
         self._calls = 0
 
     def __repr__(self):
@@ -134,7 +135,8 @@ class Step:
     def _update(self, value, grads):
         self._calls += 1
         apply_step(self.params, self.optimizer, value, grads, clip_norm=self.clip_norm,
-                   clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step")
+                   clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step",
+                   flat=self._flat if grads is self._grads else None)
 
     def _checked(self, X, Y, h0):
         """A call with a shape not seen yet (or arrays to convert): checked in full, then remembered."""
@@ -142,7 +144,6 @@ class Step:
             self.params, X, Y, h0=h0, loss=self.loss, output=self.output, activation=self.activation,
             truncation=self.truncation, backend=self.backend)
         self._remember(X)
-        self._grads = grads
         return value, grads, h_last
 
     def _dispatch(self, got):
@@ -162,7 +163,12 @@ class Step:
             plan = self._plans[key] = make_plan(choice.kernels, params, T, B, self.loss, self.output,
                                                 self._act, self.truncation)
         if self._grads is None or self._grads.dtype != params.dtype:
-            self._grads = RNNParams._trusted_like(params, [np.empty(a.shape, a.dtype) for a in params.arrays()])
+            arrays = params.arrays()
+            flat = np.empty(sum(a.size for a in arrays), params.dtype)
+            ends = np.cumsum([a.size for a in arrays])
+            self._grads = RNNParams._trusted_like(
+                params, [flat[e - a.size:e].reshape(a.shape) for a, e in zip(arrays, ends)])
+            self._flat = flat
         t0 = perf_counter()
         value, _, h_last = plan.run(params, X3, Y_, h0s, list(self._grads.arrays()))
         choice.record(perf_counter() - t0)

@@ -357,3 +357,74 @@ def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make
         assert len(fast) == len(slow)
         for a, b in zip(fast, slow):
             assert a.dtype == b.dtype == dtype and np.array_equal(a, b), (name, step)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n", [0, 1, 7, 16, 1001])
+def test_compiled_check_and_clamp_equal_numpy(dtype, n):
+    """update.first_nonfinite finds NumPy's first NaN or inf; update.clamp is np.minimum then np.maximum."""
+    from fastbptt.optim import _compiled
+
+    fast = _compiled()
+    assert fast is not None
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 10).astype(dtype)
+    if n:
+        x[0] = -0.0
+    assert fast.first_nonfinite(x) == -1
+    got, want = x.copy(), np.maximum(np.minimum(x, 2.5), -2.5)
+    fast.clamp(got, 2.5)
+    assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+    for bad in (np.nan, np.inf, -np.inf):
+        for at in sorted({n - 1, n // 2, n // 3}) if n else ():
+            y = x.copy()
+            y[at:] = bad
+            assert fast.first_nonfinite(y) == at
+
+
+@pytest.mark.parametrize("where", ["W_hy", "b_h"])
+def test_flat_gradients_are_checked_clamped_and_stepped_as_the_arrays(where):
+    """apply_step given the one array the gradients are views of (fastbptt.Step's) takes the same
+    steps as with separate arrays, and names a non-finite gradient the same way."""
+    from fastbptt.engine.training import apply_step
+
+    runs = []
+    for use_flat in (True, False):
+        params, grads = make(np.float32)
+        opt = Adagrad(0.5)
+        for g in grads[:4]:
+            flat = np.concatenate([a.ravel() for a in g.arrays()]) * 3
+            views, o = [], 0
+            for a in g.arrays():
+                views.append(flat[o:o + a.size].reshape(a.shape))
+                o += a.size
+            g = RNNParams(*views)
+            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=2.0,
+                       owner="T", flat=flat if use_flat else None)
+        before = params.copy()
+        getattr(g, where)[...] = np.nan
+        with pytest.raises(FloatingPointError, match=f"T: non-finite gradient of {where} at here"):
+            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=2.0,
+                       owner="T", flat=flat if use_flat else None)
+        assert params == before and opt.step_count == 4
+        runs.append((params, opt.state_dict()))
+    (p1, s1), (p2, s2) = runs
+    assert all(np.array_equal(a, b) for a, b in zip(p1.arrays(), p2.arrays()))
+    assert all(np.array_equal(s1["buffers"]["sum"][k], s2["buffers"]["sum"][k]) for k in FIELDS)
+
+
+@pytest.mark.parametrize("make_opt", [lambda: SGD(0.1, momentum=0.5), lambda: Adagrad(0.1), lambda: Adam(0.1),
+                                      lambda: RMSprop(0.1, momentum=0.5)])
+def test_an_overflowing_compiled_rule_is_refused(make_opt):
+    """The compiled rules report a non-finite value they wrote: the step is refused, nothing changes."""
+    params, grads = make(np.float32)
+    opt = make_opt()
+    opt.step(params, grads[0])
+    opt.lr = 1e38
+    before, state = params.copy(), opt.state_dict()
+    huge = RNNParams(*(np.full(a.shape, 3e38, np.float32) for a in params.arrays()))
+    with pytest.raises(FloatingPointError, match="non-finite values in"):
+        opt.step(params, huge)
+    assert params == before and opt.step_count == 1
+    after = opt.state_dict()["buffers"]
+    assert all(np.array_equal(after[b][k], state["buffers"][b][k]) for b in after for k in after[b])

@@ -19,8 +19,10 @@ import math
 
 import numpy as np
 
+from .._threads import call_scope
 from .._validation import _all_finite
 from ..clip import clip_grad_norm, clip_grad_value
+from ..optim import _compiled
 from .core import is_artbp, windows
 from .lengths import packing
 from .model import loss_and_grad
@@ -194,7 +196,8 @@ def _ragged_point_grad(kernels, params, Xb, Yb, carry, point, *, loss, output, a
     return value, grads
 
 
-def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip_value=None, owner="RNN.fit"):
+def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip_value=None, owner="RNN.fit",
+               flat=None):
     """The optimizer side of one update point: check, clip, set the scheduled lr, step.
 
     Raises ``FloatingPointError`` naming ``owner`` and ``where`` (e.g. "epoch 2,
@@ -202,11 +205,15 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
     is not finite; ``params`` are then unchanged. The step itself is all or
     nothing (see :mod:`fastbptt.optim`). ``grads`` may be changed in place
     (clipping: the norm to ``clip_norm``, then each entry to ``clip_value``).
+    ``flat``: the 1-D array whose consecutive slices ``grads``' arrays are, if the
+    caller made them so (:class:`fastbptt.Step`): the checks, the clamp and the
+    optimizer's rule then each take one compiled pass over it.
     """
     if not math.isfinite(value):
         raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
-    for name, g in grads.items():
+    fast = None if flat is None else _compiled()
+    for name, g in grads.items() if fast is None or fast.first_nonfinite(flat) >= 0 else ():
         if not _all_finite(g):
             raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "
                                      "diverged. The parameters are those of the last good step. Try a "
@@ -214,11 +221,18 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
     if clip_norm is not None:
         clip_grad_norm(grads, clip_norm)
     if clip_value is not None:
-        clip_grad_value(grads, clip_value)
+        if fast is None:
+            clip_grad_value(grads, clip_value)
+        else:
+            fast.clamp(flat, clip_value)
     if lr_at is not None:
         optimizer.lr = lr_at(optimizer.step_count)
     try:
-        optimizer.step(params, grads)
+        if fast is None:
+            optimizer.step(params, grads)
+        else:
+            with call_scope():
+                optimizer._step(params, grads, flat_g=flat)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
 

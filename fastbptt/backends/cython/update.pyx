@@ -4,23 +4,47 @@ Each function computes, element by element, exactly the operations of the
 NumPy code of the optimizer's ``_update``, in the same order and in the
 arrays' dtype (a Python float hyperparameter is first rounded to that dtype,
 as NumPy does with a scalar), so the results are bit-identical to it: one
-pass over the flat arrays instead of five to ten, each with its own
-temporaries. The C compiler may not fuse a multiply and an add: this file is
-built for the x86-64 baseline (no FMA), and nothing here is ``fastmath``.
+vectorised pass over the flat arrays instead of five to ten, each with its
+own temporaries. The C compiler may not fuse a multiply and an add (this
+file is built with -ffp-contract=off), and nothing here is ``fastmath``; the
+loops are in ``update_rules_body.h``.
 
 A buffer given as None is read as zeros (the first step). Nothing is written
-but the ``new_*`` arrays; ``g`` is read only.
+but the ``new_*`` arrays; ``g`` is read only. Each rule returns whether every
+value it wrote is finite.
 """
 
+import numpy as np
+
 from cython cimport floating
-from libc.math cimport pow, sqrt, sqrtf
+from libc.math cimport pow, sqrt
 
-
-cdef inline floating _sqrt(floating x) noexcept nogil:
-    if floating is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
+cdef extern from "update_rules.h" nogil:
+    int fbu_nonfinite_f32(const float *x, Py_ssize_t n)
+    int fbu_nonfinite_f64(const double *x, Py_ssize_t n)
+    void fbu_clamp_f32(float *x, Py_ssize_t n, float c)
+    void fbu_clamp_f64(double *x, Py_ssize_t n, double c)
+    int fbu_sgd_f32(const float *p, const float *g, const float *buf, float *new_buf, float *new_p,
+                    Py_ssize_t n, float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first)
+    int fbu_sgd_f64(const double *p, const double *g, const double *buf, double *new_buf, double *new_p,
+                    Py_ssize_t n, double lr, double mom, double wd, int has_wd, int has_mom, int nesterov,
+                    int first)
+    int fbu_adam_f32(const float *p, const float *g, const float *m, const float *v, float *new_m, float *new_v,
+                     float *new_p, Py_ssize_t n, float w, float b2, float b2c, float step, float corr, float eps,
+                     float wd, int has_wd, int low)
+    int fbu_adam_f64(const double *p, const double *g, const double *m, const double *v, double *new_m,
+                     double *new_v, double *new_p, Py_ssize_t n, double w, double b2, double b2c, double step,
+                     double corr, double eps, double wd, int has_wd, int low)
+    int fbu_rmsprop_f32(const float *p, const float *g, const float *v, const float *buf, float *new_v,
+                        float *new_buf, float *new_p, Py_ssize_t n, float lr, float a, float ac, float eps,
+                        float mom, int has_mom)
+    int fbu_rmsprop_f64(const double *p, const double *g, const double *v, const double *buf, double *new_v,
+                        double *new_buf, double *new_p, Py_ssize_t n, double lr, double a, double ac, double eps,
+                        double mom, int has_mom)
+    int fbu_adagrad_f32(const float *p, const float *g, const float *s, float *new_s, float *new_p, Py_ssize_t n,
+                        float lr, float eps)
+    int fbu_adagrad_f64(const double *p, const double *g, const double *s, double *new_s, double *new_p,
+                        Py_ssize_t n, double lr, double eps)
 
 
 cdef inline Py_ssize_t _n(const floating[::1] a) noexcept:
@@ -35,26 +59,61 @@ cdef int _sizes(Py_ssize_t n, str names, tuple sizes) except -1:
     return 0
 
 
+cdef inline const floating *_or_zeros(const floating[::1] a, const floating[::1] zeros) noexcept:
+    return &zeros[0] if a is None else &a[0]
+
+
+cdef object _zeros(Py_ssize_t n, bint single):
+    """Zeros: the first step's buffers (read, never written)."""
+    return np.zeros(n, np.float32 if single else np.float64)
+
+
+def first_nonfinite(const floating[::1] x):
+    """The index of ``x``'s first NaN or inf, or -1 (one vectorised pass when there is none)."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef int bad
+    if n == 0:
+        return -1
+    with nogil:
+        bad = fbu_nonfinite_f32(&x[0], n) if floating is float else fbu_nonfinite_f64(&x[0], n)
+    return -1 if not bad else int(np.flatnonzero(~np.isfinite(np.asarray(x)))[0])
+
+
+def clamp(floating[::1] x, double c):
+    """``x`` into ``[-c, c]`` in place (``c`` rounded to the dtype), as ``np.minimum`` then
+    ``np.maximum`` give it for finite values."""
+    cdef Py_ssize_t n = x.shape[0]
+    if n == 0:
+        return
+    with nogil:
+        if floating is float:
+            fbu_clamp_f32(&x[0], n, <float> c)
+        else:
+            fbu_clamp_f64(&x[0], n, c)
+
+
 def sgd(const floating[::1] p, const floating[::1] g, const floating[::1] buf, floating[::1] new_buf,
         floating[::1] new_p, double lr, double momentum, bint nesterov, double weight_decay):
     """``new_p = p - lr·g'``; with momentum, ``new_buf = momentum·buf + g`` (``buf`` None: ``g``) and
     ``g' = g + momentum·new_buf`` (nesterov) or ``new_buf``; ``g`` first gets ``+ wd·p``."""
-    cdef Py_ssize_t i, n = p.shape[0]
+    cdef Py_ssize_t n = p.shape[0]
     _sizes(n, "g new_p buf new_buf", (g.shape[0], new_p.shape[0], _n(buf), _n(new_buf)))
     if momentum and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
-    cdef floating lr_ = <floating> lr, mom = <floating> momentum, wd = <floating> weight_decay, gi, b
-    cdef bint has_wd = weight_decay != 0, has_mom = momentum != 0, first = buf is None
+    cdef bint has_mom = momentum != 0, first = buf is None
+    cdef int bad
+    if n == 0:
+        return True
+    cdef floating *nb = &new_buf[0] if has_mom else NULL
+    cdef const floating *b = &p[0] if first else &buf[0]       # (not read on the first step)
     with nogil:
-        for i in range(n):
-            gi = g[i]
-            if has_wd:
-                gi = gi + p[i] * wd
-            if has_mom:
-                b = gi if first else buf[i] * mom + gi
-                new_buf[i] = b
-                gi = gi + b * mom if nesterov else b
-            new_p[i] = p[i] - gi * lr_
+        if floating is float:
+            bad = fbu_sgd_f32(&p[0], &g[0], b, nb, &new_p[0], n, <float> lr, <float> momentum,
+                              <float> weight_decay, weight_decay != 0, has_mom, nesterov, first)
+        else:
+            bad = fbu_sgd_f64(&p[0], &g[0], b, nb, &new_p[0], n, lr, momentum, weight_decay,
+                              weight_decay != 0, has_mom, nesterov, first)
+    return not bad
 
 
 def adam(const floating[::1] p, const floating[::1] g, const floating[::1] m, const floating[::1] v,
@@ -62,66 +121,69 @@ def adam(const floating[::1] p, const floating[::1] g, const floating[::1] m, co
          double beta2, double eps, double weight_decay, long t):
     """torch's Adam (see :class:`fastbptt.optim.Adam`): ``m`` lerped toward ``g``, ``v`` the
     average of ``g²``, bias-corrected, at step ``t``."""
-    cdef Py_ssize_t i, n = p.shape[0]
+    cdef Py_ssize_t n = p.shape[0]
     _sizes(n, "g new_p new_m new_v m v", (g.shape[0], new_p.shape[0], new_m.shape[0], new_v.shape[0], _n(m), _n(v)))
+    if n == 0:
+        return True
     cdef double w = 1.0 - beta1
-    cdef bint low = w < 0.5, has_wd = weight_decay != 0, first = m is None or v is None
-    cdef floating wd = <floating> weight_decay, w_ = <floating> (w if low else 1.0 - w)
-    cdef floating b2c = <floating> (1.0 - beta2), b2 = <floating> beta2, eps_ = <floating> eps
-    cdef floating step = <floating> (lr / (1.0 - pow(beta1, <double> t)))
-    cdef floating corr = <floating> sqrt(1.0 - pow(beta2, <double> t))
-    cdef floating gi, mi, vi, d, nm, nv, den, zero = 0
+    cdef bint low = w < 0.5
+    cdef const floating[::1] zeros = _zeros(n, floating is float) if m is None or v is None else None
+    cdef const floating *mp = &zeros[0] if zeros is not None else &m[0]
+    cdef const floating *vp = &zeros[0] if zeros is not None else &v[0]
+    cdef double step = lr / (1.0 - pow(beta1, <double> t)), corr = sqrt(1.0 - pow(beta2, <double> t))
+    cdef int bad
     with nogil:
-        for i in range(n):
-            gi = g[i]
-            if has_wd:
-                gi = gi + p[i] * wd
-            mi = zero if first else m[i]
-            vi = zero if first else v[i]
-            d = gi - mi
-            nm = d * w_ + mi if low else gi - d * w_
-            nv = vi * b2 + (gi * gi) * b2c
-            new_m[i] = nm
-            new_v[i] = nv
-            den = _sqrt(nv) / corr + eps_
-            new_p[i] = p[i] - (nm * step) / den
+        if floating is float:
+            bad = fbu_adam_f32(&p[0], &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], n,
+                               <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
+                               <float> step, <float> corr, <float> eps, <float> weight_decay,
+                               weight_decay != 0, low)
+        else:
+            bad = fbu_adam_f64(&p[0], &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], n,
+                               w if low else 1.0 - w, beta2, 1.0 - beta2, step, corr, eps, weight_decay,
+                               weight_decay != 0, low)
+    return not bad
 
 
 def rmsprop(const floating[::1] p, const floating[::1] g, const floating[::1] v, const floating[::1] buf,
             floating[::1] new_v, floating[::1] new_buf, floating[::1] new_p, double lr, double alpha,
             double eps, double momentum):
     """torch's RMSprop (see :class:`fastbptt.optim.RMSprop`); ``new_buf`` only with momentum > 0."""
-    cdef Py_ssize_t i, n = p.shape[0]
+    cdef Py_ssize_t n = p.shape[0]
     _sizes(n, "g new_p new_v v buf new_buf", (g.shape[0], new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
     if momentum > 0 and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
-    cdef floating a_ = <floating> alpha, ac = <floating> (1.0 - alpha), eps_ = <floating> eps
-    cdef floating lr_ = <floating> lr, mom = <floating> momentum, gi, nv, avg, b, zero = 0
-    cdef bint has_mom = momentum > 0, first_v = v is None, first_b = buf is None
+    if n == 0:
+        return True
+    cdef bint has_mom = momentum > 0
+    cdef const floating[::1] zeros = _zeros(n, floating is float) if v is None or (has_mom and buf is None) else None
+    cdef const floating *vp = _or_zeros(v, zeros)
+    cdef const floating *bp = _or_zeros(buf, zeros) if has_mom else NULL
+    cdef floating *nb = &new_buf[0] if has_mom else NULL
+    cdef int bad
     with nogil:
-        for i in range(n):
-            gi = g[i]
-            nv = (zero if first_v else v[i]) * a_ + (gi * gi) * ac
-            new_v[i] = nv
-            avg = _sqrt(nv) + eps_
-            if has_mom:
-                b = (zero if first_b else buf[i]) * mom + gi / avg
-                new_buf[i] = b
-                new_p[i] = p[i] - b * lr_
-            else:
-                new_p[i] = p[i] - (gi * lr_) / avg
+        if floating is float:
+            bad = fbu_rmsprop_f32(&p[0], &g[0], vp, bp, &new_v[0], nb, &new_p[0], n, <float> lr, <float> alpha,
+                                  <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
+        else:
+            bad = fbu_rmsprop_f64(&p[0], &g[0], vp, bp, &new_v[0], nb, &new_p[0], n, lr, alpha, 1.0 - alpha,
+                                  eps, momentum, has_mom)
+    return not bad
 
 
 def adagrad(const floating[::1] p, const floating[::1] g, const floating[::1] s, floating[::1] new_s,
             floating[::1] new_p, double lr, double eps):
     """``new_s = s + g²``, ``new_p = p - lr·g / (√new_s + eps)`` (see :class:`fastbptt.optim.Adagrad`)."""
-    cdef Py_ssize_t i, n = p.shape[0]
+    cdef Py_ssize_t n = p.shape[0]
     _sizes(n, "g new_p new_s s", (g.shape[0], new_p.shape[0], new_s.shape[0], _n(s)))
-    cdef floating lr_ = <floating> lr, eps_ = <floating> eps, gi, ns, zero = 0
-    cdef bint first = s is None
+    if n == 0:
+        return True
+    cdef const floating[::1] zeros = _zeros(n, floating is float) if s is None else None
+    cdef const floating *sp = _or_zeros(s, zeros)
+    cdef int bad
     with nogil:
-        for i in range(n):
-            gi = g[i]
-            ns = (zero if first else s[i]) + gi * gi
-            new_s[i] = ns
-            new_p[i] = p[i] - (gi * lr_) / (_sqrt(ns) + eps_)
+        if floating is float:
+            bad = fbu_adagrad_f32(&p[0], &g[0], sp, &new_s[0], &new_p[0], n, <float> lr, <float> eps)
+        else:
+            bad = fbu_adagrad_f64(&p[0], &g[0], sp, &new_s[0], &new_p[0], n, lr, eps)
+    return not bad

@@ -1,0 +1,24 @@
+/* The optimizers' element-wise rules (update.pyx), one source (update_rules_body.h) for each
+ * element type. Built for the baseline instruction set: the loops are bound by sqrt, division and
+ * memory, and AVX2 or AVX-512 builds of them measured no faster (docs/fused.md). No FMA
+ * (update.pyx is built with -ffp-contract=off): the rules are bit-identical to the NumPy code.
+ */
+#ifndef FASTBPTT_UPDATE_RULES_H
+#define FASTBPTT_UPDATE_RULES_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define FBU_T float
+#define FBU_IT int32_t
+#define FBU_SFX _f32
+#define FBU_SQRT sqrtf
+#include "update_rules_body.h"
+#define FBU_T double
+#define FBU_IT int64_t
+#define FBU_SFX _f64
+#define FBU_SQRT sqrt
+#include "update_rules_body.h"
+
+#endif

@@ -1,0 +1,144 @@
+/* The optimizers' element-wise rules for one element type (included by
+ * update_rules.h with FBU_T, FBU_IT -- the signed integer of FBU_T's width -- and FBU_SFX defined).
+ *
+ * Each loop does the operations of the NumPy code of its optimizer's _update (fastbptt/optim.py), in
+ * the same order and in FBU_T, so that it is bit-identical to it (built with -ffp-contract=off: no
+ * FMA). The flags are constants of an always-inlined body, so each combination is its own loop,
+ * branch-free and vectorised. A rule returns 1 when an output element is not finite (x - x is 0 only
+ * for a finite x), else 0.
+ */
+
+#define FBU_CAT2(a, b) a##b
+#define FBU_CAT(a, b) FBU_CAT2(a, b)
+#define FBU_FN(name) FBU_CAT(name, FBU_SFX)
+#define FBU_BAD(x) ((FBU_IT)((x) - (x) != (FBU_T)0))
+#define FBU_INLINE static inline __attribute__((always_inline))
+
+static int FBU_FN(fbu_nonfinite)(const FBU_T *restrict x, ptrdiff_t n) {
+    FBU_IT bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) bad |= FBU_BAD(x[i]);
+    return bad != 0;
+}
+
+static void FBU_FN(fbu_clamp)(FBU_T *restrict x, ptrdiff_t n, FBU_T c) {
+    /* np.minimum(x, c) then np.maximum(x, -c), for finite x */
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FBU_T v = x[i] < c ? x[i] : c;
+        x[i] = v > -c ? v : -c;
+    }
+}
+
+FBU_INLINE int FBU_FN(fbu_sgd_body)(const FBU_T *restrict p, const FBU_T *restrict g, const FBU_T *restrict buf,
+                                     FBU_T *restrict new_buf, FBU_T *restrict new_p, ptrdiff_t n, FBU_T lr,
+                                     FBU_T mom, FBU_T wd, const int has_wd, const int has_mom,
+                                     const int nesterov, const int first) {
+    FBU_IT bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FBU_T gi = g[i], b, np_;
+        if (has_wd) gi = gi + p[i] * wd;
+        if (has_mom) {
+            b = first ? gi : buf[i] * mom + gi;
+            new_buf[i] = b;
+            bad |= FBU_BAD(b);
+            gi = nesterov ? gi + b * mom : b;
+        }
+        np_ = p[i] - gi * lr;
+        new_p[i] = np_;
+        bad |= FBU_BAD(np_);
+    }
+    return bad != 0;
+}
+
+static int FBU_FN(fbu_sgd)(const FBU_T *p, const FBU_T *g, const FBU_T *buf, FBU_T *new_buf, FBU_T *new_p,
+                           ptrdiff_t n, FBU_T lr, FBU_T mom, FBU_T wd, int has_wd, int has_mom, int nesterov,
+                           int first) {
+#define FBU_SGD(w, m, s, f) FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f)
+    if (!has_mom) return has_wd ? FBU_SGD(1, 0, 0, 0) : FBU_SGD(0, 0, 0, 0);
+    if (has_wd) {
+        if (nesterov) return first ? FBU_SGD(1, 1, 1, 1) : FBU_SGD(1, 1, 1, 0);
+        return first ? FBU_SGD(1, 1, 0, 1) : FBU_SGD(1, 1, 0, 0);
+    }
+    if (nesterov) return first ? FBU_SGD(0, 1, 1, 1) : FBU_SGD(0, 1, 1, 0);
+    return first ? FBU_SGD(0, 1, 0, 1) : FBU_SGD(0, 1, 0, 0);
+#undef FBU_SGD
+}
+
+FBU_INLINE int FBU_FN(fbu_adam_body)(const FBU_T *restrict p, const FBU_T *restrict g, const FBU_T *restrict m,
+                                      const FBU_T *restrict v, FBU_T *restrict new_m, FBU_T *restrict new_v,
+                                      FBU_T *restrict new_p, ptrdiff_t n, FBU_T w, FBU_T b2, FBU_T b2c,
+                                      FBU_T step, FBU_T corr, FBU_T eps, FBU_T wd, const int has_wd,
+                                      const int low) {
+    FBU_IT bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FBU_T gi = g[i], mi = m[i], vi = v[i], d, nm, nv, np_;
+        if (has_wd) gi = gi + p[i] * wd;
+        d = gi - mi;
+        nm = low ? d * w + mi : gi - d * w;         /* torch's lerp: m + w·(g-m), or g - (g-m)·(1-w) */
+        nv = vi * b2 + (gi * gi) * b2c;
+        new_m[i] = nm;
+        new_v[i] = nv;
+        np_ = p[i] - (nm * step) / (FBU_SQRT(nv) / corr + eps);
+        new_p[i] = np_;
+        bad |= FBU_BAD(nm) | FBU_BAD(nv) | FBU_BAD(np_);
+    }
+    return bad != 0;
+}
+
+static int FBU_FN(fbu_adam)(const FBU_T *p, const FBU_T *g, const FBU_T *m, const FBU_T *v, FBU_T *new_m,
+                            FBU_T *new_v, FBU_T *new_p, ptrdiff_t n, FBU_T w, FBU_T b2, FBU_T b2c, FBU_T step,
+                            FBU_T corr, FBU_T eps, FBU_T wd, int has_wd, int low) {
+#define FBU_ADAM(d, l) FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, eps, \
+                                             wd, d, l)
+    if (has_wd) return low ? FBU_ADAM(1, 1) : FBU_ADAM(1, 0);
+    return low ? FBU_ADAM(0, 1) : FBU_ADAM(0, 0);
+#undef FBU_ADAM
+}
+
+FBU_INLINE int FBU_FN(fbu_rmsprop_body)(const FBU_T *restrict p, const FBU_T *restrict g,
+                                         const FBU_T *restrict v, const FBU_T *restrict buf,
+                                         FBU_T *restrict new_v, FBU_T *restrict new_buf, FBU_T *restrict new_p,
+                                         ptrdiff_t n, FBU_T lr, FBU_T a, FBU_T ac, FBU_T eps, FBU_T mom,
+                                         const int has_mom) {
+    FBU_IT bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FBU_T gi = g[i], nv = v[i] * a + (gi * gi) * ac, avg, np_;
+        new_v[i] = nv;
+        avg = FBU_SQRT(nv) + eps;
+        if (has_mom) {
+            FBU_T b = buf[i] * mom + gi / avg;
+            new_buf[i] = b;
+            bad |= FBU_BAD(b);
+            np_ = p[i] - b * lr;
+        } else {
+            np_ = p[i] - (gi * lr) / avg;
+        }
+        new_p[i] = np_;
+        bad |= FBU_BAD(nv) | FBU_BAD(np_);
+    }
+    return bad != 0;
+}
+
+static int FBU_FN(fbu_rmsprop)(const FBU_T *p, const FBU_T *g, const FBU_T *v, const FBU_T *buf, FBU_T *new_v,
+                               FBU_T *new_buf, FBU_T *new_p, ptrdiff_t n, FBU_T lr, FBU_T a, FBU_T ac, FBU_T eps,
+                               FBU_T mom, int has_mom) {
+    return has_mom ? FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, 1)
+                   : FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, 0);
+}
+
+static int FBU_FN(fbu_adagrad)(const FBU_T *restrict p, const FBU_T *restrict g, const FBU_T *restrict s,
+                               FBU_T *restrict new_s, FBU_T *restrict new_p, ptrdiff_t n, FBU_T lr, FBU_T eps) {
+    FBU_IT bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FBU_T gi = g[i], ns = s[i] + gi * gi, np_;
+        new_s[i] = ns;
+        np_ = p[i] - (gi * lr) / (FBU_SQRT(ns) + eps);
+        new_p[i] = np_;
+        bad |= FBU_BAD(ns) | FBU_BAD(np_);
+    }
+    return bad != 0;
+}
+
+#undef FBU_T
+#undef FBU_IT
+#undef FBU_SFX
+#undef FBU_SQRT
