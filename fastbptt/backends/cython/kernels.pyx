@@ -38,18 +38,18 @@ from libc.math cimport exp, expf, fabs, fabsf, log, log1p, log1pf, logf
 
 cnp.import_array()
 
-# tanh over a contiguous run, in C. Where the build found glibc's libmvec
-# (glibc >= 2.35 on x86-64: setup.py defines FASTBPTT_LIBMVEC and links -lmvec)
-# it takes glibc's own vector tanh/tanhf -- the vector-ABI twins of libm's
-# scalar ones, no cruder than them (max error measured here: tanhf 1 ulp
-# against libm's 2.4; tanh <= 2 ulp) -- 16 (f32) or 8 (f64) lanes at a time on
-# an AVX-512 CPU (checked at import), else 4 or 2 lanes through the SSE entry
-# points every x86-64 has. The tail of a run goes through the same vector
-# call, masked or padded, so every element of a run takes the same code.
-# Measured per element (Zen 4): tanhf 10.6 ns scalar, 1.16 ns SSE, 0.42 ns
-# AVX-512; tanh 9.9 ns scalar, 4.7 ns SSE, 1.75 ns AVX-512 -- at small shapes
-# the scalar tanhf was 2/3 of the forward step. Elsewhere: libm's scalar
-# tanh/tanhf.
+# tanh and exp (the ce head's softmax) over a contiguous run, in C. Where the
+# build found glibc's libmvec (glibc >= 2.35 on x86-64: setup.py defines
+# FASTBPTT_LIBMVEC and links -lmvec) it takes glibc's own vector functions --
+# the vector-ABI twins of libm's scalar ones, no cruder than them (max error
+# measured here: tanhf 1 ulp against libm's 2.4; tanh <= 2 ulp; see
+# docs/fused.md for exp) -- 16 (f32) or 8 (f64) lanes at a time on an AVX-512
+# CPU (checked at import), else 4 or 2 lanes through the SSE entry points
+# every x86-64 has. The tail of a run goes through the same vector call,
+# masked or padded, so every element of a run takes the same code. Measured
+# per element (Zen 4): tanhf 10.6 ns scalar, 1.16 ns SSE, 0.42 ns AVX-512;
+# tanh 9.9 ns scalar, 4.7 ns SSE, 1.75 ns AVX-512 -- at small shapes the
+# scalar tanhf was 2/3 of the forward step. Elsewhere: libm's scalar ones.
 cdef extern from *:
     """
     #include <math.h>
@@ -59,8 +59,12 @@ cdef extern from *:
     #include <immintrin.h>
     __m128 _ZGVbN4v_tanhf(__m128);
     __m128d _ZGVbN2v_tanh(__m128d);
+    __m128 _ZGVbN4v_expf(__m128);
+    __m128d _ZGVbN2v_exp(__m128d);
     __attribute__((target("avx512f"))) __m512 _ZGVeN16v_tanhf(__m512);
     __attribute__((target("avx512f"))) __m512d _ZGVeN8v_tanh(__m512d);
+    __attribute__((target("avx512f"))) __m512 _ZGVeN16v_expf(__m512);
+    __attribute__((target("avx512f"))) __m512d _ZGVeN8v_exp(__m512d);
 
     static int fastbptt_tanh_level = 1;   /* 1: SSE entry points, 2: AVX-512; set once at import */
 
@@ -75,53 +79,58 @@ cdef extern from *:
         if (level == 1 || (level == 2 && __builtin_cpu_supports("avx512f"))) fastbptt_tanh_level = level;
         return fastbptt_tanh_level;
     }
-    __attribute__((target("avx512f")))
-    static void fastbptt_tanhf_avx512(float *x, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-        for (; i + 16 <= n; i += 16)
-            _mm512_storeu_ps(x + i, _ZGVeN16v_tanhf(_mm512_loadu_ps(x + i)));
-        if (i < n) {
-            __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-            _mm512_mask_storeu_ps(x + i, m, _ZGVeN16v_tanhf(_mm512_maskz_loadu_ps(m, x + i)));
-        }
+    /* fastbptt_<FN>f_avx512/_sse, fastbptt_<FN>d_avx512/_sse and fastbptt_<FN>f/d (the level's) over
+       a run of n, for FN = tanh and exp: the tail goes through the same vector call, masked or padded. */
+    #define FASTBPTT_VEC_MATH(FN, F512, D512, F128, D128)                                            \
+    __attribute__((target("avx512f")))                                                              \
+    static void fastbptt_##FN##f_avx512(float *x, Py_ssize_t n) {                                    \
+        Py_ssize_t i = 0;                                                                           \
+        for (; i + 16 <= n; i += 16)                                                                \
+            _mm512_storeu_ps(x + i, F512(_mm512_loadu_ps(x + i)));                                  \
+        if (i < n) {                                                                                \
+            __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);                                        \
+            _mm512_mask_storeu_ps(x + i, m, F512(_mm512_maskz_loadu_ps(m, x + i)));                 \
+        }                                                                                           \
+    }                                                                                               \
+    __attribute__((target("avx512f")))                                                              \
+    static void fastbptt_##FN##d_avx512(double *x, Py_ssize_t n) {                                   \
+        Py_ssize_t i = 0;                                                                           \
+        for (; i + 8 <= n; i += 8)                                                                  \
+            _mm512_storeu_pd(x + i, D512(_mm512_loadu_pd(x + i)));                                  \
+        if (i < n) {                                                                                \
+            __mmask8 m = (__mmask8)((1u << (n - i)) - 1u);                                          \
+            _mm512_mask_storeu_pd(x + i, m, D512(_mm512_maskz_loadu_pd(m, x + i)));                 \
+        }                                                                                           \
+    }                                                                                               \
+    static void fastbptt_##FN##f_sse(float *x, Py_ssize_t n) {                                       \
+        Py_ssize_t i = 0;                                                                           \
+        for (; i + 4 <= n; i += 4)                                                                  \
+            _mm_storeu_ps(x + i, F128(_mm_loadu_ps(x + i)));                                        \
+        if (i < n) {                                                                                \
+            float buf[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                \
+            memcpy(buf, x + i, (size_t)(n - i) * sizeof(float));                                    \
+            _mm_storeu_ps(buf, F128(_mm_loadu_ps(buf)));                                            \
+            memcpy(x + i, buf, (size_t)(n - i) * sizeof(float));                                    \
+        }                                                                                           \
+    }                                                                                               \
+    static void fastbptt_##FN##d_sse(double *x, Py_ssize_t n) {                                      \
+        Py_ssize_t i = 0;                                                                           \
+        for (; i + 2 <= n; i += 2)                                                                  \
+            _mm_storeu_pd(x + i, D128(_mm_loadu_pd(x + i)));                                        \
+        if (i < n) {                                                                                \
+            double buf[2] = {x[i], 0.0};                                                            \
+            _mm_storeu_pd(buf, D128(_mm_loadu_pd(buf)));                                            \
+            x[i] = buf[0];                                                                          \
+        }                                                                                           \
+    }                                                                                               \
+    static void fastbptt_##FN##f(float *x, Py_ssize_t n) {                                           \
+        if (fastbptt_tanh_level == 2) fastbptt_##FN##f_avx512(x, n); else fastbptt_##FN##f_sse(x, n); \
+    }                                                                                               \
+    static void fastbptt_##FN##d(double *x, Py_ssize_t n) {                                          \
+        if (fastbptt_tanh_level == 2) fastbptt_##FN##d_avx512(x, n); else fastbptt_##FN##d_sse(x, n); \
     }
-    __attribute__((target("avx512f")))
-    static void fastbptt_tanhd_avx512(double *x, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            _mm512_storeu_pd(x + i, _ZGVeN8v_tanh(_mm512_loadu_pd(x + i)));
-        if (i < n) {
-            __mmask8 m = (__mmask8)((1u << (n - i)) - 1u);
-            _mm512_mask_storeu_pd(x + i, m, _ZGVeN8v_tanh(_mm512_maskz_loadu_pd(m, x + i)));
-        }
-    }
-    static void fastbptt_tanhf_sse(float *x, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-        for (; i + 4 <= n; i += 4)
-            _mm_storeu_ps(x + i, _ZGVbN4v_tanhf(_mm_loadu_ps(x + i)));
-        if (i < n) {
-            float buf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            memcpy(buf, x + i, (size_t)(n - i) * sizeof(float));
-            _mm_storeu_ps(buf, _ZGVbN4v_tanhf(_mm_loadu_ps(buf)));
-            memcpy(x + i, buf, (size_t)(n - i) * sizeof(float));
-        }
-    }
-    static void fastbptt_tanhd_sse(double *x, Py_ssize_t n) {
-        Py_ssize_t i = 0;
-        for (; i + 2 <= n; i += 2)
-            _mm_storeu_pd(x + i, _ZGVbN2v_tanh(_mm_loadu_pd(x + i)));
-        if (i < n) {
-            double buf[2] = {x[i], 0.0};
-            _mm_storeu_pd(buf, _ZGVbN2v_tanh(_mm_loadu_pd(buf)));
-            x[i] = buf[0];
-        }
-    }
-    static void fastbptt_tanhf(float *x, Py_ssize_t n) {
-        if (fastbptt_tanh_level == 2) fastbptt_tanhf_avx512(x, n); else fastbptt_tanhf_sse(x, n);
-    }
-    static void fastbptt_tanhd(double *x, Py_ssize_t n) {
-        if (fastbptt_tanh_level == 2) fastbptt_tanhd_avx512(x, n); else fastbptt_tanhd_sse(x, n);
-    }
+    FASTBPTT_VEC_MATH(tanh, _ZGVeN16v_tanhf, _ZGVeN8v_tanh, _ZGVbN4v_tanhf, _ZGVbN2v_tanh)
+    FASTBPTT_VEC_MATH(exp, _ZGVeN16v_expf, _ZGVeN8v_exp, _ZGVbN4v_expf, _ZGVbN2v_exp)
     #else
     static void fastbptt_tanh_init(void) {}
     static const char *fastbptt_tanh_impl(void) { return "libm"; }
@@ -132,6 +141,12 @@ cdef extern from *:
     static void fastbptt_tanhd(double *x, Py_ssize_t n) {
         for (Py_ssize_t i = 0; i < n; i++) x[i] = tanh(x[i]);
     }
+    static void fastbptt_expf(float *x, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) x[i] = expf(x[i]);
+    }
+    static void fastbptt_expd(double *x, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) x[i] = exp(x[i]);
+    }
     #endif
     """
     void fastbptt_tanh_init() noexcept nogil
@@ -139,6 +154,8 @@ cdef extern from *:
     int fastbptt_tanh_set_level(int level) noexcept nogil
     void fastbptt_tanhf(float *x, Py_ssize_t n) noexcept nogil
     void fastbptt_tanhd(double *x, Py_ssize_t n) noexcept nogil
+    void fastbptt_expf(float *x, Py_ssize_t n) noexcept nogil
+    void fastbptt_expd(double *x, Py_ssize_t n) noexcept nogil
 
 
 fastbptt_tanh_init()
@@ -1288,14 +1305,15 @@ cdef Py_ssize_t _loss_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, floating *o
                 if o[i * O + j] > m:
                     m = o[i * O + j]
             xc = o[i * O + ids[i]] - m
+            for j in range(O):
+                o[i * O + j] = o[i * O + j] - m
+            if floating is float:
+                fastbptt_expf(o + i * O, O)
+            else:
+                fastbptt_expd(o + i * O, O)
             s = 0
             for j in range(O):
-                if floating is float:
-                    e = expf(o[i * O + j] - m)
-                else:
-                    e = exp(o[i * O + j] - m)
-                o[i * O + j] = e
-                s += e
+                s += o[i * O + j]
             if floating is float:
                 total -= <floating> (xc - logf(s))
             else:
