@@ -109,17 +109,19 @@ class _Workspace:
 
     def __init__(self):
         self.n, self.dtype, self.tmps, self.spare, self.taken, self.finite = 0, None, [], [], [], False
+        self._split_key = self._split = None
 
     def prepare(self, n, dtype, committed):
         if n != self.n or dtype != self.dtype:
             self.n, self.dtype, self.tmps, self.spare = n, dtype, [], []
+            self._split_key = self._split = None
         held = {id(a) for a in committed.values()}
         self.spare = [a for a in self.spare if id(a) not in held]
         self.taken = []
         self.finite = False     # set by a compiled rule that found every value it wrote finite
 
     def tmp(self, i):
-        """Temporary ``i`` (0 holds the gradient)."""
+        """Temporary ``i`` (0 may hold the gradient, 3 the parameters)."""
         while len(self.tmps) <= i:
             self.tmps.append(np.empty(self.n, dtype=self.dtype))
         return self.tmps[i]
@@ -130,6 +132,13 @@ class _Workspace:
         if committed is not None:
             self.taken.append(committed)        # spare once the step is committed
         return arr
+
+    def split(self, layout, flat):
+        """``layout.split(flat)``, kept while ``flat`` is the same array (a temporary, reused)."""
+        key = (id(flat), layout)
+        if self._split_key != key:
+            self._split_key, self._split = key, layout.split(flat)
+        return self._split
 
     def recycle(self):
         """After a commit: the replaced buffers are free for the next step."""
@@ -161,6 +170,9 @@ class _Layout(namedtuple("_Layout", "names shapes offsets dtype")):
 # the layout of the buffers, and the buffers (name -> flat array over all parameters).
 _State = namedtuple("_State", "step layout buffers")
 _EMPTY = _State(0, None, {})
+
+
+_PARAMS_TMP = 3     # the workspace temporary that holds the parameters (those below: the rules')
 
 
 def _flat(arrays):
@@ -217,14 +229,14 @@ class Optimizer:
     flat arrays (or None before the first step), the number ``t`` of the step
     being taken and a workspace ``ws``, and returns ``(new_p, new_bufs)``
     without writing to ``p`` or the buffers. New values go into the
-    workspace's arrays (``ws.tmp(i)``, and ``ws.buffer(name)`` for a new
-    buffer): a step allocates nothing, where fresh arrays of this size cost
-    their page faults again every step (half of an SGD step at H=256).
+    workspace's arrays (``ws.tmp(i)`` for i = 1, 2 or from 4 on -- 0 and 3 may
+    hold ``g`` and ``p`` -- and ``ws.buffer(name)`` for a new buffer): a step
+    allocates nothing, where fresh arrays of this size cost their page faults
+    again every step (half of an SGD step at H=256).
     """
 
     name = None
     _buffer_names = ()
-    _g_read_only = False       # _update leaves g unwritten when the compiled rules are built
 
     def __init__(self):
         self._state = _EMPTY
@@ -292,11 +304,19 @@ class Optimizer:
         t = state.step + 1
         ws = self._ws
         ws.prepare(layout.offsets[-1], layout.dtype, state.buffers)
-        if flat_g is None or not self._g_read_only or _compiled() is None:
+        # a compiled rule reads g without writing it, and takes p as the parameters' arrays
+        fast = _compiled() if type(self)._update in _COMPILED_RULES else None
+        if flat_g is None or fast is None:
             g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
         else:
             g = flat_g
-        new_p, new_bufs = self._update(_flat(p_arrays) if flat_p is None else flat_p, g,
+        if flat_p is not None:
+            p = flat_p
+        elif fast is not None and len(p_arrays) <= fast.MAX_PARTS and all(a.flags.c_contiguous for a in p_arrays):
+            p = p_arrays            # the compiled rule reads them where they are
+        else:                   # into a temporary no rule writes: no new array at each step
+            p = np.concatenate([a.ravel() for a in p_arrays], out=ws.tmp(_PARAMS_TMP))
+        new_p, new_bufs = self._update(p, g,
                                        {b: buffers.get(b) for b in self._buffer_names}, t, ws)
         for label, arr in () if ws.finite else (("params", new_p), *new_bufs.items()):
             if not _all_finite(arr):
@@ -304,11 +324,13 @@ class Optimizer:
                 raise FloatingPointError(
                     f"{owner}.step: the update of {name} gives non-finite values in {label} "
                     f"(step {t}); nothing was changed")
-        if flat_p is None:
-            targets, values = p_arrays, layout.split(new_p)
+        new_state = _State(t, layout, new_bufs)
+        if flat_p is not None:
+            commit((flat_p,), (new_p,), self, _state=new_state)
+        elif p is p_arrays:         # (checked C-contiguous and writable above)
+            fast.commit_parts(p_arrays, new_p, vars(self), "_state", new_state)
         else:
-            targets, values = (flat_p,), (new_p,)
-        commit(targets, values, self, _state=_State(t, layout, new_bufs))
+            commit(p_arrays, ws.split(layout, new_p), self, _state=new_state)
         ws.recycle()
 
     def _buffers_for(self, owner, params, p_arrays, state):
@@ -421,7 +443,6 @@ class SGD(Optimizer):
     """
 
     name = "sgd"
-    _g_read_only = True
     _buffer_names = ("momentum_buffer",)
 
     def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
@@ -479,7 +500,6 @@ class Adam(Optimizer):
     """
 
     name = "adam"
-    _g_read_only = True
     _buffer_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -544,7 +564,6 @@ class RMSprop(Optimizer):
     """
 
     name = "rmsprop"
-    _g_read_only = True
     _buffer_names = ("square_avg", "momentum_buffer")
 
     def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0):
@@ -603,7 +622,6 @@ class Adagrad(Optimizer):
     """
 
     name = "adagrad"
-    _g_read_only = True
     _buffer_names = ("sum",)
 
     def __init__(self, lr=1e-2, eps=1e-10):
@@ -631,6 +649,7 @@ class Adagrad(Optimizer):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "rmsprop": RMSprop, "adagrad": Adagrad}
+_COMPILED_RULES = {cls._update for cls in OPTIMIZERS.values()}     # (a subclass may override _update)
 DEFAULT_LR = {"sgd": 1e-2, "adam": 1e-3, "rmsprop": 1e-2, "adagrad": 1e-2}
 
 

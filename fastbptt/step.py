@@ -86,10 +86,10 @@ class Step:
         self.clip_norm = V.check_positive("clip_norm", clip_norm, allow_none=True)
         self.clip_value = V.check_positive("clip_value", clip_value, allow_none=True)
         self._act = ACT_CODES[activation]
-        self._shapes = {}           # (X.shape, single) -> zero h0s, for the shapes that passed the checks
-        self._plans = {}            # (T, B, backend, team) -> Plan
-        self._grads = None          # the gradients' arrays, reused from call to call: views of
+        self._shapes = {}           # X.shape -> _Seen, for the shapes that passed the checks
+        self._grads = None          # the gradients (RNNParams), reused from call to call: views of
         self._flat = None           # this one array (one pass checks, clamps and updates them all)
+        self._grad_list = None      # and as a list, in canonical order
         self._calls = 0
 
     def __repr__(self):
@@ -104,11 +104,14 @@ class Step:
         (copy it to keep it); ``loss`` and ``h_last`` are new.
         """
         got = self._fast_arrays(X, Y, h0)
-        if got is None:
-            return self._checked(X, Y, h0)
-        choice = self._dispatch(got)
-        with call_scope(threads=choice.threads):
-            return self._run(choice, *got)
+        if got is not None:
+            choice = self._dispatch(got)
+            try:
+                with call_scope(threads=choice.threads):
+                    return self._run(choice, *got)
+            except _BadIds:
+                pass
+        return self._checked(X, Y, h0)
 
     def __call__(self, X, Y, h0=None):
         """One update: the gradient of this chunk's loss, clipped, then the optimizer's step.
@@ -121,14 +124,17 @@ class Step:
             raise ValueError("optimizer: a Step called for an update needs an optimizer, got None "
                              "(give Step(..., optimizer=...), or call step.loss_and_grad)")
         got = self._fast_arrays(X, Y, h0)
-        if got is None:
-            value, grads, h_last = self._checked(X, Y, h0)
-            with call_scope():
-                self._update(value, grads)
-            return value, h_last
-        choice = self._dispatch(got)
-        with call_scope(threads=choice.threads):
-            value, grads, h_last = self._run(choice, *got)
+        if got is not None:
+            choice = self._dispatch(got)
+            try:
+                with call_scope(threads=choice.threads):
+                    value, grads, h_last = self._run(choice, *got)
+                    self._update(value, grads)
+                return value, h_last
+            except _BadIds:
+                pass
+        value, grads, h_last = self._checked(X, Y, h0)
+        with call_scope():
             self._update(value, grads)
         return value, h_last
 
@@ -148,82 +154,98 @@ class Step:
 
     def _dispatch(self, got):
         """The backend and team of a planned call (``"auto"`` shares what loss_and_grad learns)."""
-        params, (T, B, D) = self.params, got[1].shape
-        return dispatch(self.backend, "loss_and_grad", T=T, B=B, D=D, H=params.hidden_size,
-                        layers=params.num_layers, dirs=params.num_directions, dtype=params.dtype)
+        return dispatch(self.backend, "loss_and_grad", **got[0].where)
 
-    def _run(self, choice, zeros, X3, Y_, h0s, single):
+    def _run(self, choice, seen, X3, Y_, h0s):
         params = self.params
-        T, B = X3.shape[:2]
-        key = (T, B, choice.kernels, team_size())
-        plan = self._plans.get(key)
+        key = (choice.kernels, team_size())
+        plan = seen.plans.get(key)
         if plan is None:
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            plan = self._plans[key] = make_plan(choice.kernels, params, T, B, self.loss, self.output,
-                                                self._act, self.truncation)
-        if self._grads is None or self._grads.dtype != params.dtype:
-            arrays = params.arrays()
-            flat = np.empty(sum(a.size for a in arrays), params.dtype)
-            ends = np.cumsum([a.size for a in arrays])
-            self._grads = RNNParams._trusted_like(
-                params, [flat[e - a.size:e].reshape(a.shape) for a, e in zip(arrays, ends)])
-            self._flat = flat
+            if len(seen.plans) >= 4:
+                seen.plans.clear()
+            plan = seen.plans[key] = make_plan(choice.kernels, params, seen.T, seen.B, self.loss, self.output,
+                                               self._act, self.truncation)
+        if Y_.dtype.kind in "iu" and not plan.fused and Y_.size and (
+                Y_.view(Y_.dtype.str.replace("i", "u")).max() >= params.output_size):
+            raise _BadIds      # (the fused call checks the ids itself) the full checks say what is wrong
+        grads = self._grads
+        if grads is None or grads.dtype != params.dtype:
+            grads = self._new_grads()
         t0 = perf_counter()
-        value, _, h_last = plan.run(params, X3, Y_, h0s, list(self._grads.arrays()))
+        try:
+            value, _, h_last = plan.run(params, X3, Y_, h0s, self._grad_list)
+        except ValueError:          # the fused call's own check of the class ids (nothing written)
+            if not seen.ids:
+                raise
+            raise _BadIds from None
         choice.record(perf_counter() - t0)
         h_last = h_last[0] if len(params.layers) == 1 else h_last
-        return value, self._grads, (h_last[..., 0, :] if single else h_last)
+        return value, grads, (h_last[..., 0, :] if seen.single else h_last)
+
+    def _new_grads(self):
+        """The gradients' arrays: views of one flat array (one pass checks, clamps and updates them)."""
+        params = self.params
+        arrays = params.arrays()
+        flat = np.empty(sum(a.size for a in arrays), params.dtype)
+        ends = np.cumsum([a.size for a in arrays])
+        views = [flat[e - a.size:e].reshape(a.shape) for a, e in zip(arrays, ends)]
+        self._grads, self._flat, self._grad_list = RNNParams._trusted_like(params, views), flat, views
+        return self._grads
 
     def _remember(self, X):
         """Remember the shape of an input that passed the full checks (the next call with it is fast)."""
         params = self.params
         arr = np.asarray(X)
-        single = arr.ndim == 2
-        B = 1 if single else arr.shape[1]
         if len(self._shapes) >= 8:
             self._shapes.clear()
-        self._shapes[(arr.shape, single)] = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
+        self._shapes[arr.shape] = _Seen(params, arr.shape, self.loss, self.output)
 
     def _fast_arrays(self, X, Y, h0):
-        """``(zero h0s, X3, Y, h0s, single)`` when the arrays have a seen shape and dtype, else None."""
-        if type(X) is not np.ndarray:
+        """``(seen, X3, Y, h0s)`` when the arrays have a seen shape and dtype, else None (the class
+        ids of ``ce`` are checked in :meth:`_run`, or by the fused call itself)."""
+        if type(X) is not np.ndarray or type(Y) is not np.ndarray:
             return None
-        single = X.ndim == 2
-        zeros = self._shapes.get((X.shape, single))
-        params = self.params
-        if zeros is None or X.dtype != params.dtype or not X.flags.c_contiguous:
+        seen = self._shapes.get(X.shape)
+        if seen is None or X.dtype != seen.dtype or not X.flags.c_contiguous or Y.shape != seen.y_shape:
             return None
-        B = zeros.shape[1]
-        T = X.shape[0]
-        X3 = X.reshape(T, B, X.shape[-1])
-        Y_ = _fast_targets(Y, params, T, B, single, self.loss, self.output)
-        if Y_ is None:
+        if seen.ids:
+            if Y.dtype.kind not in "iu":
+                return None
+        elif Y.dtype != seen.dtype or not Y.flags.c_contiguous:
             return None
         if h0 is None:
-            h0s = zeros
-        else:
-            if type(h0) is not np.ndarray or h0.dtype != params.dtype or not h0.flags.c_contiguous:
-                return None
-            if h0.shape != V.state_shape(params, B, single):
-                return None
-            h0s = h0.reshape(zeros.shape)
-        return zeros, X3, Y_, h0s, single
-
-
-def _fast_targets(Y, params, T, B, single, loss, output):
-    """``Y`` as the engine takes it when it already has the right shape and type, else None."""
-    if type(Y) is not np.ndarray:
-        return None
-    lead = (T, B) if output == "sequence" else (B,)
-    user = ((T,) if single else (T, B)) if output == "sequence" else (() if single else (B,))
-    if loss == "ce":
-        if Y.shape != user or Y.dtype.kind not in "iu":
+            h0s = seen.zeros
+        elif (type(h0) is not np.ndarray or h0.shape != seen.state_shape or h0.dtype != seen.dtype
+              or not h0.flags.c_contiguous):
             return None
-        # one reduction: negative ids become huge as unsigned ints of the same size
-        if Y.size and Y.view(Y.dtype.str.replace("i", "u")).max() >= params.output_size:
-            return None         # the full check says what is wrong
-        return Y.reshape(lead)
-    if Y.shape != user + (params.output_size,) or Y.dtype != params.dtype or not Y.flags.c_contiguous:
-        return None
-    return Y.reshape(lead + (params.output_size,))
+        else:
+            h0s = h0.reshape(seen.zeros.shape)
+        return seen, X.reshape(seen.x_shape), Y.reshape(seen.y_lead), h0s
+
+
+class _BadIds(Exception):
+    """A class id out of range at a planned call: the call is checked in full (which says what is wrong)."""
+
+
+class _Seen:
+    """An input shape that passed the full checks: what a fast call with it needs."""
+
+    __slots__ = ("dtype", "single", "T", "B", "x_shape", "y_shape", "y_lead", "ids", "state_shape", "zeros",
+                 "where", "plans")
+
+    def __init__(self, params, shape, loss, output):
+        self.dtype = params.dtype
+        self.single = single = len(shape) == 2
+        T, B = shape[0], (1 if single else shape[1])
+        self.T, self.B, self.x_shape = T, B, (T, B, shape[-1])
+        self.ids = loss == "ce"
+        O = params.output_size
+        seq = output == "sequence"
+        user = ((T,) if single else (T, B)) if seq else (() if single else (B,))
+        self.y_shape = user if self.ids else user + (O,)
+        self.y_lead = ((T, B) if seq else (B,)) + (() if self.ids else (O,))
+        self.state_shape = V.state_shape(params, B, single)
+        self.zeros = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
+        self.where = dict(T=T, B=B, D=shape[-1], H=params.hidden_size, layers=params.num_layers,
+                          dirs=params.num_directions, dtype=params.dtype)
+        self.plans = {}         # (backend module, team size) -> Plan

@@ -428,3 +428,28 @@ def test_an_overflowing_compiled_rule_is_refused(make_opt):
     assert params == before and opt.step_count == 1
     after = opt.state_dict()["buffers"]
     assert all(np.array_equal(after[b][k], state["buffers"][b][k]) for b in after for k in after[b])
+
+
+def test_compiled_parts_are_checked_before_anything_is_written():
+    """The rules read the parameters from their own arrays, and commit_parts writes them back: a
+    wrong array is refused by name before any write."""
+    from fastbptt.optim import _compiled
+
+    fast = _compiled()
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.float32)
+    g = np.ones(10, np.float32)
+    new_s, new_p = np.empty(10, np.float32), np.empty(10, np.float32)
+    assert fast.adagrad((a, b), g, None, new_s, new_p, 0.5, 1e-10)
+    want_p = np.concatenate([a.ravel(), b]) - np.float32(0.5) / (np.float32(1.0) + np.float32(1e-10))
+    assert np.array_equal(new_p, want_p)
+    for bad in ((a, b[::2]), (a, b.astype(np.float64)), (a, b[:3]), (a, [0.0] * 4)):
+        with pytest.raises(ValueError, match="p: expected"):
+            fast.adagrad(bad, g, None, new_s, new_p, 0.5, 1e-10)
+    d = {"_state": "old"}
+    ro = b.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"arrays\[1\]: expected a writable array"):
+        fast.commit_parts((a, ro), new_p, d, "_state", "new")
+    assert d["_state"] == "old" and np.array_equal(a, np.arange(6).reshape(2, 3))
+    fast.commit_parts((a, b), new_p, d, "_state", "new")
+    assert d["_state"] == "new" and np.array_equal(np.concatenate([a.ravel(), b]), new_p)

@@ -213,14 +213,17 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
         raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
     fast = None if flat is None else _compiled()
-    for name, g in grads.items() if fast is None or fast.first_nonfinite(flat) >= 0 else ():
+    clamped = fast is not None and clip_norm is None and clip_value is not None     # (norm first, else)
+    if fast is not None:
+        bad = fast.check_clamp(flat, clip_value) if clamped else fast.first_nonfinite(flat)
+    for name, g in grads.items() if fast is None or bad >= 0 else ():
         if not _all_finite(g):
             raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "
                                      "diverged. The parameters are those of the last good step. Try a "
                                      "lower lr or clip_norm=...")
     if clip_norm is not None:
         clip_grad_norm(grads, clip_norm)
-    if clip_value is not None:
+    if clip_value is not None and not clamped:
         if fast is None:
             clip_grad_value(grads, clip_value)
         else:

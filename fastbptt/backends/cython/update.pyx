@@ -9,15 +9,25 @@ own temporaries. The C compiler may not fuse a multiply and an add (this
 file is built with -ffp-contract=off), and nothing here is ``fastmath``; the
 loops are in ``update_rules_body.h``.
 
-A buffer given as None is read as zeros (the first step). Nothing is written
-but the ``new_*`` arrays; ``g`` is read only. Each rule returns whether every
-value it wrote is finite.
+A buffer given as None is read as zeros (the first step). ``p`` is one flat
+array, or a tuple of C-contiguous arrays of the dtype (the parameters, read
+one after the other where they are, without a copy into one array first).
+Nothing is written but the ``new_*`` arrays; ``g`` is read only. Each rule
+returns whether every value it wrote is finite.
 """
 
 import numpy as np
 
+cimport numpy as cnp
 from cython cimport floating
 from libc.math cimport pow, sqrt
+from libc.string cimport memcpy
+
+cnp.import_array()
+
+cdef enum:
+    _MAX_PARTS = 512
+MAX_PARTS = _MAX_PARTS      # more arrays than this: the caller gives them as one array
 
 cdef extern from "update_rules.h" nogil:
     int fbu_nonfinite_f32(const float *x, Py_ssize_t n)
@@ -63,6 +73,47 @@ cdef inline const floating *_or_zeros(const floating[::1] a, const floating[::1]
     return &zeros[0] if a is None else &a[0]
 
 
+cdef Py_ssize_t _parts(object p, Py_ssize_t n, int typenum, char **data, Py_ssize_t *size) except -1:
+    """``p``'s runs (data pointers and sizes): one 1-D array, or a tuple of C-contiguous arrays of
+    ``typenum``, ``n`` elements in all. Returns the number of runs; ValueError if ``p`` is not so."""
+    cdef Py_ssize_t k = 0, total = 0
+    cdef cnp.ndarray a
+    for obj in ((p,) if type(p) is np.ndarray else p):
+        if (type(obj) is not np.ndarray or k == _MAX_PARTS or cnp.PyArray_TYPE(<cnp.ndarray> obj) != typenum
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> obj)):
+            raise ValueError(f"p: expected an array or a tuple of at most {_MAX_PARTS} C-contiguous arrays "
+                             f"of the gradient's dtype, got {type(obj).__name__} in it")
+        a = <cnp.ndarray> obj
+        data[k] = <char *> cnp.PyArray_DATA(a)
+        size[k] = cnp.PyArray_SIZE(a)
+        total += size[k]
+        k += 1
+    if total != n:
+        raise ValueError(f"p: expected {n} elements like g, got {total}")
+    return k
+
+
+cdef inline int _typenum(bint single) noexcept:
+    return cnp.NPY_FLOAT32 if single else cnp.NPY_FLOAT64
+
+
+def commit_parts(tuple arrays, const floating[::1] flat, dict d, str key, object value):
+    """Copy ``flat``'s consecutive runs into ``arrays`` (C-contiguous, of its dtype, its size in all:
+    checked first), then ``d[key] = value``: the writes of one optimizer step with no Python
+    bytecode between the first and the last, so that no interrupt can fall between them."""
+    cdef char *data[_MAX_PARTS]
+    cdef Py_ssize_t size[_MAX_PARTS]
+    cdef Py_ssize_t k = _parts(arrays, flat.shape[0], _typenum(floating is float), data, size), i, off = 0
+    for i in range(k):
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> arrays[i]):
+            raise ValueError(f"arrays[{i}]: expected a writable array")
+    with nogil:
+        for i in range(k):
+            memcpy(data[i], &flat[off], size[i] * sizeof(floating))
+            off += size[i]
+    d[key] = value
+
+
 cdef object _zeros(Py_ssize_t n, bint single):
     """Zeros: the first step's buffers (read, never written)."""
     return np.zeros(n, np.float32 if single else np.float64)
@@ -79,6 +130,23 @@ def first_nonfinite(const floating[::1] x):
     return -1 if not bad else int(np.flatnonzero(~np.isfinite(np.asarray(x)))[0])
 
 
+def check_clamp(floating[::1] x, double c):
+    """:func:`first_nonfinite` of ``x``; when it is -1 (all finite) and ``c`` > 0, also :func:`clamp`
+    ``x`` into ``[-c, c]``."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef int bad
+    if n == 0:
+        return -1
+    with nogil:
+        bad = fbu_nonfinite_f32(&x[0], n) if floating is float else fbu_nonfinite_f64(&x[0], n)
+        if not bad and c > 0:
+            if floating is float:
+                fbu_clamp_f32(&x[0], n, <float> c)
+            else:
+                fbu_clamp_f64(&x[0], n, c)
+    return -1 if not bad else int(np.flatnonzero(~np.isfinite(np.asarray(x)))[0])
+
+
 def clamp(floating[::1] x, double c):
     """``x`` into ``[-c, c]`` in place (``c`` rounded to the dtype), as ``np.minimum`` then
     ``np.maximum`` give it for finite values."""
@@ -92,37 +160,48 @@ def clamp(floating[::1] x, double c):
             fbu_clamp_f64(&x[0], n, c)
 
 
-def sgd(const floating[::1] p, const floating[::1] g, const floating[::1] buf, floating[::1] new_buf,
+def sgd(object p, const floating[::1] g, const floating[::1] buf, floating[::1] new_buf,
         floating[::1] new_p, double lr, double momentum, bint nesterov, double weight_decay):
     """``new_p = p - lr·g'``; with momentum, ``new_buf = momentum·buf + g`` (``buf`` None: ``g``) and
     ``g' = g + momentum·new_buf`` (nesterov) or ``new_buf``; ``g`` first gets ``+ wd·p``."""
-    cdef Py_ssize_t n = p.shape[0]
-    _sizes(n, "g new_p buf new_buf", (g.shape[0], new_p.shape[0], _n(buf), _n(new_buf)))
+    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    _sizes(n, "new_p buf new_buf", (new_p.shape[0], _n(buf), _n(new_buf)))
     if momentum and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
-    cdef bint has_mom = momentum != 0, first = buf is None
-    cdef int bad
+    cdef char *data[_MAX_PARTS]
+    cdef Py_ssize_t size[_MAX_PARTS]
+    k = _parts(p, n, _typenum(floating is float), data, size)
     if n == 0:
         return True
+    cdef bint has_mom = momentum != 0, first = buf is None
+    cdef int bad = 0
+    cdef const floating *gp = &g[0]
+    cdef const floating *bp = gp if first else &buf[0]        # (not read on the first step)
     cdef floating *nb = &new_buf[0] if has_mom else NULL
-    cdef const floating *b = &p[0] if first else &buf[0]       # (not read on the first step)
+    cdef floating *npp = &new_p[0]
     with nogil:
-        if floating is float:
-            bad = fbu_sgd_f32(&p[0], &g[0], b, nb, &new_p[0], n, <float> lr, <float> momentum,
-                              <float> weight_decay, weight_decay != 0, has_mom, nesterov, first)
-        else:
-            bad = fbu_sgd_f64(&p[0], &g[0], b, nb, &new_p[0], n, lr, momentum, weight_decay,
-                              weight_decay != 0, has_mom, nesterov, first)
+        for i in range(k):
+            if floating is float:
+                bad |= fbu_sgd_f32(<float *> data[i], gp + o, bp + o, nb + o if has_mom else NULL, npp + o, size[i],
+                                   <float> lr, <float> momentum, <float> weight_decay, weight_decay != 0, has_mom,
+                                   nesterov, first)
+            else:
+                bad |= fbu_sgd_f64(<double *> data[i], gp + o, bp + o, nb + o if has_mom else NULL, npp + o, size[i],
+                                   lr, momentum, weight_decay, weight_decay != 0, has_mom, nesterov, first)
+            o += size[i]
     return not bad
 
 
-def adam(const floating[::1] p, const floating[::1] g, const floating[::1] m, const floating[::1] v,
+def adam(object p, const floating[::1] g, const floating[::1] m, const floating[::1] v,
          floating[::1] new_m, floating[::1] new_v, floating[::1] new_p, double lr, double beta1,
          double beta2, double eps, double weight_decay, long t):
     """torch's Adam (see :class:`fastbptt.optim.Adam`): ``m`` lerped toward ``g``, ``v`` the
     average of ``g²``, bias-corrected, at step ``t``."""
-    cdef Py_ssize_t n = p.shape[0]
-    _sizes(n, "g new_p new_m new_v m v", (g.shape[0], new_p.shape[0], new_m.shape[0], new_v.shape[0], _n(m), _n(v)))
+    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    _sizes(n, "new_p new_m new_v m v", (new_p.shape[0], new_m.shape[0], new_v.shape[0], _n(m), _n(v)))
+    cdef char *data[_MAX_PARTS]
+    cdef Py_ssize_t size[_MAX_PARTS]
+    k = _parts(p, n, _typenum(floating is float), data, size)
     if n == 0:
         return True
     cdef double w = 1.0 - beta1
@@ -130,29 +209,38 @@ def adam(const floating[::1] p, const floating[::1] g, const floating[::1] m, co
     cdef const floating[::1] zeros = _zeros(n, floating is float) if m is None or v is None else None
     cdef const floating *mp = &zeros[0] if zeros is not None else &m[0]
     cdef const floating *vp = &zeros[0] if zeros is not None else &v[0]
+    cdef const floating *gp = &g[0]
+    cdef floating *nm = &new_m[0]
+    cdef floating *nv = &new_v[0]
+    cdef floating *npp = &new_p[0]
     cdef double step = lr / (1.0 - pow(beta1, <double> t)), corr = sqrt(1.0 - pow(beta2, <double> t))
-    cdef int bad
+    cdef int bad = 0
     with nogil:
-        if floating is float:
-            bad = fbu_adam_f32(&p[0], &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], n,
-                               <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
-                               <float> step, <float> corr, <float> eps, <float> weight_decay,
-                               weight_decay != 0, low)
-        else:
-            bad = fbu_adam_f64(&p[0], &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], n,
-                               w if low else 1.0 - w, beta2, 1.0 - beta2, step, corr, eps, weight_decay,
-                               weight_decay != 0, low)
+        for i in range(k):
+            if floating is float:
+                bad |= fbu_adam_f32(<float *> data[i], gp + o, mp + o, vp + o, nm + o, nv + o, npp + o, size[i],
+                                    <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
+                                    <float> step, <float> corr, <float> eps, <float> weight_decay,
+                                    weight_decay != 0, low)
+            else:
+                bad |= fbu_adam_f64(<double *> data[i], gp + o, mp + o, vp + o, nm + o, nv + o, npp + o, size[i],
+                                    w if low else 1.0 - w, beta2, 1.0 - beta2, step, corr, eps, weight_decay,
+                                    weight_decay != 0, low)
+            o += size[i]
     return not bad
 
 
-def rmsprop(const floating[::1] p, const floating[::1] g, const floating[::1] v, const floating[::1] buf,
+def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floating[::1] buf,
             floating[::1] new_v, floating[::1] new_buf, floating[::1] new_p, double lr, double alpha,
             double eps, double momentum):
     """torch's RMSprop (see :class:`fastbptt.optim.RMSprop`); ``new_buf`` only with momentum > 0."""
-    cdef Py_ssize_t n = p.shape[0]
-    _sizes(n, "g new_p new_v v buf new_buf", (g.shape[0], new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
+    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    _sizes(n, "new_p new_v v buf new_buf", (new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
     if momentum > 0 and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
+    cdef char *data[_MAX_PARTS]
+    cdef Py_ssize_t size[_MAX_PARTS]
+    k = _parts(p, n, _typenum(floating is float), data, size)
     if n == 0:
         return True
     cdef bint has_mom = momentum > 0
@@ -160,30 +248,46 @@ def rmsprop(const floating[::1] p, const floating[::1] g, const floating[::1] v,
     cdef const floating *vp = _or_zeros(v, zeros)
     cdef const floating *bp = _or_zeros(buf, zeros) if has_mom else NULL
     cdef floating *nb = &new_buf[0] if has_mom else NULL
-    cdef int bad
+    cdef const floating *gp = &g[0]
+    cdef floating *nv = &new_v[0]
+    cdef floating *npp = &new_p[0]
+    cdef int bad = 0
     with nogil:
-        if floating is float:
-            bad = fbu_rmsprop_f32(&p[0], &g[0], vp, bp, &new_v[0], nb, &new_p[0], n, <float> lr, <float> alpha,
-                                  <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
-        else:
-            bad = fbu_rmsprop_f64(&p[0], &g[0], vp, bp, &new_v[0], nb, &new_p[0], n, lr, alpha, 1.0 - alpha,
-                                  eps, momentum, has_mom)
+        for i in range(k):
+            if floating is float:
+                bad |= fbu_rmsprop_f32(<float *> data[i], gp + o, vp + o, bp + o if has_mom else NULL, nv + o,
+                                       nb + o if has_mom else NULL, npp + o, size[i], <float> lr, <float> alpha,
+                                       <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
+            else:
+                bad |= fbu_rmsprop_f64(<double *> data[i], gp + o, vp + o, bp + o if has_mom else NULL, nv + o,
+                                       nb + o if has_mom else NULL, npp + o, size[i], lr, alpha, 1.0 - alpha, eps,
+                                       momentum, has_mom)
+            o += size[i]
     return not bad
 
 
-def adagrad(const floating[::1] p, const floating[::1] g, const floating[::1] s, floating[::1] new_s,
+def adagrad(object p, const floating[::1] g, const floating[::1] s, floating[::1] new_s,
             floating[::1] new_p, double lr, double eps):
     """``new_s = s + g²``, ``new_p = p - lr·g / (√new_s + eps)`` (see :class:`fastbptt.optim.Adagrad`)."""
-    cdef Py_ssize_t n = p.shape[0]
-    _sizes(n, "g new_p new_s s", (g.shape[0], new_p.shape[0], new_s.shape[0], _n(s)))
+    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    _sizes(n, "new_p new_s s", (new_p.shape[0], new_s.shape[0], _n(s)))
+    cdef char *data[_MAX_PARTS]
+    cdef Py_ssize_t size[_MAX_PARTS]
+    k = _parts(p, n, _typenum(floating is float), data, size)
     if n == 0:
         return True
     cdef const floating[::1] zeros = _zeros(n, floating is float) if s is None else None
     cdef const floating *sp = _or_zeros(s, zeros)
-    cdef int bad
+    cdef const floating *gp = &g[0]
+    cdef floating *ns = &new_s[0]
+    cdef floating *npp = &new_p[0]
+    cdef int bad = 0
     with nogil:
-        if floating is float:
-            bad = fbu_adagrad_f32(&p[0], &g[0], sp, &new_s[0], &new_p[0], n, <float> lr, <float> eps)
-        else:
-            bad = fbu_adagrad_f64(&p[0], &g[0], sp, &new_s[0], &new_p[0], n, lr, eps)
+        for i in range(k):
+            if floating is float:
+                bad |= fbu_adagrad_f32(<float *> data[i], gp + o, sp + o, ns + o, npp + o, size[i], <float> lr,
+                                       <float> eps)
+            else:
+                bad |= fbu_adagrad_f64(<double *> data[i], gp + o, sp + o, ns + o, npp + o, size[i], lr, eps)
+            o += size[i]
     return not bad
