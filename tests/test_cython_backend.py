@@ -87,6 +87,8 @@ SHAPES = {  # T, B, H
     "odd_H70B17": (5, 17, 70),     # forced SIMD kernels: rows in groups of 4, then 1
     "simd_B2H100": (6, 2, 100),    # whole vectors and a partial last one at every width
     "simd_B1H300": (5, 1, 300),    # several tiles of 8 vectors per row, then a partial one
+    "simd_B1H100": (7, 1, 100),    # one row over all its vectors in one pass, the last partial
+    "simd_B1H128": (4, 1, 128),    # one row over 8 whole vectors (float32 AVX-512) in one pass
 }
 
 

@@ -101,6 +101,58 @@ FB_TILES(0)
 FB_TILES(1)
 #undef FB_TILES
 
+/* One row (batch 1) over all NJ blocks in one pass: the first NF = NJ - HASP blocks read W, the last
+ * (with HASP) the zero-padded panel P. As FB_TILE with NB = 1, but x[i] is broadcast once per i for
+ * every block (FB_TILE's blocks of 4, 2 and 1 at H = 100 each ran the loop over i). */
+#define FB_ROW(FWD, NJ, HASP)                                                                         \
+static void FB_N(fb_row_##FWD##_##NJ##_##HASP)(ptrdiff_t H, const FB_T *X, const FB_T *W,             \
+                                               ptrdiff_t ldw, const FB_T *P, FB_T *Z,                 \
+                                               const FB_T *A, int act, ptrdiff_t last) {              \
+    enum { NF = (NJ) - (HASP), KU = (NJ) >= 8 ? 1 : (NJ) >= 4 ? 2 : (NJ) >= 2 ? 4 : 8 };              \
+    FB_V acc[KU][NJ];                                                                                 \
+    for (int k = 0; k < KU; k++)                                                                      \
+        for (int j = 0; j < (NJ); j++) acc[k][j] = (FB_V){0};                                         \
+    ptrdiff_t i = 0;                                                                                  \
+    for (; i + KU <= H; i += KU) {                                                                    \
+        for (int k = 0; k < KU; k++) {                                                                \
+            FB_T xb = X[i + k];                                                                       \
+            for (int j = 0; j < (NJ); j++)                                                            \
+                acc[k][j] += xb * FB_N(fb_load)(j < NF ? W + (i + k) * ldw + j * FB_VL                \
+                                                       : P + (i + k) * FB_VL);                        \
+        }                                                                                             \
+    }                                                                                                 \
+    for (; i < H; i++) {                                                                              \
+        FB_T xb = X[i];                                                                               \
+        for (int j = 0; j < (NJ); j++)                                                                \
+            acc[0][j] += xb * FB_N(fb_load)(j < NF ? W + i * ldw + j * FB_VL : P + i * FB_VL);        \
+    }                                                                                                 \
+    for (int j = 0; j < (NJ); j++) {                                                                  \
+        FB_V s = acc[0][j];                                                                           \
+        for (int k = 1; k < KU; k++) s += acc[k][j];                                                  \
+        FB_T *z = Z + j * FB_VL;                                                                      \
+        if (!(FWD)) {                                                                                 \
+            memcpy(z, &s, sizeof s);                                                                  \
+        } else if (j < (NJ) - 1 || last == FB_VL) {                                                   \
+            s = FB_N(fb_act)(FB_N(fb_load)(A + j * FB_VL) + s, act);                                  \
+            memcpy(z, &s, sizeof s);                                                                  \
+        } else {                                                                                      \
+            FB_V a = (FB_V){0};                                                                       \
+            memcpy(&a, A + j * FB_VL, (size_t)last * sizeof(FB_T));                                   \
+            s = FB_N(fb_act)(a + s, act);                                                             \
+            memcpy(z, &s, (size_t)last * sizeof(FB_T));                                               \
+        }                                                                                             \
+    }                                                                                                 \
+}
+
+#define FB_ROWS(FWD, HASP)                                                                            \
+    FB_ROW(FWD, 2, HASP) FB_ROW(FWD, 3, HASP) FB_ROW(FWD, 4, HASP) FB_ROW(FWD, 5, HASP)               \
+    FB_ROW(FWD, 6, HASP) FB_ROW(FWD, 7, HASP) FB_ROW(FWD, 8, HASP)
+FB_ROWS(0, 0)
+FB_ROWS(0, 1)
+FB_ROWS(1, 0)
+FB_ROWS(1, 1)
+#undef FB_ROWS
+
 /* Z (n, ldz) = X (n, ldx) . W (H, ldw) over ceil(H/VL) blocks of VL columns: the whole blocks read
  * W (rows ldw apart), the last partial one (H % VL columns) reads P, a zero-padded copy of those
  * columns (H, VL), so every load of W is a whole vector. Without A, every store too (ldz >=
@@ -108,7 +160,20 @@ FB_TILES(1)
 static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,
                         ptrdiff_t ldw, const FB_T *P, FB_T *Z, ptrdiff_t ldz, const FB_T *A,
                         ptrdiff_t lda, int act) {
-    ptrdiff_t nfull = H / FB_VL;
+    ptrdiff_t nfull = H / FB_VL, nblocks = nfull + (P != NULL);
+    if (n == 1 && nblocks >= 2 && nblocks <= 8 && nblocks <= FB_BUDGET) {
+        ptrdiff_t last = P != NULL ? H - nfull * FB_VL : FB_VL;
+        switch ((int)nblocks * 4 + (P != NULL) * 2 + (A != NULL)) {
+#define FB_RCASE(NJ, HASP) \
+            case (NJ) * 4 + (HASP) * 2 + 1: FB_N(fb_row_1_##NJ##_##HASP)(H, X, W, ldw, P, Z, A, act, last); break; \
+            case (NJ) * 4 + (HASP) * 2: FB_N(fb_row_0_##NJ##_##HASP)(H, X, W, ldw, P, Z, A, act, last); break;
+            FB_RCASE(2, 0) FB_RCASE(3, 0) FB_RCASE(4, 0) FB_RCASE(5, 0) FB_RCASE(6, 0) FB_RCASE(7, 0)
+            FB_RCASE(8, 0) FB_RCASE(2, 1) FB_RCASE(3, 1) FB_RCASE(4, 1) FB_RCASE(5, 1) FB_RCASE(6, 1)
+            FB_RCASE(7, 1) FB_RCASE(8, 1)
+#undef FB_RCASE
+        }
+        return;
+    }
     for (ptrdiff_t b0 = 0; b0 < n; b0 += 4) {
         int nb = n - b0 < 4 ? (int)(n - b0) : 4;
         const FB_T *x = X + b0 * ldx;
@@ -243,6 +308,7 @@ static int FB_N(fb_simd_backward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const F
 }
 
 #undef FB_TILE
+#undef FB_ROW
 #undef FB_VTANH
 #undef FB_T
 #undef FB_IT
