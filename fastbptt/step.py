@@ -206,7 +206,8 @@ class Step:
         if type(X) is not np.ndarray or type(Y) is not np.ndarray:
             return None
         seen = self._shapes.get(X.shape)
-        if seen is None or X.dtype != seen.dtype or not X.flags.c_contiguous or Y.shape != seen.y_shape:
+        if (seen is None or X.dtype != seen.dtype or not X.flags.c_contiguous or Y.shape != seen.y_shape
+                or seen.dtype != self.params.dtype):           # (parameters of another dtype put in)
             return None
         if seen.ids:
             if Y.dtype.kind not in "iu":

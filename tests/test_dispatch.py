@@ -340,3 +340,29 @@ def test_rnn_vjp_of_a_stack_with_lengths_equals_the_reference_while_learning(lea
     assert i > 0
     (key,) = W.learned()
     assert key.startswith("rnn_vjp T=7 B=3 D=4 H=6 layers=2 dirs=2") and " lengths " in key
+
+
+@pytest.mark.parametrize("seconds", [0.001, 0.05])
+def test_a_short_candidate_is_timed_after_settling_calls(learn, seconds):
+    """Below SETTLE_BELOW_S a visit is SETTLE_CALLS untimed calls and one timed (right after another
+    candidate a team's threads are asleep); longer calls are timed at every visit."""
+    W._ensure_loaded()
+    key = ("loss_and_grad", 5, 1, 3, 8, 1, 1, np.float32, False, 2)
+    trial = W._Trial(key, [("cython", 1), ("cython", 2)])
+    W._trials[key] = trial
+    try:
+        pattern = []
+        for _ in range(4 + 2 * (W.SETTLE_CALLS + 1) if seconds < W.SETTLE_BELOW_S else 8):
+            call = trial.next_call()
+            before = [len(s) for s in trial.samples]
+            call.record(seconds)
+            pattern.append((call.threads, [len(s) for s in trial.samples] != before))
+    finally:
+        W._trials.pop(key, None)
+    # each candidate's first call warms it up, its second is timed
+    assert pattern[:4] == [(1, False), (2, False), (1, True), (2, True)]
+    if seconds < W.SETTLE_BELOW_S:
+        visit = [False] * W.SETTLE_CALLS + [True]
+        assert pattern[4:] == [(1, t) for t in visit] + [(2, t) for t in visit]
+    else:
+        assert pattern[4:8] == [(1, True), (2, True), (1, True), (2, True)]

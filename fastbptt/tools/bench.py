@@ -112,7 +112,7 @@ AUTO = "auto"
 FASTBPTT_IMPLS = ("cython", "numba", AUTO, "numpy")
 ALL_IMPLS = FASTBPTT_IMPLS + PEERS
 #: calls of ``auto`` before it is timed, at most, while the dispatcher tries its candidates
-AUTO_MAX_LEARNING_CALLS = 400
+AUTO_MAX_LEARNING_CALLS = 600
 
 
 # ----------------------------------------------------------------- shapes
