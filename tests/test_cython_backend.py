@@ -427,8 +427,10 @@ def test_packed_split_same_bits_on_any_thread_count(wide_level):
 
 
 # ----------------------------------------------------------- the whole layer in one call (engine.fused)
+# head_chunks: 1170 rows, 3 head chunks; it and H1 split the weight gradients over the rows of dZ
+# (T·B >= KSPLIT_ROWS·H), the others by their output rows
 LAYER_SHAPES = {"T1_B1": (1, 1, 2, 3, 2), "B1_odd": (9, 1, 3, 13, 4), "B3": (7, 3, 5, 11, 3),
-                "B5_H40": (6, 5, 4, 40, 2), "head_chunks": (130, 9, 3, 7, 3)}   # 1170 rows: 3 head chunks
+                "B5_H40": (6, 5, 4, 40, 2), "head_chunks": (130, 9, 3, 7, 3), "H1": (20, 1, 2, 1, 2)}
 
 
 @pytest.mark.parametrize("teams", [(1, 1), (2, 2), (1, 3)], ids=["team1", "team2", "gemm3"])

@@ -1234,6 +1234,8 @@ cdef struct _LayerCall:
     void *gW_hy
     void *gb_y
     void *sums                  # (parts - 1, O·H + O): the head gradients of parts 1, 2, ...
+    bint ksplit                 # the weight gradients split over rows of dZ (see _layer_phase)
+    void *wsums                 # (parts - 1, H·D + H + H·H): then the weight gradients of parts 1, 2, ...
     double *losses              # (parts,): each part's loss sum
     Py_ssize_t *bad             # (parts,): each part's first row with a class id out of range, or -1
 
@@ -1325,6 +1327,13 @@ cdef Py_ssize_t _loss_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, floating *o
     total_out[0] = total
     return -1
 
+
+#: the fused call's weight gradients are split over the rows of dZ (partial sums) rather than by
+#: their output rows when dZ has at least this many rows per column: team of 2, small (3200 rows,
+#: H = 64) 0.91x the time, medium (12800, 256) and large (12800, 1024) level, wide (6000, 800) 1.06x
+cdef enum:
+    _KSPLIT_ROWS = 16
+KSPLIT_ROWS = _KSPLIT_ROWS
 
 #: the head runs its rows in chunks of this many, so that each chunk's states, logits and dOut
 #: stay in cache across its three GEMMs and the loss (rather than three passes over (T·B, H)
@@ -1478,7 +1487,11 @@ cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag)
 
     0. rows of A = b_h + X·W_xhᵀ (and of the ones; W_hhᵀ's columns; part 0: Hs[0] = h0);
     1. rows of the head: logits, loss, ∂L/∂logits, its rows of dOut and its part of dW_hy, db_y;
-    2. rows of the weight gradients dW_xh, db_h, dW_hh (columns of dZ).
+    2. the weight gradients dW_xh, db_h, dW_hh: by their output rows (the columns of dZ), or, when
+       ``ksplit`` (many rows of dZ for its columns: ``KSPLIT_ROWS``), over rows of dZ (part 0 into
+       the gradients, the others into partial sums added in part order after the phase): each part
+       then packs only its rows of the GEMMs' operands, where the split by output rows packs all
+       of them in each part.
     """
     cdef Py_ssize_t T = c.T, B = c.B, D = c.D, H = c.H, O = c.O, TB = c.T * c.B, r0, r1, i, j, i0, j0
     cdef const floating *W_hh = <const floating *> c.W_hh
@@ -1523,13 +1536,23 @@ cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag)
                               <floating *> c.logits + r0 * O, <floating *> c.dOut + last + r0 * H, gw, gb,
                               False, ones, &c.losses[p])
         c.bad[p] = -1 if bad < 0 else r0 + bad
-    else:
+    elif not c.ksplit:          # by output rows (columns of dZ): no partial sums
         r0 = part_start(p, n, H)
         r1 = part_start(p + 1, n, H)
         _cgemm(True, False, r1 - r0, D, TB, dZ + r0, H, <const floating *> c.X, D, <floating> 0,
                <floating *> c.gW_xh + r0 * D, D)
         _column_sums(dZ + r0, TB, r1 - r0, H, ones, <floating> 0, <floating *> c.gb_h + r0)
         _cgemm(True, False, r1 - r0, H, TB, dZ + r0, H, Hs, H, <floating> 0, <floating *> c.gW_hh + r0 * H, H)
+    else:                       # by rows of dZ, into partial sums
+        r0 = part_start(p, n, TB)
+        r1 = part_start(p + 1, n, TB)
+        gw = <floating *> c.gW_xh if p == 0 else <floating *> c.wsums + (p - 1) * (H * D + H + H * H)
+        gb = <floating *> c.gb_h if p == 0 else gw + H * D
+        _cgemm(True, False, H, D, r1 - r0, dZ + r0 * H, H, <const floating *> c.X + r0 * D, D, <floating> 0,
+               gw, D)
+        _column_sums(dZ + r0 * H, r1 - r0, H, H, ones, <floating> 0, gb)
+        _cgemm(True, False, H, H, r1 - r0, dZ + r0 * H, H, Hs + r0 * H, H, <floating> 0,
+               <floating *> c.gW_hh if p == 0 else gb + H, H)
 
 
 cdef void _layer_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -1543,7 +1566,7 @@ cdef void _layer_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
 cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *bjob, Py_ssize_t bparts,
                            Py_ssize_t parts, floating *tag, double *value) noexcept nogil:
     """The whole call (``tag`` only picks the dtype); returns -1, or a row with a bad class id."""
-    cdef Py_ssize_t p, i, nh = min(parts, c.n_out), size = c.O * c.H + c.O
+    cdef Py_ssize_t p, i, nw, nh = min(parts, c.n_out), size = c.O * c.H + c.O
     cdef floating *gw = <floating *> c.gW_hy
     cdef floating *gb = <floating *> c.gb_y
     cdef const floating *part
@@ -1573,7 +1596,20 @@ cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *b
     bjob.dZ = c.dZ
     run_parts(_backward_part, bjob, bparts)
     c.phase = 2
-    run_parts(_layer_part, c, min(parts, c.H))
+    nw = min(parts, c.T * c.B) if c.ksplit else min(parts, c.H)
+    run_parts(_layer_part, c, nw)
+    size = c.H * c.D + c.H + c.H * c.H
+    for p in range(1, nw if c.ksplit else 1):                      # the weight gradients: the parts' sums in part order
+        part = <const floating *> c.wsums + (p - 1) * size
+        gw = <floating *> c.gW_xh
+        for i in range(c.H * c.D):
+            gw[i] += part[i]
+        gw = <floating *> c.gb_h
+        for i in range(c.H):
+            gw[i] += part[c.H * c.D + i]
+        gw = <floating *> c.gW_hh
+        for i in range(c.H * c.H):
+            gw[i] += part[c.H * c.D + c.H + i]
     return -1
 
 
@@ -1670,9 +1706,13 @@ def layer_loss_and_grad(X, Y, h0, weights, grads, work, const int64_t[::1] ends,
     cdef Py_ssize_t[::1] bad = np.empty(parts, np.intp)
     cdef unsigned char[::1] sums = np.empty(max(1, (parts - 1) * (O * H + O)) * (8 if is_double else 4),
                                             np.uint8)
+    c.ksplit = T * B >= _KSPLIT_ROWS * H
+    cdef unsigned char[::1] wsums = np.empty(max(1, (min(parts, T * B) - 1 if c.ksplit else 0)
+                                                 * (H * D + H + H * H)) * (8 if is_double else 4), np.uint8)
     c.losses = &losses[0]
     c.bad = &bad[0]
     c.sums = &sums[0]
+    c.wsums = &wsums[0]
     cdef _Job fjob, bjob
     cdef fb_barrier fbar, bbar
     cdef Py_ssize_t fparts = _setup_job(&fjob, &fbar, T, B, H, 0, B, act, threads, -1, -1, is_double)
