@@ -69,7 +69,7 @@ def test_adding_task_defaults_learn_and_print_the_mean_predictor_baseline(tmp_pa
     proc = run(["train", "--task", "adding", "--progress", "off"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "training sequences of T=20" in out and "hidden_size=32" in out
+    assert "training sequences of T=10" in out and "hidden_size=32" in out
     base = float(out.split("baseline: val_loss ")[1].split()[0])
     assert 0.1 < base < 0.25 and "predicting the training targets' mean" in out
     final = float(out.split("trained 20 epochs in ")[1].split("val_loss ")[1].split()[0])
