@@ -362,7 +362,8 @@ def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("n", [0, 1, 7, 16, 1001])
 def test_compiled_check_and_clamp_equal_numpy(dtype, n):
-    """update.first_nonfinite finds NumPy's first NaN or inf; update.clamp is np.minimum then np.maximum."""
+    """update.check_clamp finds NumPy's first NaN or inf (and then clamps nothing); update.clamp is
+    np.minimum then np.maximum, as check_clamp's clamp of finite values."""
     from fastbptt.optim import _compiled
 
     fast = _compiled()
@@ -371,15 +372,19 @@ def test_compiled_check_and_clamp_equal_numpy(dtype, n):
     x = (rng.standard_normal(n) * 10).astype(dtype)
     if n:
         x[0] = -0.0
-    assert fast.first_nonfinite(x) == -1
-    got, want = x.copy(), np.maximum(np.minimum(x, 2.5), -2.5)
-    fast.clamp(got, 2.5)
-    assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+    assert fast.check_clamp(x.copy(), 0) == -1
+    want = np.maximum(np.minimum(x, 2.5), -2.5)
+    for clamp in (lambda a: fast.clamp(a, 2.5), lambda a: fast.check_clamp(a, 2.5)):
+        got = x.copy()
+        clamp(got)
+        assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
     for bad in (np.nan, np.inf, -np.inf):
         for at in sorted({n - 1, n // 2, n // 3}) if n else ():
             y = x.copy()
             y[at:] = bad
-            assert fast.first_nonfinite(y) == at
+            before = y.copy()
+            assert fast.check_clamp(y, 2.5) == at
+            assert np.array_equal(y, before, equal_nan=True)          # nothing clamped
 
 
 @pytest.mark.parametrize("where", ["W_hy", "b_h"])

@@ -215,7 +215,7 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
     fast = None if flat is None else _compiled()
     clamped = fast is not None and clip_norm is None and clip_value is not None     # (norm first, else)
     if fast is not None:
-        bad = fast.check_clamp(flat, clip_value) if clamped else fast.first_nonfinite(flat)
+        bad = fast.check_clamp(flat, clip_value if clamped else 0)
     for name, g in grads.items() if fast is None or bad >= 0 else ():
         if not _all_finite(g):
             raise FloatingPointError(f"{owner}: non-finite gradient of {name} at {where}; training "

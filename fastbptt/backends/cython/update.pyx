@@ -119,20 +119,9 @@ cdef object _zeros(Py_ssize_t n, bint single):
     return np.zeros(n, np.float32 if single else np.float64)
 
 
-def first_nonfinite(const floating[::1] x):
-    """The index of ``x``'s first NaN or inf, or -1 (one vectorised pass when there is none)."""
-    cdef Py_ssize_t n = x.shape[0]
-    cdef int bad
-    if n == 0:
-        return -1
-    with nogil:
-        bad = fbu_nonfinite_f32(&x[0], n) if floating is float else fbu_nonfinite_f64(&x[0], n)
-    return -1 if not bad else int(np.flatnonzero(~np.isfinite(np.asarray(x)))[0])
-
-
 def check_clamp(floating[::1] x, double c):
-    """:func:`first_nonfinite` of ``x``; when it is -1 (all finite) and ``c`` > 0, also :func:`clamp`
-    ``x`` into ``[-c, c]``."""
+    """The index of ``x``'s first NaN or inf, or -1 (one vectorised pass when there is none); when
+    it is -1 and ``c`` > 0, also :func:`clamp` ``x`` into ``[-c, c]``."""
     cdef Py_ssize_t n = x.shape[0]
     cdef int bad
     if n == 0:
