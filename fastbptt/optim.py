@@ -316,8 +316,7 @@ class Optimizer:
             p = p_arrays            # the compiled rule reads them where they are
         else:                   # into a temporary no rule writes: no new array at each step
             p = np.concatenate([a.ravel() for a in p_arrays], out=ws.tmp(_PARAMS_TMP))
-        new_p, new_bufs = self._update(p, g,
-                                       {b: buffers.get(b) for b in self._buffer_names}, t, ws)
+        new_p, new_bufs = self._update(p, g, {b: buffers.get(b) for b in self._buffer_names}, t, ws)
         for label, arr in () if ws.finite else (("params", new_p), *new_bufs.items()):
             if not _all_finite(arr):
                 name = layout.where(int(np.flatnonzero(~np.isfinite(arr))[0]))

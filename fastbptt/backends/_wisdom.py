@@ -9,10 +9,11 @@ first call is a warm-up (Numba's JIT, the C team starting) and is not
 counted; then the candidates are timed in rounds, interleaved, until each
 has at least :data:`MIN_ROUNDS` calls and :data:`MIN_TRIAL_S` seconds of
 them (at most :data:`MAX_ROUNDS`). A candidate whose calls are short
-(below :data:`SETTLE_BELOW_S`) is visited for two calls, the first untimed:
-right after another candidate its team's threads are asleep and its data
-out of cache, which at 0.2 ms made the faster team of 2 look slower. The one with the smallest median wins
-and every later call at that key takes it: a dict lookup, ~1 µs. (``rnn_vjp``
+(below :data:`SETTLE_BELOW_S`) is visited for :data:`SETTLE_CALLS` untimed
+calls and then a timed one: right after another candidate its team's
+threads are asleep and its data out of cache, which at 0.2 ms made the
+faster team of 2 look slower. The one with the smallest median wins and
+every later call at that key takes it: a dict lookup, ~1 µs. (``rnn_vjp``
 times its forward only: the backward runs later, in ``vjp``, on the same choice.)
 
 What was learned is kept, like FFTW's wisdom, in ``wisdom.json`` of a
@@ -119,9 +120,9 @@ class _Trial:
         warm = not self.warmed[i]
         self.warmed[i] = True
         if not warm and self.samples[i] and self.samples[i][-1] < SETTLE_BELOW_S:
-            # a short call: this one settles the candidate's team (the threads another candidate
-            # left asleep wake up, its caches fill) and the next call is timed; timed right after
-            # another candidate, a team of 2 at online (0.16 ms) measured 0.24 ms
+            # short calls: this one and the next SETTLE_CALLS - 1 settle the candidate's team (the
+            # threads another candidate left asleep wake up, its caches fill), then one is timed;
+            # timed right after another candidate, a team of 2 at online (0.16 ms) measured 0.24 ms
             self._timed_next, warm = (i, SETTLE_CALLS), True
         return _TrialCall(_load(name), threads, self, i, warm)
 
