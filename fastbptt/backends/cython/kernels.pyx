@@ -1156,13 +1156,14 @@ def uses_simd(Py_ssize_t B, Py_ssize_t H, dtype=np.float64):
     return _simd_on and _use_simd(B, H, np.dtype(dtype) == np.float64)
 
 
-def _tanh_inplace(floating[::1] x):
-    """``x = tanh(x)`` in place with the kernels' tanh (tests compare it with ``np.tanh``)."""
+def _tanh_inplace(floating[::1] x, bint exp=False):
+    """``x = tanh(x)`` (``exp``: ``exp(x)``) in place with the kernels' functions (tests compare them
+    with NumPy's)."""
     if x.shape[0]:
         if floating is float:
-            fastbptt_tanhf(&x[0], x.shape[0])
+            (fastbptt_expf if exp else fastbptt_tanhf)(&x[0], x.shape[0])
         else:
-            fastbptt_tanhd(&x[0], x.shape[0])
+            (fastbptt_expd if exp else fastbptt_tanhd)(&x[0], x.shape[0])
 
 
 def _set_matvec_level(int level):
