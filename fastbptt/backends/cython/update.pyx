@@ -25,36 +25,36 @@ from libc.string cimport memcpy
 
 cnp.import_array()
 
-cdef enum:
-    _MAX_PARTS = 512
-MAX_PARTS = _MAX_PARTS      # more arrays than this: the caller gives them as one array
 
 cdef extern from "update_rules.h" nogil:
+    enum: FBU_MAX_PARTS
+    ctypedef struct fbu_parts:
+        const char *data[FBU_MAX_PARTS]
+        Py_ssize_t size[FBU_MAX_PARTS]
+        Py_ssize_t k
     int fbu_nonfinite_f32(const float *x, Py_ssize_t n)
     int fbu_nonfinite_f64(const double *x, Py_ssize_t n)
     void fbu_clamp_f32(float *x, Py_ssize_t n, float c)
     void fbu_clamp_f64(double *x, Py_ssize_t n, double c)
-    int fbu_sgd_f32(const float *p, const float *g, const float *buf, float *new_buf, float *new_p,
-                    Py_ssize_t n, float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first)
-    int fbu_sgd_f64(const double *p, const double *g, const double *buf, double *new_buf, double *new_p,
-                    Py_ssize_t n, double lr, double mom, double wd, int has_wd, int has_mom, int nesterov,
-                    int first)
-    int fbu_adam_f32(const float *p, const float *g, const float *m, const float *v, float *new_m, float *new_v,
-                     float *new_p, Py_ssize_t n, float w, float b2, float b2c, float step, float corr, float eps,
+    int fbu_sgd_f32(const fbu_parts *p, const float *g, const float *buf, float *new_buf, float *new_p,
+                    float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first)
+    int fbu_sgd_f64(const fbu_parts *p, const double *g, const double *buf, double *new_buf, double *new_p,
+                    double lr, double mom, double wd, int has_wd, int has_mom, int nesterov, int first)
+    int fbu_adam_f32(const fbu_parts *p, const float *g, const float *m, const float *v, float *new_m,
+                     float *new_v, float *new_p, float w, float b2, float b2c, float step, float corr, float eps,
                      float wd, int has_wd, int low)
-    int fbu_adam_f64(const double *p, const double *g, const double *m, const double *v, double *new_m,
-                     double *new_v, double *new_p, Py_ssize_t n, double w, double b2, double b2c, double step,
-                     double corr, double eps, double wd, int has_wd, int low)
-    int fbu_rmsprop_f32(const float *p, const float *g, const float *v, const float *buf, float *new_v,
-                        float *new_buf, float *new_p, Py_ssize_t n, float lr, float a, float ac, float eps,
-                        float mom, int has_mom)
-    int fbu_rmsprop_f64(const double *p, const double *g, const double *v, const double *buf, double *new_v,
-                        double *new_buf, double *new_p, Py_ssize_t n, double lr, double a, double ac, double eps,
-                        double mom, int has_mom)
-    int fbu_adagrad_f32(const float *p, const float *g, const float *s, float *new_s, float *new_p, Py_ssize_t n,
+    int fbu_adam_f64(const fbu_parts *p, const double *g, const double *m, const double *v, double *new_m,
+                     double *new_v, double *new_p, double w, double b2, double b2c, double step, double corr,
+                     double eps, double wd, int has_wd, int low)
+    int fbu_rmsprop_f32(const fbu_parts *p, const float *g, const float *v, const float *buf, float *new_v,
+                        float *new_buf, float *new_p, float lr, float a, float ac, float eps, float mom, int has_mom)
+    int fbu_rmsprop_f64(const fbu_parts *p, const double *g, const double *v, const double *buf, double *new_v,
+                        double *new_buf, double *new_p, double lr, double a, double ac, double eps, double mom,
+                        int has_mom)
+    int fbu_adagrad_f32(const fbu_parts *p, const float *g, const float *s, float *new_s, float *new_p,
                         float lr, float eps)
-    int fbu_adagrad_f64(const double *p, const double *g, const double *s, double *new_s, double *new_p,
-                        Py_ssize_t n, double lr, double eps)
+    int fbu_adagrad_f64(const fbu_parts *p, const double *g, const double *s, double *new_s, double *new_p,
+                        double lr, double eps)
 
 
 cdef inline Py_ssize_t _n(const floating[::1] a) noexcept:
@@ -73,24 +73,28 @@ cdef inline const floating *_or_zeros(const floating[::1] a, const floating[::1]
     return &zeros[0] if a is None else &a[0]
 
 
-cdef Py_ssize_t _parts(object p, Py_ssize_t n, int typenum, char **data, Py_ssize_t *size) except -1:
+MAX_PARTS = FBU_MAX_PARTS     # more arrays than this: the caller gives them as one array
+
+
+cdef int _parts(object p, Py_ssize_t n, int typenum, fbu_parts *parts) except -1:
     """``p``'s runs (data pointers and sizes): one 1-D array, or a tuple of C-contiguous arrays of
-    ``typenum``, ``n`` elements in all. Returns the number of runs; ValueError if ``p`` is not so."""
-    cdef Py_ssize_t k = 0, total = 0
+    ``typenum``, ``n`` elements in all; ValueError if ``p`` is not so."""
+    cdef Py_ssize_t total = 0
     cdef cnp.ndarray a
+    parts.k = 0
     for obj in ((p,) if type(p) is np.ndarray else p):
-        if (type(obj) is not np.ndarray or k == _MAX_PARTS or cnp.PyArray_TYPE(<cnp.ndarray> obj) != typenum
-                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> obj)):
-            raise ValueError(f"p: expected an array or a tuple of at most {_MAX_PARTS} C-contiguous arrays "
+        if (type(obj) is not np.ndarray or parts.k == FBU_MAX_PARTS
+                or cnp.PyArray_TYPE(<cnp.ndarray> obj) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> obj)):
+            raise ValueError(f"p: expected an array or a tuple of at most {FBU_MAX_PARTS} C-contiguous arrays "
                              f"of the gradient's dtype, got {type(obj).__name__} in it")
         a = <cnp.ndarray> obj
-        data[k] = <char *> cnp.PyArray_DATA(a)
-        size[k] = cnp.PyArray_SIZE(a)
-        total += size[k]
-        k += 1
+        parts.data[parts.k] = <const char *> cnp.PyArray_DATA(a)
+        parts.size[parts.k] = cnp.PyArray_SIZE(a)
+        total += parts.size[parts.k]
+        parts.k += 1
     if total != n:
         raise ValueError(f"p: expected {n} elements like g, got {total}")
-    return k
+    return 0
 
 
 cdef inline int _typenum(bint single) noexcept:
@@ -101,16 +105,16 @@ def commit_parts(tuple arrays, const floating[::1] flat, dict d, str key, object
     """Copy ``flat``'s consecutive runs into ``arrays`` (C-contiguous, of its dtype, its size in all:
     checked first), then ``d[key] = value``: the writes of one optimizer step with no Python
     bytecode between the first and the last, so that no interrupt can fall between them."""
-    cdef char *data[_MAX_PARTS]
-    cdef Py_ssize_t size[_MAX_PARTS]
-    cdef Py_ssize_t k = _parts(arrays, flat.shape[0], _typenum(floating is float), data, size), i, off = 0
-    for i in range(k):
+    cdef fbu_parts parts
+    cdef Py_ssize_t i, off = 0
+    _parts(arrays, flat.shape[0], _typenum(floating is float), &parts)
+    for i in range(parts.k):
         if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray> arrays[i]):
             raise ValueError(f"arrays[{i}]: expected a writable array")
     with nogil:
-        for i in range(k):
-            memcpy(data[i], &flat[off], size[i] * sizeof(floating))
-            off += size[i]
+        for i in range(parts.k):
+            memcpy(<char *> parts.data[i], &flat[off], parts.size[i] * sizeof(floating))
+            off += parts.size[i]
     d[key] = value
 
 
@@ -153,31 +157,27 @@ def sgd(object p, const floating[::1] g, const floating[::1] buf, floating[::1] 
         floating[::1] new_p, double lr, double momentum, bint nesterov, double weight_decay):
     """``new_p = p - lr·g'``; with momentum, ``new_buf = momentum·buf + g`` (``buf`` None: ``g``) and
     ``g' = g + momentum·new_buf`` (nesterov) or ``new_buf``; ``g`` first gets ``+ wd·p``."""
-    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p buf new_buf", (new_p.shape[0], _n(buf), _n(new_buf)))
     if momentum and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
-    cdef char *data[_MAX_PARTS]
-    cdef Py_ssize_t size[_MAX_PARTS]
-    k = _parts(p, n, _typenum(floating is float), data, size)
+    cdef fbu_parts parts
+    _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
         return True
     cdef bint has_mom = momentum != 0, first = buf is None
-    cdef int bad = 0
-    cdef const floating *gp = &g[0]
-    cdef const floating *bp = gp if first else &buf[0]        # (not read on the first step)
+    cdef const floating *bp = NULL          # (not read on the first step)
+    if not first:
+        bp = &buf[0]
     cdef floating *nb = &new_buf[0] if has_mom else NULL
-    cdef floating *npp = &new_p[0]
+    cdef int bad
     with nogil:
-        for i in range(k):
-            if floating is float:
-                bad |= fbu_sgd_f32(<float *> data[i], gp + o, bp + o, nb + o if has_mom else NULL, npp + o, size[i],
-                                   <float> lr, <float> momentum, <float> weight_decay, weight_decay != 0, has_mom,
-                                   nesterov, first)
-            else:
-                bad |= fbu_sgd_f64(<double *> data[i], gp + o, bp + o, nb + o if has_mom else NULL, npp + o, size[i],
-                                   lr, momentum, weight_decay, weight_decay != 0, has_mom, nesterov, first)
-            o += size[i]
+        if floating is float:
+            bad = fbu_sgd_f32(&parts, &g[0], bp, nb, &new_p[0], <float> lr, <float> momentum,
+                              <float> weight_decay, weight_decay != 0, has_mom, nesterov, first)
+        else:
+            bad = fbu_sgd_f64(&parts, &g[0], bp, nb, &new_p[0], lr, momentum, weight_decay, weight_decay != 0,
+                              has_mom, nesterov, first)
     return not bad
 
 
@@ -186,11 +186,10 @@ def adam(object p, const floating[::1] g, const floating[::1] m, const floating[
          double beta2, double eps, double weight_decay, long t):
     """torch's Adam (see :class:`fastbptt.optim.Adam`): ``m`` lerped toward ``g``, ``v`` the
     average of ``g²``, bias-corrected, at step ``t``."""
-    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p new_m new_v m v", (new_p.shape[0], new_m.shape[0], new_v.shape[0], _n(m), _n(v)))
-    cdef char *data[_MAX_PARTS]
-    cdef Py_ssize_t size[_MAX_PARTS]
-    k = _parts(p, n, _typenum(floating is float), data, size)
+    cdef fbu_parts parts
+    _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
         return True
     cdef double w = 1.0 - beta1
@@ -198,24 +197,17 @@ def adam(object p, const floating[::1] g, const floating[::1] m, const floating[
     cdef const floating[::1] zeros = _zeros(n, floating is float) if m is None or v is None else None
     cdef const floating *mp = &zeros[0] if zeros is not None else &m[0]
     cdef const floating *vp = &zeros[0] if zeros is not None else &v[0]
-    cdef const floating *gp = &g[0]
-    cdef floating *nm = &new_m[0]
-    cdef floating *nv = &new_v[0]
-    cdef floating *npp = &new_p[0]
     cdef double step = lr / (1.0 - pow(beta1, <double> t)), corr = sqrt(1.0 - pow(beta2, <double> t))
-    cdef int bad = 0
+    cdef int bad
     with nogil:
-        for i in range(k):
-            if floating is float:
-                bad |= fbu_adam_f32(<float *> data[i], gp + o, mp + o, vp + o, nm + o, nv + o, npp + o, size[i],
-                                    <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
-                                    <float> step, <float> corr, <float> eps, <float> weight_decay,
-                                    weight_decay != 0, low)
-            else:
-                bad |= fbu_adam_f64(<double *> data[i], gp + o, mp + o, vp + o, nm + o, nv + o, npp + o, size[i],
-                                    w if low else 1.0 - w, beta2, 1.0 - beta2, step, corr, eps, weight_decay,
-                                    weight_decay != 0, low)
-            o += size[i]
+        if floating is float:
+            bad = fbu_adam_f32(&parts, &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0],
+                               <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
+                               <float> step, <float> corr, <float> eps, <float> weight_decay,
+                               weight_decay != 0, low)
+        else:
+            bad = fbu_adam_f64(&parts, &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], w if low else 1.0 - w,
+                               beta2, 1.0 - beta2, step, corr, eps, weight_decay, weight_decay != 0, low)
     return not bad
 
 
@@ -223,13 +215,12 @@ def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floati
             floating[::1] new_v, floating[::1] new_buf, floating[::1] new_p, double lr, double alpha,
             double eps, double momentum):
     """torch's RMSprop (see :class:`fastbptt.optim.RMSprop`); ``new_buf`` only with momentum > 0."""
-    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p new_v v buf new_buf", (new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
     if momentum > 0 and new_buf is None:
         raise ValueError("new_buf: expected an array with momentum, got None")
-    cdef char *data[_MAX_PARTS]
-    cdef Py_ssize_t size[_MAX_PARTS]
-    k = _parts(p, n, _typenum(floating is float), data, size)
+    cdef fbu_parts parts
+    _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
         return True
     cdef bint has_mom = momentum > 0
@@ -237,46 +228,32 @@ def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floati
     cdef const floating *vp = _or_zeros(v, zeros)
     cdef const floating *bp = _or_zeros(buf, zeros) if has_mom else NULL
     cdef floating *nb = &new_buf[0] if has_mom else NULL
-    cdef const floating *gp = &g[0]
-    cdef floating *nv = &new_v[0]
-    cdef floating *npp = &new_p[0]
-    cdef int bad = 0
+    cdef int bad
     with nogil:
-        for i in range(k):
-            if floating is float:
-                bad |= fbu_rmsprop_f32(<float *> data[i], gp + o, vp + o, bp + o if has_mom else NULL, nv + o,
-                                       nb + o if has_mom else NULL, npp + o, size[i], <float> lr, <float> alpha,
-                                       <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
-            else:
-                bad |= fbu_rmsprop_f64(<double *> data[i], gp + o, vp + o, bp + o if has_mom else NULL, nv + o,
-                                       nb + o if has_mom else NULL, npp + o, size[i], lr, alpha, 1.0 - alpha, eps,
-                                       momentum, has_mom)
-            o += size[i]
+        if floating is float:
+            bad = fbu_rmsprop_f32(&parts, &g[0], vp, bp, &new_v[0], nb, &new_p[0], <float> lr, <float> alpha,
+                                  <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
+        else:
+            bad = fbu_rmsprop_f64(&parts, &g[0], vp, bp, &new_v[0], nb, &new_p[0], lr, alpha, 1.0 - alpha, eps,
+                                  momentum, has_mom)
     return not bad
 
 
 def adagrad(object p, const floating[::1] g, const floating[::1] s, floating[::1] new_s,
             floating[::1] new_p, double lr, double eps):
     """``new_s = s + g²``, ``new_p = p - lr·g / (√new_s + eps)`` (see :class:`fastbptt.optim.Adagrad`)."""
-    cdef Py_ssize_t n = g.shape[0], i, k, o = 0
+    cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p new_s s", (new_p.shape[0], new_s.shape[0], _n(s)))
-    cdef char *data[_MAX_PARTS]
-    cdef Py_ssize_t size[_MAX_PARTS]
-    k = _parts(p, n, _typenum(floating is float), data, size)
+    cdef fbu_parts parts
+    _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
         return True
     cdef const floating[::1] zeros = _zeros(n, floating is float) if s is None else None
     cdef const floating *sp = _or_zeros(s, zeros)
-    cdef const floating *gp = &g[0]
-    cdef floating *ns = &new_s[0]
-    cdef floating *npp = &new_p[0]
-    cdef int bad = 0
+    cdef int bad
     with nogil:
-        for i in range(k):
-            if floating is float:
-                bad |= fbu_adagrad_f32(<float *> data[i], gp + o, sp + o, ns + o, npp + o, size[i], <float> lr,
-                                       <float> eps)
-            else:
-                bad |= fbu_adagrad_f64(<double *> data[i], gp + o, sp + o, ns + o, npp + o, size[i], lr, eps)
-            o += size[i]
+        if floating is float:
+            bad = fbu_adagrad_f32(&parts, &g[0], sp, &new_s[0], &new_p[0], <float> lr, <float> eps)
+        else:
+            bad = fbu_adagrad_f64(&parts, &g[0], sp, &new_s[0], &new_p[0], lr, eps)
     return not bad

@@ -4,7 +4,8 @@
  * Each loop does the operations of the NumPy code of its optimizer's _update (fastbptt/optim.py), in
  * the same order and in FBU_T, so that it is bit-identical to it (built with -ffp-contract=off: no
  * FMA). The flags are constants of an always-inlined body, so each combination is its own loop,
- * branch-free and vectorised. A rule returns 1 when an output element is not finite (x - x is 0 only
+ * branch-free and vectorised. A rule runs over the parameters' runs (fbu_parts), the other arrays
+ * taken at the same offsets, and returns 1 when an output element is not finite (x - x is 0 only
  * for a finite x), else 0.
  */
 
@@ -49,7 +50,7 @@ FBU_INLINE int FBU_FN(fbu_sgd_body)(const FBU_T *restrict p, const FBU_T *restri
     return bad != 0;
 }
 
-static int FBU_FN(fbu_sgd)(const FBU_T *p, const FBU_T *g, const FBU_T *buf, FBU_T *new_buf, FBU_T *new_p,
+static int FBU_FN(fbu_sgd_run)(const FBU_T *p, const FBU_T *g, const FBU_T *buf, FBU_T *new_buf, FBU_T *new_p,
                            ptrdiff_t n, FBU_T lr, FBU_T mom, FBU_T wd, int has_wd, int has_mom, int nesterov,
                            int first) {
 #define FBU_SGD(w, m, s, f) FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f)
@@ -84,7 +85,7 @@ FBU_INLINE int FBU_FN(fbu_adam_body)(const FBU_T *restrict p, const FBU_T *restr
     return bad != 0;
 }
 
-static int FBU_FN(fbu_adam)(const FBU_T *p, const FBU_T *g, const FBU_T *m, const FBU_T *v, FBU_T *new_m,
+static int FBU_FN(fbu_adam_run)(const FBU_T *p, const FBU_T *g, const FBU_T *m, const FBU_T *v, FBU_T *new_m,
                             FBU_T *new_v, FBU_T *new_p, ptrdiff_t n, FBU_T w, FBU_T b2, FBU_T b2c, FBU_T step,
                             FBU_T corr, FBU_T eps, FBU_T wd, int has_wd, int low) {
 #define FBU_ADAM(d, l) FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, eps, \
@@ -118,14 +119,14 @@ FBU_INLINE int FBU_FN(fbu_rmsprop_body)(const FBU_T *restrict p, const FBU_T *re
     return bad != 0;
 }
 
-static int FBU_FN(fbu_rmsprop)(const FBU_T *p, const FBU_T *g, const FBU_T *v, const FBU_T *buf, FBU_T *new_v,
+static int FBU_FN(fbu_rmsprop_run)(const FBU_T *p, const FBU_T *g, const FBU_T *v, const FBU_T *buf, FBU_T *new_v,
                                FBU_T *new_buf, FBU_T *new_p, ptrdiff_t n, FBU_T lr, FBU_T a, FBU_T ac, FBU_T eps,
                                FBU_T mom, int has_mom) {
     return has_mom ? FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, 1)
                    : FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, 0);
 }
 
-static int FBU_FN(fbu_adagrad)(const FBU_T *restrict p, const FBU_T *restrict g, const FBU_T *restrict s,
+static int FBU_FN(fbu_adagrad_run)(const FBU_T *restrict p, const FBU_T *restrict g, const FBU_T *restrict s,
                                FBU_T *restrict new_s, FBU_T *restrict new_p, ptrdiff_t n, FBU_T lr, FBU_T eps) {
     FBU_IT bad = 0;
     for (ptrdiff_t i = 0; i < n; i++) {
@@ -137,6 +138,45 @@ static int FBU_FN(fbu_adagrad)(const FBU_T *restrict p, const FBU_T *restrict g,
     }
     return bad != 0;
 }
+
+/* The rules over the parameters' runs: each run with the other arrays at its offset. */
+#define FBU_OVER_PARTS(RUN, ...)                                                                      \
+    int bad = 0;                                                                                      \
+    ptrdiff_t o = 0;                                                                                  \
+    for (ptrdiff_t r = 0; r < parts->k; r++) {                                                        \
+        const FBU_T *p = (const FBU_T *)parts->data[r];                                               \
+        ptrdiff_t n = parts->size[r];                                                                 \
+        bad |= FBU_FN(RUN)(__VA_ARGS__);                                                              \
+        o += n;                                                                                       \
+    }                                                                                                 \
+    return bad
+
+static int FBU_FN(fbu_sgd)(const fbu_parts *parts, const FBU_T *g, const FBU_T *buf, FBU_T *new_buf,
+                           FBU_T *new_p, FBU_T lr, FBU_T mom, FBU_T wd, int has_wd, int has_mom, int nesterov,
+                           int first) {
+    FBU_OVER_PARTS(fbu_sgd_run, p, g + o, FBU_AT(buf, o), FBU_AT(new_buf, o), new_p + o, n, lr, mom, wd,
+                   has_wd, has_mom, nesterov, first);
+}
+
+static int FBU_FN(fbu_adam)(const fbu_parts *parts, const FBU_T *g, const FBU_T *m, const FBU_T *v,
+                            FBU_T *new_m, FBU_T *new_v, FBU_T *new_p, FBU_T w, FBU_T b2, FBU_T b2c, FBU_T step,
+                            FBU_T corr, FBU_T eps, FBU_T wd, int has_wd, int low) {
+    FBU_OVER_PARTS(fbu_adam_run, p, g + o, m + o, v + o, new_m + o, new_v + o, new_p + o, n, w, b2, b2c, step,
+                   corr, eps, wd, has_wd, low);
+}
+
+static int FBU_FN(fbu_rmsprop)(const fbu_parts *parts, const FBU_T *g, const FBU_T *v, const FBU_T *buf,
+                               FBU_T *new_v, FBU_T *new_buf, FBU_T *new_p, FBU_T lr, FBU_T a, FBU_T ac,
+                               FBU_T eps, FBU_T mom, int has_mom) {
+    FBU_OVER_PARTS(fbu_rmsprop_run, p, g + o, v + o, FBU_AT(buf, o), new_v + o, FBU_AT(new_buf, o), new_p + o,
+                   n, lr, a, ac, eps, mom, has_mom);
+}
+
+static int FBU_FN(fbu_adagrad)(const fbu_parts *parts, const FBU_T *g, const FBU_T *s, FBU_T *new_s,
+                               FBU_T *new_p, FBU_T lr, FBU_T eps) {
+    FBU_OVER_PARTS(fbu_adagrad_run, p, g + o, s + o, new_s + o, new_p + o, n, lr, eps);
+}
+#undef FBU_OVER_PARTS
 
 #undef FBU_T
 #undef FBU_IT
