@@ -1202,12 +1202,31 @@ def _set_wide_level(int level):
 # At short chunks (T=25, B=1, H=100) the arithmetic of a step is ~15-30 µs and a dozen NumPy calls
 # around the two kernels cost ~60 µs more; here the input projection, the recurrence, the head,
 # the loss, the backward loop and the weight gradients run in one call without the GIL, on the
-# caller's work arrays. On a team, each GEMM phase splits its rows between the threads (the weight
-# gradients by their output rows, so no partial sums), and the head's gradient is the sum of the
-# parts' in part order.
+# caller's work arrays. On a team, each GEMM phase splits its rows between the threads, and where
+# a phase's parts write the same gradient (the head's, the weight gradients split over the rows of
+# dZ), the parts' partial sums are added in part order.
 
 #: the losses of ``layer_loss_and_grad`` by name (as ``fastbptt.engine.losses.LOSSES``)
 LOSS_CODES = {"mse": 0, "bce": 1, "ce": 2}
+
+
+cdef struct _HeadCall:
+    int loss
+    bint is_double
+    Py_ssize_t m, n_out, O, H
+    const void *H_rows
+    const void *W_hy
+    const void *b_y
+    const void *Y
+    const void *ones
+    void *o
+    void *G
+    void *gw
+    void *gb
+    void *sums                  # (parts - 1, O·H + O): the gradients of parts 1, 2, ...
+    bint accumulate             # part 0 adds its gradients to gw, gb (else overwrites them)
+    double *totals              # (parts,): each part's loss sum
+    Py_ssize_t *bad             # (parts,): each part's first row with a class id out of range, or -1
 
 
 cdef struct _LayerCall:
@@ -1225,7 +1244,6 @@ cdef struct _LayerCall:
     void *A
     void *W_hhT
     void *Hs
-    void *logits
     void *dOut
     void *dZ
     void *ones                  # (T·B,): ones, for the column sums
@@ -1234,11 +1252,9 @@ cdef struct _LayerCall:
     void *gb_h
     void *gW_hy
     void *gb_y
-    void *sums                  # (parts - 1, O·H + O): the head gradients of parts 1, 2, ...
+    _HeadCall head              # the head's rows (the states of the loss steps, logits, dOut's rows)
     bint ksplit                 # the weight gradients split over rows of dZ (see _layer_phase)
     void *wsums                 # (parts - 1, H·D + H + H·H): then the weight gradients of parts 1, 2, ...
-    double *losses              # (parts,): each part's loss sum
-    Py_ssize_t *bad             # (parts,): each part's first row with a class id out of range, or -1
 
 
 cdef void *_data(object a, str name, int typenum, Py_ssize_t size, bint write) except NULL:
@@ -1376,24 +1392,6 @@ cdef Py_ssize_t _head_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, Py_ssize_t 
     return -1
 
 
-cdef struct _HeadCall:
-    int loss
-    bint is_double
-    Py_ssize_t m, n_out, O, H
-    const void *H_rows
-    const void *W_hy
-    const void *b_y
-    const void *Y
-    const void *ones
-    void *o
-    void *G
-    void *gw
-    void *gb
-    void *sums                  # (parts - 1, O·H + O): the sums of parts 1, 2, ...
-    double *totals
-    Py_ssize_t *bad
-
-
 cdef void _head_part_of(_HeadCall *h, Py_ssize_t p, Py_ssize_t n, floating *tag) noexcept nogil:
     cdef Py_ssize_t r0 = part_start(p, n, h.m), r1 = part_start(p + 1, n, h.m), O = h.O, H = h.H, bad
     cdef floating *gw = <floating *> h.gw if p == 0 else <floating *> h.sums + (p - 1) * (O * H + O)
@@ -1401,7 +1399,7 @@ cdef void _head_part_of(_HeadCall *h, Py_ssize_t p, Py_ssize_t n, floating *tag)
     bad = _head_rows(h.loss, h.n_out, O, H, r1 - r0, <const floating *> h.H_rows + r0 * H,
                      <const floating *> h.W_hy, <const floating *> h.b_y,
                      <const int64_t *> h.Y + r0 if h.loss == 2 else <const void *> (<const floating *> h.Y + r0 * O),
-                     <floating *> h.o + r0 * O, <floating *> h.G + r0 * H, gw, gb, p == 0,
+                     <floating *> h.o + r0 * O, <floating *> h.G + r0 * H, gw, gb, p == 0 and h.accumulate,
                      <const floating *> h.ones, &h.totals[p])
     h.bad[p] = -1 if bad < 0 else r0 + bad
 
@@ -1412,6 +1410,22 @@ cdef void _head_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
         _head_part_of(h, p, n, <double *> NULL)
     else:
         _head_part_of(h, p, n, <float *> NULL)
+
+
+cdef inline void _add(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] += src[i]
+
+
+cdef void _add_head_parts(_HeadCall *h, Py_ssize_t parts, floating *tag) noexcept nogil:
+    """The head's gradients of parts 1, 2, ... added to part 0's, in part order."""
+    cdef Py_ssize_t p, size = h.O * h.H + h.O
+    cdef const floating *part
+    for p in range(1, parts):
+        part = <const floating *> h.sums + (p - 1) * size
+        _add(<floating *> h.gw, part, h.O * h.H)
+        _add(<floating *> h.gb, part + h.O * h.H, h.O)
 
 
 def head_loss_and_grad(H_rows, W_hy, b_y, Y, int loss, Py_ssize_t n_out, dW_hy, db_y, G, int threads=1):
@@ -1466,6 +1480,7 @@ def head_loss_and_grad(H_rows, W_hy, b_y, Y, int loss, Py_ssize_t n_out, dW_hy, 
     h.o = _data(o, "o", tn, m * O, True)
     h.ones = _data(ones, "ones", tn, ones.shape[0], False)
     h.sums = _data(sums, "sums", tn, sums.shape[0], True)
+    h.accumulate = True
     h.totals = &totals[0]
     h.bad = &bad[0]
     with nogil:
@@ -1475,11 +1490,10 @@ def head_loss_and_grad(H_rows, W_hy, b_y, Y, int loss, Py_ssize_t n_out, dW_hy, 
         if bad[p] >= 0:
             raise ValueError(f"Y: expected class ids in [0, {O}), got {Y.reshape(-1)[bad[p]]} at row {bad[p]}")
         total += totals[p]
-    if parts > 1:               # the parts' sums, in part order
-        acc = sums.reshape(parts - 1, O * H + O)
-        for p in range(parts - 1):
-            dW_hy += acc[p, :O * H].reshape(O, H)
-            db_y += acc[p, O * H:]
+    if h.is_double:
+        _add_head_parts(&h, parts, <double *> NULL)
+    else:
+        _add_head_parts(&h, parts, <float *> NULL)
     return total
 
 
@@ -1503,7 +1517,7 @@ cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag)
     cdef floating *dZ = <floating *> c.dZ
     cdef floating *gw
     cdef floating *gb
-    cdef Py_ssize_t last, bad
+    cdef Py_ssize_t last
     if c.phase == 0:
         r0 = part_start(p, n, TB)
         r1 = part_start(p + 1, n, TB)
@@ -1522,21 +1536,11 @@ cdef void _layer_phase(_LayerCall *c, Py_ssize_t p, Py_ssize_t n, floating *tag)
         if p == 0:
             memcpy(Hs, c.h0, B * H * sizeof(floating))
     elif c.phase == 1:
-        r0 = part_start(p, n, c.n_out)
-        r1 = part_start(p + 1, n, c.n_out)
-        gw = <floating *> c.gW_hy if p == 0 else <floating *> c.sums + (p - 1) * (O * H + O)
-        gb = <floating *> c.gb_y if p == 0 else <floating *> c.sums + (p - 1) * (O * H + O) + O * H
-        last = 0 if c.seq else (T - 1) * B * H  # only the last step has a loss: the rest of dOut is zero
-        if not c.seq:
+        if not c.seq:                           # only the last step has a loss: the rest of dOut is zero
+            last = (T - 1) * B * H
             memset(<floating *> c.dOut + part_start(p, n, last), 0,
                    (part_start(p + 1, n, last) - part_start(p, n, last)) * sizeof(floating))
-        bad = _head_rows(c.loss, c.n_out, O, H, r1 - r0, Hs + (B * H if c.seq else T * B * H) + r0 * H,
-                              <const floating *> c.W_hy, <const floating *> c.b_y,
-                              <const int64_t *> c.Y + r0 if c.loss == 2 else
-                              <const void *> (<const floating *> c.Y + r0 * O),
-                              <floating *> c.logits + r0 * O, <floating *> c.dOut + last + r0 * H, gw, gb,
-                              False, ones, &c.losses[p])
-        c.bad[p] = -1 if bad < 0 else r0 + bad
+        _head_part_of(&c.head, p, n, tag)
     elif not c.ksplit:          # by output rows (columns of dZ): no partial sums
         r0 = part_start(p, n, H)
         r1 = part_start(p + 1, n, H)
@@ -1567,9 +1571,7 @@ cdef void _layer_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
 cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *bjob, Py_ssize_t bparts,
                            Py_ssize_t parts, floating *tag, double *value) noexcept nogil:
     """The whole call (``tag`` only picks the dtype); returns -1, or a row with a bad class id."""
-    cdef Py_ssize_t p, i, nw, nh = min(parts, c.n_out), size = c.O * c.H + c.O
-    cdef floating *gw = <floating *> c.gW_hy
-    cdef floating *gb = <floating *> c.gb_y
+    cdef Py_ssize_t p, nw, nh = min(parts, c.n_out), size = c.H * c.D + c.H + c.H * c.H
     cdef const floating *part
     cdef double total = 0
     c.phase = 0
@@ -1581,15 +1583,10 @@ cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *b
     c.phase = 1
     run_parts(_layer_part, c, nh)
     for p in range(nh):
-        if c.bad[p] >= 0:
-            return c.bad[p]
-        total += c.losses[p]
-    for p in range(1, nh):                      # the head's gradients: the parts' sums in part order
-        part = <const floating *> c.sums + (p - 1) * size
-        for i in range(c.O * c.H):
-            gw[i] += part[i]
-        for i in range(c.O):
-            gb[i] += part[c.O * c.H + i]
+        if c.head.bad[p] >= 0:
+            return c.head.bad[p]
+        total += c.head.totals[p]
+    _add_head_parts(&c.head, nh, tag)
     value[0] = total / (c.n_out if c.loss == 2 else c.n_out * c.O)
     bjob.G = c.dOut
     bjob.Hs = c.Hs
@@ -1599,18 +1596,11 @@ cdef Py_ssize_t _layer_run(_LayerCall *c, _Job *fjob, Py_ssize_t fparts, _Job *b
     c.phase = 2
     nw = min(parts, c.T * c.B) if c.ksplit else min(parts, c.H)
     run_parts(_layer_part, c, nw)
-    size = c.H * c.D + c.H + c.H * c.H
-    for p in range(1, nw if c.ksplit else 1):                      # the weight gradients: the parts' sums in part order
+    for p in range(1, nw if c.ksplit else 1):   # the weight gradients: the parts' sums in part order
         part = <const floating *> c.wsums + (p - 1) * size
-        gw = <floating *> c.gW_xh
-        for i in range(c.H * c.D):
-            gw[i] += part[i]
-        gw = <floating *> c.gb_h
-        for i in range(c.H):
-            gw[i] += part[c.H * c.D + i]
-        gw = <floating *> c.gW_hh
-        for i in range(c.H * c.H):
-            gw[i] += part[c.H * c.D + c.H + i]
+        _add(<floating *> c.gW_xh, part, c.H * c.D)
+        _add(<floating *> c.gb_h, part + c.H * c.D, c.H)
+        _add(<floating *> c.gW_hh, part + c.H * c.D + c.H, c.H * c.H)
     return -1
 
 
@@ -1695,25 +1685,29 @@ def layer_loss_and_grad(X, Y, h0, weights, grads, work, const int64_t[::1] ends,
     c.A = _data(work[0], "A", tn, T * B * H, True)
     c.W_hhT = _data(work[1], "W_hhT", tn, H * H, True)
     c.Hs = _data(work[2], "Hs", tn, (T + 1) * B * H, True)
-    c.logits = _data(work[3], "logits", tn, n_out * O, True)
     c.dOut = _data(work[4], "dOut", tn, T * B * H, True)
     c.dZ = _data(work[5], "dZ", tn, T * B * H, True)
     cdef void *carried = _data(work[6], "carried", tn, B * H, True)
     cdef void *dz = _data(work[7], "dz", tn, 2 * B * H, True)
     c.ones = _data(work[8], "ones", tn, T * B, True)
 
-    cdef Py_ssize_t parts = min(gemm_threads, max(T * B, H))
+    cdef Py_ssize_t parts = min(gemm_threads, max(T * B, H)), itemsize = 8 if is_double else 4
     cdef double[::1] losses = np.empty(parts, np.float64)
     cdef Py_ssize_t[::1] bad = np.empty(parts, np.intp)
-    cdef unsigned char[::1] sums = np.empty(max(1, (parts - 1) * (O * H + O)) * (8 if is_double else 4),
-                                            np.uint8)
+    cdef unsigned char[::1] sums = np.empty(max(1, (parts - 1) * (O * H + O)) * itemsize, np.uint8)
     c.ksplit = T * B >= _KSPLIT_ROWS * H
     cdef unsigned char[::1] wsums = np.empty(max(1, (min(parts, T * B) - 1 if c.ksplit else 0)
-                                                 * (H * D + H + H * H)) * (8 if is_double else 4), np.uint8)
-    c.losses = &losses[0]
-    c.bad = &bad[0]
-    c.sums = &sums[0]
+                                                 * (H * D + H + H * H)) * itemsize, np.uint8)
     c.wsums = &wsums[0]
+    # the head: the states of the loss steps (from step 1, or the last), their rows of dOut
+    c.head.loss, c.head.is_double, c.head.m, c.head.n_out, c.head.O, c.head.H = loss, is_double, n_out, n_out, O, H
+    c.head.H_rows = <const char *> c.Hs + (B * H if sequence else T * B * H) * itemsize
+    c.head.W_hy, c.head.b_y, c.head.Y, c.head.ones = c.W_hy, c.b_y, c.Y, c.ones
+    c.head.o = _data(work[3], "logits", tn, n_out * O, True)
+    c.head.G = <char *> c.dOut + (0 if sequence else (T - 1) * B * H) * itemsize
+    c.head.gw, c.head.gb, c.head.sums, c.head.accumulate = c.gW_hy, c.gb_y, &sums[0], False
+    c.head.totals = &losses[0]
+    c.head.bad = &bad[0]
     cdef _Job fjob, bjob
     cdef fb_barrier fbar, bbar
     cdef Py_ssize_t fparts = _setup_job(&fjob, &fbar, T, B, H, 0, B, act, threads, -1, -1, is_double)
