@@ -101,14 +101,12 @@ FB_TILES(0)
 FB_TILES(1)
 #undef FB_TILES
 
-/* One row (batch 1) over all NJ blocks in one pass: the first NF = NJ - HASP blocks read W, the last
- * (with HASP) the zero-padded panel P. As FB_TILE with NB = 1, but x[i] is broadcast once per i for
- * every block (FB_TILE's blocks of 4, 2 and 1 at H = 100 each ran the loop over i). */
-#define FB_ROW(FWD, NJ, HASP)                                                                         \
-static void FB_N(fb_row_##FWD##_##NJ##_##HASP)(ptrdiff_t H, const FB_T *X, const FB_T *W,             \
-                                               ptrdiff_t ldw, const FB_T *P, FB_T *Z,                 \
-                                               const FB_T *A, int act, ptrdiff_t last) {              \
-    enum { NF = (NJ) - (HASP), KU = (NJ) >= 8 ? 1 : (NJ) >= 4 ? 2 : (NJ) >= 2 ? 4 : 8 };              \
+/* One row (batch 1) over all NJ blocks in one pass: as FB_TILE with NB = 1, but x[i] is broadcast
+ * once per i for every block (FB_TILE's blocks of 4, 2 and 1 at H = 100 each ran the loop over i). */
+#define FB_ROW(FWD, NJ)                                                                               \
+static void FB_N(fb_row_##FWD##_##NJ)(ptrdiff_t H, const FB_T *X, const FB_T *W, ptrdiff_t ldw,      \
+                                      FB_T *Z, const FB_T *A, int act, ptrdiff_t last) {              \
+    enum { KU = (NJ) >= 8 ? 1 : (NJ) >= 4 ? 2 : (NJ) >= 2 ? 4 : 8 };                                  \
     FB_V acc[KU][NJ];                                                                                 \
     for (int k = 0; k < KU; k++)                                                                      \
         for (int j = 0; j < (NJ); j++) acc[k][j] = (FB_V){0};                                         \
@@ -117,14 +115,12 @@ static void FB_N(fb_row_##FWD##_##NJ##_##HASP)(ptrdiff_t H, const FB_T *X, const
         for (int k = 0; k < KU; k++) {                                                                \
             FB_T xb = X[i + k];                                                                       \
             for (int j = 0; j < (NJ); j++)                                                            \
-                acc[k][j] += xb * FB_N(fb_load)(j < NF ? W + (i + k) * ldw + j * FB_VL                \
-                                                       : P + (i + k) * FB_VL);                        \
+                acc[k][j] += xb * FB_N(fb_load)(W + (i + k) * ldw + j * FB_VL);                       \
         }                                                                                             \
     }                                                                                                 \
     for (; i < H; i++) {                                                                              \
         FB_T xb = X[i];                                                                               \
-        for (int j = 0; j < (NJ); j++)                                                                \
-            acc[0][j] += xb * FB_N(fb_load)(j < NF ? W + i * ldw + j * FB_VL : P + i * FB_VL);        \
+        for (int j = 0; j < (NJ); j++) acc[0][j] += xb * FB_N(fb_load)(W + i * ldw + j * FB_VL);      \
     }                                                                                                 \
     for (int j = 0; j < (NJ); j++) {                                                                  \
         FB_V s = acc[0][j];                                                                           \
@@ -144,32 +140,26 @@ static void FB_N(fb_row_##FWD##_##NJ##_##HASP)(ptrdiff_t H, const FB_T *X, const
     }                                                                                                 \
 }
 
-#define FB_ROWS(FWD, HASP)                                                                            \
-    FB_ROW(FWD, 2, HASP) FB_ROW(FWD, 3, HASP) FB_ROW(FWD, 4, HASP) FB_ROW(FWD, 5, HASP)               \
-    FB_ROW(FWD, 6, HASP) FB_ROW(FWD, 7, HASP) FB_ROW(FWD, 8, HASP)
-FB_ROWS(0, 0)
-FB_ROWS(0, 1)
-FB_ROWS(1, 0)
-FB_ROWS(1, 1)
+#define FB_ROWS(FWD)                                                                                  \
+    FB_ROW(FWD, 2) FB_ROW(FWD, 3) FB_ROW(FWD, 4) FB_ROW(FWD, 5) FB_ROW(FWD, 6) FB_ROW(FWD, 7)        \
+    FB_ROW(FWD, 8)
+FB_ROWS(0)
+FB_ROWS(1)
 #undef FB_ROWS
 
-/* Z (n, ldz) = X (n, ldx) . W (H, ldw) over ceil(H/VL) blocks of VL columns: the whole blocks read
- * W (rows ldw apart), the last partial one (H % VL columns) reads P, a zero-padded copy of those
- * columns (H, VL), so every load of W is a whole vector. Without A, every store too (ldz >=
- * ceil(H/VL)*VL); with A (lda), Z = f(A + X.W) over exactly H columns (see the tiles). */
+/* Z (n, ldz) = X (n, ldx) . W over ceil(H/VL) blocks of VL columns, W the aligned copy of
+ * fb_prepare (H rows ldw = ceil(H/VL)*VL apart, zero beyond column H), so every load of W is a whole,
+ * aligned vector. Without A, every store is whole too (ldz >= ldw); with A (lda), Z = f(A + X.W)
+ * over exactly H columns (see the tiles). */
 static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, const FB_T *W,
-                        ptrdiff_t ldw, const FB_T *P, FB_T *Z, ptrdiff_t ldz, const FB_T *A,
-                        ptrdiff_t lda, int act) {
-    ptrdiff_t nfull = H / FB_VL, nblocks = nfull + (P != NULL);
+                        ptrdiff_t ldw, FB_T *Z, ptrdiff_t ldz, const FB_T *A, ptrdiff_t lda, int act) {
+    ptrdiff_t nblocks = ldw / FB_VL, tail = H - (nblocks - 1) * FB_VL;
     if (n == 1 && nblocks >= 2 && nblocks <= 8 && nblocks <= FB_BUDGET) {
-        ptrdiff_t last = P != NULL ? H - nfull * FB_VL : FB_VL;
-        switch ((int)nblocks * 4 + (P != NULL) * 2 + (A != NULL)) {
-#define FB_RCASE(NJ, HASP) \
-            case (NJ) * 4 + (HASP) * 2 + 1: FB_N(fb_row_1_##NJ##_##HASP)(H, X, W, ldw, P, Z, A, act, last); break; \
-            case (NJ) * 4 + (HASP) * 2: FB_N(fb_row_0_##NJ##_##HASP)(H, X, W, ldw, P, Z, A, act, last); break;
-            FB_RCASE(2, 0) FB_RCASE(3, 0) FB_RCASE(4, 0) FB_RCASE(5, 0) FB_RCASE(6, 0) FB_RCASE(7, 0)
-            FB_RCASE(8, 0) FB_RCASE(2, 1) FB_RCASE(3, 1) FB_RCASE(4, 1) FB_RCASE(5, 1) FB_RCASE(6, 1)
-            FB_RCASE(7, 1) FB_RCASE(8, 1)
+        switch ((int)nblocks * 2 + (A != NULL)) {
+#define FB_RCASE(NJ) \
+            case (NJ) * 2 + 1: FB_N(fb_row_1_##NJ)(H, X, W, ldw, Z, A, act, tail); break; \
+            case (NJ) * 2: FB_N(fb_row_0_##NJ)(H, X, W, ldw, Z, A, act, tail); break;
+            FB_RCASE(2) FB_RCASE(3) FB_RCASE(4) FB_RCASE(5) FB_RCASE(6) FB_RCASE(7) FB_RCASE(8)
 #undef FB_RCASE
         }
         return;
@@ -177,19 +167,18 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
     for (ptrdiff_t b0 = 0; b0 < n; b0 += 4) {
         int nb = n - b0 < 4 ? (int)(n - b0) : 4;
         const FB_T *x = X + b0 * ldx;
-        for (ptrdiff_t j0 = 0; j0 < nfull + (P != NULL);) {
-            ptrdiff_t left = j0 < nfull ? nfull - j0 : 1;
+        for (ptrdiff_t j0 = 0; j0 < nblocks;) {
+            ptrdiff_t left = nblocks - j0;
             int nj = 8;
             while (nj > 1 && (nj > left || nb * nj > FB_BUDGET)) nj >>= 1;
-            const FB_T *w = j0 < nfull ? W + j0 * FB_VL : P;
-            ptrdiff_t ld = j0 < nfull ? ldw : FB_VL;
+            const FB_T *w = W + j0 * FB_VL;
             FB_T *z = Z + b0 * ldz + j0 * FB_VL;
             const FB_T *a = A ? A + b0 * lda + j0 * FB_VL : NULL;
-            ptrdiff_t last = j0 < nfull ? FB_VL : H - nfull * FB_VL;
+            ptrdiff_t last = j0 + nj == nblocks ? tail : FB_VL;
             switch (nb * 16 + nj) {
 #define FB_CASE(NB, NJ) case (NB) * 16 + (NJ):                                                      \
-                if (a) FB_N(fb_tile_1_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);      \
-                else FB_N(fb_tile_0_##NB##_##NJ)(H, x, ldx, w, ld, z, ldz, a, lda, act, last);        \
+                if (a) FB_N(fb_tile_1_##NB##_##NJ)(H, x, ldx, w, ldw, z, ldz, a, lda, act, last);     \
+                else FB_N(fb_tile_0_##NB##_##NJ)(H, x, ldx, w, ldw, z, ldz, a, lda, act, last);       \
                 break;
             FB_CASE(1, 1) FB_CASE(1, 2) FB_CASE(1, 4) FB_CASE(1, 8)
             FB_CASE(2, 1) FB_CASE(2, 2) FB_CASE(2, 4) FB_CASE(2, 8)
@@ -202,24 +191,24 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
     }
 }
 
-/* The per-call buffers: P, the last H % VL columns of W (H, H) zero-padded to VL (NULL when H is a
- * whole number of vectors; W itself is read in place and stays in L1/L2 across the steps), and Z,
- * rows x ldz with ldz = ceil(H/VL)*VL. One malloc (*mem, to free); returns -1 when out of memory. */
-static int FB_N(fb_prepare)(ptrdiff_t H, ptrdiff_t rows, const FB_T *W, FB_T **P, ptrdiff_t *ldz,
+/* The per-call buffers, in one 64-byte aligned block (*mem, to free): Wp, a copy of W (H, H) with
+ * its rows ldw = ceil(H/VL)*VL apart and zero beyond column H (NumPy's arrays are 16-byte aligned:
+ * read in place, most vector loads of W straddled two cache lines), and Z, rows x ldw. Returns -1
+ * when out of memory. */
+static int FB_N(fb_prepare)(ptrdiff_t H, ptrdiff_t rows, const FB_T *W, const FB_T **Wp, ptrdiff_t *ldw,
                             FB_T **mem, FB_T **Z) {
-    ptrdiff_t nfull = H / FB_VL, rem = H - nfull * FB_VL, ld = (nfull + (rem > 0)) * FB_VL;
-    size_t panel = rem ? (size_t)(H * FB_VL) : 0;
-    FB_T *m = (FB_T *)malloc((panel + (size_t)(rows * ld) + 1) * sizeof(FB_T));   /* never 0 bytes */
+    ptrdiff_t ld = (H + FB_VL - 1) / FB_VL * FB_VL;
+    size_t bytes = ((size_t)((H + rows) * ld) * sizeof(FB_T) + 63) / 64 * 64;
+    FB_T *m = (FB_T *)aligned_alloc(64, bytes ? bytes : 64);
     if (m == NULL) return -1;
-    if (rem) {
-        for (ptrdiff_t i = 0; i < H; i++)      /* a fixed-length inner loop: no library call per row */
-            for (ptrdiff_t c = 0; c < FB_VL; c++)
-                m[i * FB_VL + c] = c < rem ? W[i * H + nfull * FB_VL + c] : 0;
+    for (ptrdiff_t i = 0; i < H; i++) {
+        memcpy(m + i * ld, W + i * H, (size_t)H * sizeof(FB_T));
+        for (ptrdiff_t c = H; c < ld; c++) m[i * ld + c] = 0;
     }
-    *P = rem ? m : NULL;
-    *ldz = ld;
+    *Wp = m;
+    *ldw = ld;
     *mem = m;
-    *Z = m + panel;
+    *Z = m + H * ld;
     return 0;
 }
 
@@ -254,14 +243,15 @@ static void FB_N(fb_dz_row)(ptrdiff_t H, int act, const FB_T *restrict c, const 
 static int FB_N(fb_simd_forward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const FB_T *A, ptrdiff_t sA,
                                  const FB_T *W_hhT, FB_T *Hs, ptrdiff_t sH, int act,
                                  const int64_t *bs, ptrdiff_t lo) {
-    FB_T *P, *mem, *Z;          /* Z: no rows (the forward stores straight into Hs) */
-    ptrdiff_t ldz;
-    if (FB_N(fb_prepare)(H, 0, W_hhT, &P, &ldz, &mem, &Z)) return -1;
+    const FB_T *W;
+    FB_T *mem, *Z;              /* Z: no rows (the forward stores straight into Hs) */
+    ptrdiff_t ldw;
+    if (FB_N(fb_prepare)(H, 0, W_hhT, &W, &ldw, &mem, &Z)) return -1;
     for (ptrdiff_t t = 0; t < T; t++) {
         ptrdiff_t n = fb_simd_active(bs, t, lo, B);
         if (n == 0) break;
         /* h_t = f(A[t] + h_{t-1}.W_hhT), in registers from the product to the store */
-        FB_N(fb_mv)(n, H, Hs + t * sH, H, W_hhT, H, P, Hs + (t + 1) * sH, H, A + t * sA, H, act);
+        FB_N(fb_mv)(n, H, Hs + t * sH, H, W, ldw, Hs + (t + 1) * sH, H, A + t * sA, H, act);
 #ifndef FB_VTANH
         if (act == 0) FB_CAT(fb_simd_tanh_, FB_T)(Hs + (t + 1) * sH, n * H);
 #endif
@@ -276,10 +266,11 @@ static int FB_N(fb_simd_backward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const F
                                   const FB_T *Hs, ptrdiff_t sH, const FB_T *W_hh, ptrdiff_t n_win,
                                   const int64_t *ends, const int64_t *bp_starts, int act, FB_T *dZ,
                                   ptrdiff_t sZ, const int64_t *bs, ptrdiff_t lo) {
-    FB_T *P, *mem, *carried, *dz;
+    const FB_T *W;
+    FB_T *mem, *carried, *dz;
     ptrdiff_t ldz, loss_start = 0;
     /* Z holds 2B rows: carried (the delta from step t+1, rows ldz apart) and dz (rows H apart) */
-    if (FB_N(fb_prepare)(H, 2 * B, W_hh, &P, &ldz, &mem, &carried)) return -1;
+    if (FB_N(fb_prepare)(H, 2 * B, W_hh, &W, &ldz, &mem, &carried)) return -1;
     dz = carried + B * ldz;
     for (ptrdiff_t w = 0; w < n_win; w++) {
         ptrdiff_t end = (ptrdiff_t)ends[w], bp_start = (ptrdiff_t)bp_starts[w], n_carried = 0;
@@ -295,7 +286,7 @@ static int FB_N(fb_simd_backward)(ptrdiff_t T, ptrdiff_t B, ptrdiff_t H, const F
                                 dz + b * H, dZ + t * sZ + b * H);
             n_carried = 0;
             if (t > bp_start && n > 0) {            /* delta_{t-1} = W_hh^T dz_t: dz_t . W_hh by rows */
-                FB_N(fb_mv)(n, H, dz, H, W_hh, H, P, carried, ldz, NULL, 0, 0);
+                FB_N(fb_mv)(n, H, dz, H, W, ldz, carried, ldz, NULL, 0, 0);
                 n_carried = n;
             }
         }
