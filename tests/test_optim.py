@@ -333,11 +333,37 @@ def test_read_only_params_are_refused_before_anything_changes():
     assert params == before and opt.step_count == 0 and opt.state_dict()["buffers"]["momentum_buffer"] == {}
 
 
+def _rule_levels():
+    """The rules' instruction sets this CPU runs (these machines run all three)."""
+    from fastbptt.backends.cython import update
+
+    have = []
+    for level in update.LEVELS:
+        try:
+            update._set_level(level)
+            have.append(level)
+        except RuntimeError:
+            pass
+    update._set_level("auto")
+    return have
+
+
+@pytest.fixture(params=_rule_levels())
+def rule_level(request):
+    """Each instruction set of the compiled rules in turn (the results are the same at each)."""
+    from fastbptt.backends.cython import update
+
+    update._set_level(request.param)
+    yield request.param
+    update._set_level("auto")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
-def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make_opt, ref, dtype):
-    """The one-pass rules of backends/cython/update.pyx against each optimizer's NumPy code: the same
-    parameters and buffers, bit for bit, at the first step (no buffers yet) and at every later one."""
+def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make_opt, ref, dtype, rule_level):
+    """The one-pass rules of backends/cython/update.pyx, at each instruction set, against each
+    optimizer's NumPy code: the same parameters and buffers, bit for bit, at the first step (no
+    buffers yet) and at every later one."""
     import fastbptt.optim as optim
 
     assert optim._compiled() is not None         # built in CI: a missing extension is a failure
@@ -361,7 +387,7 @@ def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("n", [0, 1, 7, 16, 1001])
-def test_compiled_check_and_clamp_equal_numpy(dtype, n):
+def test_compiled_check_and_clamp_equal_numpy(dtype, n, rule_level):
     """update.check_clamp finds NumPy's first NaN or inf (and then clamps nothing); update.clamp is
     np.minimum then np.maximum, as check_clamp's clamp of finite values."""
     from fastbptt.optim import _compiled

@@ -55,6 +55,9 @@ cdef extern from "update_rules.h" nogil:
                         float lr, float eps)
     int fbu_adagrad_f64(const fbu_parts *p, const double *g, const double *s, double *new_s, double *new_p,
                         double lr, double eps)
+    int fbu_level
+    int fbu_best()
+    int fbu_set_level(int level)
 
 
 cdef inline Py_ssize_t _n(const floating[::1] a) noexcept:
@@ -71,6 +74,21 @@ cdef int _sizes(Py_ssize_t n, str names, tuple sizes) except -1:
 
 cdef inline const floating *_or_zeros(const floating[::1] a, const floating[::1] zeros) noexcept:
     return &zeros[0] if a is None else &a[0]
+
+
+#: the instruction sets of the rules, by level; AVX2 (else the best the CPU has) is picked at import
+LEVELS = ("base", "avx2", "avx512")
+fbu_set_level(fbu_best())
+
+
+def _set_level(name):
+    """Run the rules at ``name`` (one of ``LEVELS``, or "auto": as at import); returns the
+    name in force. RuntimeError for a level this CPU lacks (nothing changes). For tests: the
+    results are the same at every level."""
+    level = fbu_best() if name == "auto" else LEVELS.index(name)
+    if fbu_set_level(level) != level:
+        raise RuntimeError(f"level: this CPU cannot run {name!r}")
+    return LEVELS[fbu_level]
 
 
 MAX_PARTS = FBU_MAX_PARTS     # more arrays than this: the caller gives them as one array
