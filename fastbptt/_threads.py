@@ -67,6 +67,22 @@ _pool = None
 _warned = set()
 
 
+_raw_environ = getattr(os.environ, "_data", None)       # POSIX: bytes -> bytes, the variables as set
+if os.name != "posix" or not isinstance(_raw_environ, dict):
+    _raw_environ = None
+
+
+def env_unset(name, _keys={}):
+    """Whether the environment variable ``name`` is unset, in ~0.05 µs (``os.environ.get`` takes
+    ~0.3-0.6: it encodes the name and decodes the value; a planned call's whole overhead is a few µs)."""
+    if _raw_environ is None:
+        return name not in os.environ
+    key = _keys.get(name)
+    if key is None:
+        key = _keys[name] = os.fsencode(name)
+    return key not in _raw_environ
+
+
 def _cpu_count():
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -108,7 +124,7 @@ def get_num_threads():
     """The number of threads a call may use: :func:`set_num_threads`, else ``FASTBPTT_NUM_THREADS``, else the cores."""
     if _forced:
         return _forced
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = "" if env_unset(ENV_VAR) else os.environ.get(ENV_VAR, "").strip()
     if env and env != "0":
         if not env.isdigit():
             raise ValueError(f"{ENV_VAR}: expected an int >= 0, got {env!r}")

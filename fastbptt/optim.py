@@ -55,6 +55,7 @@ count and buffers (as torch's ``load_state_dict`` restores ``param_groups``).
 
 import math
 import numbers
+import operator
 from collections import namedtuple
 
 import numpy as np
@@ -170,6 +171,14 @@ class _Layout(namedtuple("_Layout", "names shapes offsets dtype")):
 # the layout of the buffers, and the buffers (name -> flat array over all parameters).
 _State = namedtuple("_State", "step layout buffers")
 _EMPTY = _State(0, None, {})
+# A step's checks of its arrays (_check_pair, _buffers_for), valid for the next step while the
+# parameters and gradients are the same arrays and the optimizer's state is the one it committed.
+_Checked = namedtuple("_Checked", "params grads layout flat_p in_place state")
+
+
+def _same(a, b):
+    """Whether the sequences hold the same objects."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 _PARAMS_TMP = 3     # the workspace temporary that holds the parameters (those below: the rules')
@@ -242,6 +251,7 @@ class Optimizer:
         self._state = _EMPTY
         self._layout_cache = (None, None, None)
         self._ws = _Workspace()
+        self._checked = None    # _Checked: what the last step checked, while its arrays and state stand
 
     # -------------------------------------------------------------- public
     @property
@@ -298,21 +308,34 @@ class Optimizer:
         """:meth:`step`'s work. ``flat_g``: the 1-D array whose consecutive slices ``grads``' arrays
         are (a caller that made them so); a compiled rule, which does not write it, reads it as is."""
         owner = type(self).__name__
-        p_arrays, g_arrays = _check_pair(owner, params, grads)
         state = self._state
-        layout, flat_p, buffers = self._buffers_for(owner, params, p_arrays, state)
+        # a compiled rule reads g without writing it, and takes p as the parameters' arrays
+        fast = _compiled() if type(self)._update in _COMPILED_RULES else None
+        checked = self._checked
+        if (checked is not None and checked.state is state and type(params) is RNNParams
+                and type(grads) is RNNParams and _same(checked.params, params.arrays())
+                and _same(checked.grads, grads.arrays()) and (
+                    fast is not None and checked.in_place and checked.flat_p is None       # commit_parts
+                    or checked.flat_p is not None and all(a.flags.writeable for a in checked.params))):
+            # the same arrays as the last step, which this optimizer's state is from: checked then,
+            # but for being writable (commit_parts checks that before its first write)
+            p_arrays, g_arrays, layout, flat_p, in_place, buffers = (
+                checked.params, checked.grads, checked.layout, checked.flat_p, checked.in_place, state.buffers)
+        else:
+            p_arrays, g_arrays = _check_pair(owner, params, grads)
+            layout, flat_p, buffers = self._buffers_for(owner, params, p_arrays, state)
+            in_place = fast is not None and len(p_arrays) <= fast.MAX_PARTS and all(
+                a.flags.c_contiguous for a in p_arrays)
         t = state.step + 1
         ws = self._ws
         ws.prepare(layout.offsets[-1], layout.dtype, state.buffers)
-        # a compiled rule reads g without writing it, and takes p as the parameters' arrays
-        fast = _compiled() if type(self)._update in _COMPILED_RULES else None
         if flat_g is None or fast is None:
             g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
         else:
             g = flat_g
         if flat_p is not None:
             p = flat_p
-        elif fast is not None and len(p_arrays) <= fast.MAX_PARTS and all(a.flags.c_contiguous for a in p_arrays):
+        elif in_place:
             p = p_arrays            # the compiled rule reads them where they are
         else:                   # into a temporary no rule writes: no new array at each step
             p = np.concatenate([a.ravel() for a in p_arrays], out=ws.tmp(_PARAMS_TMP))
@@ -324,13 +347,18 @@ class Optimizer:
                     f"{owner}.step: the update of {name} gives non-finite values in {label} "
                     f"(step {t}); nothing was changed")
         new_state = _State(t, layout, new_bufs)
-        if flat_p is not None:
-            commit((flat_p,), (new_p,), self, _state=new_state)
-        elif p is p_arrays:         # (checked C-contiguous and writable above)
-            fast.commit_parts(p_arrays, new_p, vars(self), "_state", new_state)
-        else:
-            commit(p_arrays, ws.split(layout, new_p), self, _state=new_state)
+        try:            # (each refuses a read-only array before its first write)
+            if flat_p is not None:
+                commit((flat_p,), (new_p,), self, _state=new_state)
+            elif p is p_arrays:
+                fast.commit_parts(p_arrays, new_p, vars(self), "_state", new_state)
+            else:
+                commit(p_arrays, ws.split(layout, new_p), self, _state=new_state)
+        except ValueError:      # a parameter made read-only since the last step's checks: say which
+            _check_pair(owner, params, grads)
+            raise
         ws.recycle()
+        self._checked = _Checked(p_arrays, g_arrays, layout, flat_p, in_place, new_state)
 
     def _buffers_for(self, owner, params, p_arrays, state):
         """``(layout, flat_params, buffers)`` of this step: the buffers in ``params``' order

@@ -358,6 +358,49 @@ def rule_level(request):
     update._set_level("auto")
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["arrays", "one-buffer"])
+def test_a_step_checks_again_whatever_changed_since_the_last(views):
+    """A step reuses the last step's checks for the same arrays (as fastbptt.Step passes them: its
+    gradients rewritten in place) and the state it left; a parameter made read-only, other arrays
+    or a loaded state are checked again, and a refused step changes nothing."""
+    params, (g0, g1, *_) = make()
+    if views:               # (as fastbptt.RNN keeps them: views of one buffer)
+        flat = np.concatenate([a.ravel() for a in params.arrays()])
+        ends = np.cumsum([a.size for a in params.arrays()])
+        params = RNNParams._trusted_like(params, [flat[e - a.size:e].reshape(a.shape)
+                                                  for a, e in zip(params.arrays(), ends)])
+        assert all(a.base is flat for a in params.arrays())
+    grads = g0.copy()
+    opt = Adagrad(0.1)
+    opt.step(params, grads)
+    for a, b in zip(grads.arrays(), g1.arrays()):
+        a[...] = b
+    params.W_hh.flags.writeable = False
+    before, state = params.copy(), opt.state_dict()
+    with pytest.raises(ValueError, match="params.W_hh is read-only"):
+        opt.step(params, grads)
+    assert params == before and opt.step_count == 1
+    assert all(np.array_equal(a, b) for a, b in zip(opt.state_dict()["buffers"]["sum"].values(),
+                                                    state["buffers"]["sum"].values()))
+    params.W_hh.flags.writeable = True
+    wrong = RNNParams.init(3, 4, 2, seed=1)
+    with pytest.raises(ValueError, match="grads.W_xh has shape"):
+        opt.step(params, wrong)
+    other = Adagrad(0.1)                  # a state for another model
+    other.step(wrong, wrong)
+    opt.load_state_dict(other.state_dict())
+    with pytest.raises(ValueError, match="state loaded for another model"):
+        opt.step(params, grads)
+    opt.load_state_dict(state)
+    opt.step(params, grads)
+    opt.step(params, grads)
+    ref = Adagrad(0.1)
+    want, _ = make()
+    for g in (g0, g1, g1):
+        ref.step(want, g)
+    assert all(np.array_equal(a, b) for a, b in zip(params.arrays(), want.arrays()))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name,make_opt,ref", CASES, ids=IDS)
 def test_compiled_rules_equal_the_numpy_code_bit_for_bit(monkeypatch, name, make_opt, ref, dtype, rule_level):

@@ -138,22 +138,6 @@ _trials = {}            # key tuple -> its _Trial while it runs
 _state = {"loaded": False, "path": None, "fingerprint": None, "entries": {}, "warned": set()}
 
 
-_raw_environ = getattr(os.environ, "_data", None)       # POSIX: bytes -> bytes, the variables as set
-if os.name != "posix" or not isinstance(_raw_environ, dict):
-    _raw_environ = None
-
-
-def _unset(name, _keys={}):
-    """Whether the variable ``name`` is unset, in ~0.05 µs (``os.environ.get`` takes ~0.3: it
-    encodes the name and decodes the value; a learned call's whole cost is to be ~1 µs)."""
-    if _raw_environ is None:
-        return name not in os.environ
-    key = _keys.get(name)
-    if key is None:
-        key = _keys[name] = os.fsencode(name)
-    return key not in _raw_environ
-
-
 def learning():
     """Whether "auto" learns (``FASTBPTT_LEARN`` is not 0/false/no/off)."""
     return os.environ.get(LEARN_VAR, "1").strip().lower() not in _OFF
@@ -355,7 +339,7 @@ def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=F
         Run the call as ``with call_scope(threads=choice.threads): ...`` on
         ``choice.kernels``, then ``choice.record(seconds)``.
     """
-    if backend == "auto" and _unset(ENV_VAR) and _unset(LEARN_VAR) or (
+    if backend == "auto" and _threads.env_unset(ENV_VAR) and _threads.env_unset(LEARN_VAR) or (
             backend == "auto" and os.environ.get(ENV_VAR, "").strip() in ("", "auto") and learning()):
         key = (op, T, B, D, H, layers, dirs, dtype, lengths, _threads.get_num_threads())
         choice = _choices.get(key)
