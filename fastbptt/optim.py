@@ -109,7 +109,8 @@ class _Workspace:
     state before it, double buffering), so an interrupted step leaves the committed one intact."""
 
     def __init__(self):
-        self.n, self.dtype, self.tmps, self.spare, self.taken, self.finite = 0, None, [], [], [], False
+        self.n, self.dtype, self.tmps, self.spare, self.taken = 0, None, [], [], []
+        self.clip, self.flags = 0.0, None
         self._split_key = self._split = None
 
     def prepare(self, n, dtype, committed):
@@ -119,7 +120,7 @@ class _Workspace:
         held = {id(a) for a in committed.values()}
         self.spare = [a for a in self.spare if id(a) not in held]
         self.taken = []
-        self.finite = False     # set by a compiled rule that found every value it wrote finite
+        self.flags = None       # a compiled rule's result (0: every value it read and wrote finite)
 
     def tmp(self, i):
         """Temporary ``i`` (0 may hold the gradient, 3 the parameters)."""
@@ -214,6 +215,10 @@ def _one_buffer(arrays):
     return base[start:start + sum(a.size for a in arrays)]
 
 
+class _GradientNotFinite(Exception):
+    """Raised by ``Optimizer._step(..., check=c)`` when a gradient is NaN or inf (nothing changed)."""
+
+
 _COMPILED = []     # [module or None] once looked up
 
 
@@ -304,9 +309,14 @@ class Optimizer:
         with call_scope():      # its dot products on BLAS pinned to one thread, as every call
             self._step(params, grads)
 
-    def _step(self, params, grads, flat_g=None):
+    def _step(self, params, grads, flat_g=None, check=None):
         """:meth:`step`'s work. ``flat_g``: the 1-D array whose consecutive slices ``grads``' arrays
-        are (a caller that made them so); a compiled rule, which does not write it, reads it as is."""
+        are (a caller that made them so); a compiled rule, which does not write it, reads it as is.
+
+        ``check``: None (the caller checked the gradients), or a float c >= 0 where
+        :meth:`_checks_gradients`: the compiled rule checks them as it reads them (raising
+        :class:`_GradientNotFinite` before anything changes) and clamps them into [-c, c] when
+        c > 0, as :func:`fastbptt.clip_grad_value` would first (the gradients are not written)."""
         owner = type(self).__name__
         state = self._state
         # a compiled rule reads g without writing it, and takes p as the parameters' arrays
@@ -329,6 +339,7 @@ class Optimizer:
         t = state.step + 1
         ws = self._ws
         ws.prepare(layout.offsets[-1], layout.dtype, state.buffers)
+        ws.clip = 0.0 if check is None else check
         if flat_g is None or fast is None:
             g = np.concatenate([a.ravel() for a in g_arrays], out=ws.tmp(0))
         else:
@@ -340,7 +351,12 @@ class Optimizer:
         else:                   # into a temporary no rule writes: no new array at each step
             p = np.concatenate([a.ravel() for a in p_arrays], out=ws.tmp(_PARAMS_TMP))
         new_p, new_bufs = self._update(p, g, {b: buffers.get(b) for b in self._buffer_names}, t, ws)
-        for label, arr in () if ws.finite else (("params", new_p), *new_bufs.items()):
+        flags = ws.flags
+        if check is not None and (flags is None or flags & fast.GRAD_BAD):
+            if flags is None:
+                raise RuntimeError(f"{owner}.step: check= needs a compiled rule")
+            raise _GradientNotFinite
+        for label, arr in () if flags == 0 else (("params", new_p), *new_bufs.items()):
             if not _all_finite(arr):
                 name = layout.where(int(np.flatnonzero(~np.isfinite(arr))[0]))
                 raise FloatingPointError(
@@ -359,6 +375,10 @@ class Optimizer:
             raise
         ws.recycle()
         self._checked = _Checked(p_arrays, g_arrays, layout, flat_p, in_place, new_state)
+
+    def _checks_gradients(self):
+        """Whether :meth:`_step` can take ``check=``: this optimizer's rule is a compiled one."""
+        return type(self)._update in _COMPILED_RULES and _compiled() is not None
 
     def _buffers_for(self, owner, params, p_arrays, state):
         """``(layout, flat_params, buffers)`` of this step: the buffers in ``params``' order
@@ -491,7 +511,8 @@ class SGD(Optimizer):
         if fast is not None:
             buf = bufs["momentum_buffer"]
             new = ws.buffer(buf) if h["momentum"] else None
-            ws.finite = fast.sgd(p, g, buf, new, new_p, h["lr"], h["momentum"], h["nesterov"], h["weight_decay"])
+            ws.flags = fast.sgd(p, g, buf, new, new_p, h["lr"], h["momentum"], h["nesterov"], h["weight_decay"],
+                                ws.clip)
             return new_p, ({"momentum_buffer": new} if h["momentum"] else {})
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
@@ -548,8 +569,8 @@ class Adam(Optimizer):
         fast = _compiled()
         if fast is not None:
             new_m, new_v = ws.buffer(m), ws.buffer(v)
-            ws.finite = fast.adam(p, g, m, v, new_m, new_v, new_p, h["lr"], beta1, beta2, h["eps"],
-                                  h["weight_decay"], t)
+            ws.flags = fast.adam(p, g, m, v, new_m, new_v, new_p, h["lr"], beta1, beta2, h["eps"],
+                                 h["weight_decay"], t, ws.clip)
             return new_p, {"exp_avg": new_m, "exp_avg_sq": new_v}
         if h["weight_decay"]:
             g += np.multiply(p, h["weight_decay"], out=new_p)             # g + wd·p
@@ -610,8 +631,8 @@ class RMSprop(Optimizer):
         if fast is not None:
             buf = bufs.get("momentum_buffer")
             new_buf = ws.buffer(buf) if h["momentum"] > 0 else None
-            ws.finite = fast.rmsprop(p, g, v, buf, new_v, new_buf, new_p, h["lr"], h["alpha"], h["eps"],
-                                     h["momentum"])
+            ws.flags = fast.rmsprop(p, g, v, buf, new_v, new_buf, new_p, h["lr"], h["alpha"], h["eps"],
+                                    h["momentum"], ws.clip)
             return new_p, ({"square_avg": new_v, "momentum_buffer": new_buf} if h["momentum"] > 0
                            else {"square_avg": new_v})
         if v is None:
@@ -663,7 +684,7 @@ class Adagrad(Optimizer):
         new_s = ws.buffer(s)
         fast = _compiled()
         if fast is not None:
-            ws.finite = fast.adagrad(p, g, s, new_s, new_p, h["lr"], h["eps"])
+            ws.flags = fast.adagrad(p, g, s, new_s, new_p, h["lr"], h["eps"], ws.clip)
             return new_p, {"sum": new_s}
         if s is None:
             s = np.zeros_like(p)

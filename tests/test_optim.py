@@ -456,16 +456,22 @@ def test_compiled_check_and_clamp_equal_numpy(dtype, n, rule_level):
             assert np.array_equal(y, before, equal_nan=True)          # nothing clamped
 
 
-@pytest.mark.parametrize("where", ["W_hy", "b_h"])
-def test_flat_gradients_are_checked_clamped_and_stepped_as_the_arrays(where):
-    """apply_step given the one array the gradients are views of (fastbptt.Step's) takes the same
-    steps as with separate arrays, and names a non-finite gradient the same way."""
+@pytest.mark.parametrize("where,bad", [("W_hy", np.nan), ("b_h", np.inf), ("W_xh", -np.inf)])
+@pytest.mark.parametrize("clip", [2.0, None])
+@pytest.mark.parametrize("make_opt", [lambda: Adagrad(0.5), lambda: SGD(0.1, momentum=0.5, weight_decay=0.1),
+                                      lambda: Adam(0.1), lambda: RMSprop(0.1, momentum=0.5)],
+                         ids=["adagrad", "sgd", "adam", "rmsprop"])
+def test_flat_gradients_are_checked_clamped_and_stepped_as_the_arrays(make_opt, clip, where, bad, rule_level):
+    """apply_step given the one array the gradients are views of (fastbptt.Step's: the compiled
+    rule checks and clamps them as it reads them) takes the same steps, bit for bit, as with
+    separate arrays (checked, clamped by clip_grad_value, then the step), and names a non-finite
+    gradient the same way, changing nothing."""
     from fastbptt.engine.training import apply_step
 
     runs = []
     for use_flat in (True, False):
         params, grads = make(np.float32)
-        opt = Adagrad(0.5)
+        opt = make_opt()
         for g in grads[:4]:
             flat = np.concatenate([a.ravel() for a in g.arrays()]) * 3
             views, o = [], 0
@@ -473,18 +479,26 @@ def test_flat_gradients_are_checked_clamped_and_stepped_as_the_arrays(where):
                 views.append(flat[o:o + a.size].reshape(a.shape))
                 o += a.size
             g = RNNParams(*views)
-            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=2.0,
+            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=clip,
                        owner="T", flat=flat if use_flat else None)
-        before = params.copy()
-        getattr(g, where)[...] = np.nan
+        before, state = params.copy(), opt.state_dict()
+        getattr(g, where).flat[-1] = bad
         with pytest.raises(FloatingPointError, match=f"T: non-finite gradient of {where} at here"):
-            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=2.0,
+            apply_step(params, opt, 1.0, g, clip_norm=None, lr_at=None, where="here", clip_value=clip,
                        owner="T", flat=flat if use_flat else None)
         assert params == before and opt.step_count == 4
-        runs.append((params, opt.state_dict()))
+        assert _same_state(opt.state_dict(), state)
+        runs.append((params, state))
     (p1, s1), (p2, s2) = runs
     assert all(np.array_equal(a, b) for a, b in zip(p1.arrays(), p2.arrays()))
-    assert all(np.array_equal(s1["buffers"]["sum"][k], s2["buffers"]["sum"][k]) for k in FIELDS)
+    assert _same_state(s1, s2)
+
+
+def _same_state(a, b):
+    return a["step"] == b["step"] and a["buffers"].keys() == b["buffers"].keys() and all(
+        a["buffers"][k].keys() == b["buffers"][k].keys()
+        and all(np.array_equal(a["buffers"][k][n], b["buffers"][k][n]) for n in a["buffers"][k])
+        for k in a["buffers"])
 
 
 @pytest.mark.parametrize("make_opt", [lambda: SGD(0.1, momentum=0.5), lambda: Adagrad(0.1), lambda: Adam(0.1),
@@ -513,7 +527,7 @@ def test_compiled_parts_are_checked_before_anything_is_written():
     a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.float32)
     g = np.ones(10, np.float32)
     new_s, new_p = np.empty(10, np.float32), np.empty(10, np.float32)
-    assert fast.adagrad((a, b), g, None, new_s, new_p, 0.5, 1e-10)
+    assert fast.adagrad((a, b), g, None, new_s, new_p, 0.5, 1e-10) == 0
     want_p = np.concatenate([a.ravel(), b]) - np.float32(0.5) / (np.float32(1.0) + np.float32(1e-10))
     assert np.array_equal(new_p, want_p)
     for bad in ((a, b[::2]), (a, b.astype(np.float64)), (a, b[:3]), (a, [0.0] * 4)):

@@ -22,7 +22,7 @@ import numpy as np
 from .._threads import call_scope
 from .._validation import _all_finite
 from ..clip import clip_grad_norm, clip_grad_value
-from ..optim import _compiled
+from ..optim import _GradientNotFinite, _compiled
 from .core import is_artbp, windows
 from .lengths import packing
 from .model import loss_and_grad
@@ -212,6 +212,16 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
     if not math.isfinite(value):
         raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
+    if flat is not None and clip_norm is None and lr_at is None and optimizer._checks_gradients():
+        # one compiled pass: the rule checks the gradients, and clamps them, as it reads them
+        try:
+            with call_scope():
+                optimizer._step(params, grads, flat_g=flat, check=0.0 if clip_value is None else clip_value)
+            return
+        except _GradientNotFinite:
+            pass                # (nothing changed) named below
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
     fast = None if flat is None else _compiled()
     clamped = fast is not None and clip_norm is None and clip_value is not None     # (norm first, else)
     if fast is not None:

@@ -12,8 +12,11 @@ loops are in ``update_rules_body.h``.
 A buffer given as None is read as zeros (the first step). ``p`` is one flat
 array, or a tuple of C-contiguous arrays of the dtype (the parameters, read
 one after the other where they are, without a copy into one array first).
-Nothing is written but the ``new_*`` arrays; ``g`` is read only. Each rule
-returns whether every value it wrote is finite.
+Nothing is written but the ``new_*`` arrays; ``g`` is read only. With ``clip``
+> 0 each rule reads ``g`` clamped into ``[-clip, clip]`` (as :func:`clamp`,
+``clip`` rounded to the dtype). Each rule returns 0 when every gradient value
+and every value it wrote is finite, else ``OUT_BAD`` (a value written is not)
+| ``GRAD_BAD`` (a gradient value is not: then nothing it wrote means anything).
 """
 
 import numpy as np
@@ -37,25 +40,28 @@ cdef extern from "update_rules.h" nogil:
     void fbu_clamp_f32(float *x, Py_ssize_t n, float c)
     void fbu_clamp_f64(double *x, Py_ssize_t n, double c)
     int fbu_sgd_f32(const fbu_parts *p, const float *g, const float *buf, float *new_buf, float *new_p,
-                    float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first)
+                    float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first, float clip)
     int fbu_sgd_f64(const fbu_parts *p, const double *g, const double *buf, double *new_buf, double *new_p,
-                    double lr, double mom, double wd, int has_wd, int has_mom, int nesterov, int first)
+                    double lr, double mom, double wd, int has_wd, int has_mom, int nesterov, int first, double clip)
     int fbu_adam_f32(const fbu_parts *p, const float *g, const float *m, const float *v, float *new_m,
                      float *new_v, float *new_p, float w, float b2, float b2c, float step, float corr, float eps,
-                     float wd, int has_wd, int low)
+                     float wd, int has_wd, int low, float clip)
     int fbu_adam_f64(const fbu_parts *p, const double *g, const double *m, const double *v, double *new_m,
                      double *new_v, double *new_p, double w, double b2, double b2c, double step, double corr,
-                     double eps, double wd, int has_wd, int low)
+                     double eps, double wd, int has_wd, int low, double clip)
     int fbu_rmsprop_f32(const fbu_parts *p, const float *g, const float *v, const float *buf, float *new_v,
-                        float *new_buf, float *new_p, float lr, float a, float ac, float eps, float mom, int has_mom)
+                        float *new_buf, float *new_p, float lr, float a, float ac, float eps, float mom, int has_mom,
+                        float clip)
     int fbu_rmsprop_f64(const fbu_parts *p, const double *g, const double *v, const double *buf, double *new_v,
                         double *new_buf, double *new_p, double lr, double a, double ac, double eps, double mom,
-                        int has_mom)
+                        int has_mom, double clip)
     int fbu_adagrad_f32(const fbu_parts *p, const float *g, const float *s, float *new_s, float *new_p,
-                        float lr, float eps)
+                        float lr, float eps, float clip)
     int fbu_adagrad_f64(const fbu_parts *p, const double *g, const double *s, double *new_s, double *new_p,
-                        double lr, double eps)
+                        double lr, double eps, double clip)
     int fbu_level
+    enum: FBU_OUT_BAD
+    enum: FBU_GRAD_BAD
     int fbu_best()
     int fbu_set_level(int level)
 
@@ -75,6 +81,8 @@ cdef int _sizes(Py_ssize_t n, str names, tuple sizes) except -1:
 cdef inline const floating *_or_zeros(const floating[::1] a, const floating[::1] zeros) noexcept:
     return &zeros[0] if a is None else &a[0]
 
+
+OUT_BAD, GRAD_BAD = FBU_OUT_BAD, FBU_GRAD_BAD
 
 #: the instruction sets of the rules, by level; AVX2 (else the best the CPU has) is picked at import
 LEVELS = ("base", "avx2", "avx512")
@@ -172,7 +180,7 @@ def clamp(floating[::1] x, double c):
 
 
 def sgd(object p, const floating[::1] g, const floating[::1] buf, floating[::1] new_buf,
-        floating[::1] new_p, double lr, double momentum, bint nesterov, double weight_decay):
+        floating[::1] new_p, double lr, double momentum, bint nesterov, double weight_decay, double clip=0):
     """``new_p = p - lr·g'``; with momentum, ``new_buf = momentum·buf + g`` (``buf`` None: ``g``) and
     ``g' = g + momentum·new_buf`` (nesterov) or ``new_buf``; ``g`` first gets ``+ wd·p``."""
     cdef Py_ssize_t n = g.shape[0]
@@ -182,7 +190,7 @@ def sgd(object p, const floating[::1] g, const floating[::1] buf, floating[::1] 
     cdef fbu_parts parts
     _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
-        return True
+        return 0
     cdef bint has_mom = momentum != 0, first = buf is None
     cdef const floating *bp = NULL          # (not read on the first step)
     if not first:
@@ -192,16 +200,16 @@ def sgd(object p, const floating[::1] g, const floating[::1] buf, floating[::1] 
     with nogil:
         if floating is float:
             bad = fbu_sgd_f32(&parts, &g[0], bp, nb, &new_p[0], <float> lr, <float> momentum,
-                              <float> weight_decay, weight_decay != 0, has_mom, nesterov, first)
+                              <float> weight_decay, weight_decay != 0, has_mom, nesterov, first, <float> clip)
         else:
             bad = fbu_sgd_f64(&parts, &g[0], bp, nb, &new_p[0], lr, momentum, weight_decay, weight_decay != 0,
-                              has_mom, nesterov, first)
-    return not bad
+                              has_mom, nesterov, first, clip)
+    return bad
 
 
 def adam(object p, const floating[::1] g, const floating[::1] m, const floating[::1] v,
          floating[::1] new_m, floating[::1] new_v, floating[::1] new_p, double lr, double beta1,
-         double beta2, double eps, double weight_decay, long t):
+         double beta2, double eps, double weight_decay, long t, double clip=0):
     """torch's Adam (see :class:`fastbptt.optim.Adam`): ``m`` lerped toward ``g``, ``v`` the
     average of ``g²``, bias-corrected, at step ``t``."""
     cdef Py_ssize_t n = g.shape[0]
@@ -209,7 +217,7 @@ def adam(object p, const floating[::1] g, const floating[::1] m, const floating[
     cdef fbu_parts parts
     _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
-        return True
+        return 0
     cdef double w = 1.0 - beta1
     cdef bint low = w < 0.5
     cdef const floating[::1] zeros = _zeros(n, floating is float) if m is None or v is None else None
@@ -222,16 +230,16 @@ def adam(object p, const floating[::1] g, const floating[::1] m, const floating[
             bad = fbu_adam_f32(&parts, &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0],
                                <float> (w if low else 1.0 - w), <float> beta2, <float> (1.0 - beta2),
                                <float> step, <float> corr, <float> eps, <float> weight_decay,
-                               weight_decay != 0, low)
+                               weight_decay != 0, low, <float> clip)
         else:
             bad = fbu_adam_f64(&parts, &g[0], mp, vp, &new_m[0], &new_v[0], &new_p[0], w if low else 1.0 - w,
-                               beta2, 1.0 - beta2, step, corr, eps, weight_decay, weight_decay != 0, low)
-    return not bad
+                               beta2, 1.0 - beta2, step, corr, eps, weight_decay, weight_decay != 0, low, clip)
+    return bad
 
 
 def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floating[::1] buf,
             floating[::1] new_v, floating[::1] new_buf, floating[::1] new_p, double lr, double alpha,
-            double eps, double momentum):
+            double eps, double momentum, double clip=0):
     """torch's RMSprop (see :class:`fastbptt.optim.RMSprop`); ``new_buf`` only with momentum > 0."""
     cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p new_v v buf new_buf", (new_p.shape[0], new_v.shape[0], _n(v), _n(buf), _n(new_buf)))
@@ -240,7 +248,7 @@ def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floati
     cdef fbu_parts parts
     _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
-        return True
+        return 0
     cdef bint has_mom = momentum > 0
     cdef const floating[::1] zeros = _zeros(n, floating is float) if v is None or (has_mom and buf is None) else None
     cdef const floating *vp = _or_zeros(v, zeros)
@@ -250,28 +258,28 @@ def rmsprop(object p, const floating[::1] g, const floating[::1] v, const floati
     with nogil:
         if floating is float:
             bad = fbu_rmsprop_f32(&parts, &g[0], vp, bp, &new_v[0], nb, &new_p[0], <float> lr, <float> alpha,
-                                  <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom)
+                                  <float> (1.0 - alpha), <float> eps, <float> momentum, has_mom, <float> clip)
         else:
             bad = fbu_rmsprop_f64(&parts, &g[0], vp, bp, &new_v[0], nb, &new_p[0], lr, alpha, 1.0 - alpha, eps,
-                                  momentum, has_mom)
-    return not bad
+                                  momentum, has_mom, clip)
+    return bad
 
 
 def adagrad(object p, const floating[::1] g, const floating[::1] s, floating[::1] new_s,
-            floating[::1] new_p, double lr, double eps):
+            floating[::1] new_p, double lr, double eps, double clip=0):
     """``new_s = s + g²``, ``new_p = p - lr·g / (√new_s + eps)`` (see :class:`fastbptt.optim.Adagrad`)."""
     cdef Py_ssize_t n = g.shape[0]
     _sizes(n, "new_p new_s s", (new_p.shape[0], new_s.shape[0], _n(s)))
     cdef fbu_parts parts
     _parts(p, n, _typenum(floating is float), &parts)
     if n == 0:
-        return True
+        return 0
     cdef const floating[::1] zeros = _zeros(n, floating is float) if s is None else None
     cdef const floating *sp = _or_zeros(s, zeros)
     cdef int bad
     with nogil:
         if floating is float:
-            bad = fbu_adagrad_f32(&parts, &g[0], sp, &new_s[0], &new_p[0], <float> lr, <float> eps)
+            bad = fbu_adagrad_f32(&parts, &g[0], sp, &new_s[0], &new_p[0], <float> lr, <float> eps, <float> clip)
         else:
-            bad = fbu_adagrad_f64(&parts, &g[0], sp, &new_s[0], &new_p[0], lr, eps)
-    return not bad
+            bad = fbu_adagrad_f64(&parts, &g[0], sp, &new_s[0], &new_p[0], lr, eps, clip)
+    return bad

@@ -18,6 +18,10 @@ typedef struct {
     ptrdiff_t k;
 } fbu_parts;
 
+/* what a rule returns (or-ed): a value it wrote is not finite; a gradient value is not */
+#define FBU_OUT_BAD 1
+#define FBU_GRAD_BAD 2
+
 /* x + o, for an array that may be absent (NULL) */
 #define FBU_AT(x, o) ((x) ? (x) + (o) : NULL)
 
