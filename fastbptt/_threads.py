@@ -27,15 +27,16 @@ and a trace hook may raise anything at any line -- even just before a
 lock across code that can be cut short without a second chance to release
 it: the one lock (``_lock``) is taken only inside :func:`_locked`, whose
 handler releases it whatever was interrupted. Every step of leaving a
-:func:`call_scope` can be repeated, and entering and leaving run inside a
-compiled shell (``Guard`` in the Cython extension) that has no Python
-bytecode of its own: it calls them again when an interrupt cuts them short,
-and leaves when it is freed if the ``with`` statement's exit was skipped. A
-call interrupted at any line leaves the BLAS pools as they were before it,
-this thread outside any call and the lock free.
+:func:`call_scope` can be repeated, and entering and leaving are compiled
+(``Scope`` in the Cython extension: the steps of :class:`_Scope` below, with no
+Python bytecode of their own): it does them again when an exception cuts them
+short, and leaves when it is freed if the ``with`` statement's exit was
+skipped. A call interrupted at any line leaves the BLAS pools as they were
+before it, this thread outside any call and the lock free.
 """
 
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -209,9 +210,10 @@ def _set_holder(ident, token, inside, libs):
 
 
 class _Scope:
-    """One top-level call's hold on the pin. ``enter`` and ``leave`` are run by a shell (see
-    :func:`call_scope`); every step of ``leave`` can be repeated, so the shell can call it
-    again when an interrupt cuts it short, and it undoes any prefix of ``enter``."""
+    """One top-level call's hold on the pin, without the compiled extension (with it:
+    ``backends/cython/pool.pyx``'s ``Scope``, the same steps). ``enter`` and ``leave`` are run by
+    :func:`_python_shell`; every step of ``leave`` can be repeated, so the shell can call it again
+    when an interrupt cuts it short, and it undoes any prefix of ``enter``."""
 
     __slots__ = ("_threads", "_token", "_ident", "__weakref__")
 
@@ -253,21 +255,27 @@ def _python_shell(enter, leave):
         raise
 
 
-_shell = None
+_new_scope = None
 _NESTED = nullcontext()
 
 
-def _find_shell():
-    """The compiled shell (``Guard`` of the Cython extension: no Python bytecode of its own, so nothing
-    can fall between the ``with`` statement and ``enter``/``leave``), else :func:`_python_shell`."""
-    global _shell
+def _python_scope(threads):
+    scope = _Scope(threads)
+    return _python_shell(scope.enter, scope.leave)
+
+
+def _find_scope():
+    """The compiled scope (``Scope`` of the Cython extension: no Python bytecode of its own, so nothing
+    can fall between the ``with`` statement and its steps), else :func:`_python_scope`."""
+    global _new_scope
     try:
-        from .backends.cython.pool import Guard
-        shell = Guard
+        from .backends.cython import pool
+        pool.bind_scope_state(sys.modules[__name__])
+        make = pool.Scope
     except Exception:       # not built: see fastbptt.backends.unavailable_backends()
-        shell = _python_shell
-    _shell = shell
-    return shell
+        make = _python_scope
+    _new_scope = make
+    return make
 
 
 def call_scope(threads=None):
@@ -281,11 +289,11 @@ def call_scope(threads=None):
     matters at batch 1 where a whole step is ~0.3 ms). A nested scope (the
     trainer calling the core) reuses the outer one.
 
-    Interrupts (see the module docstring): entering and leaving run inside a
-    compiled shell that calls the Python steps again when an interrupt cuts
-    them short and leaves when the ``with`` statement's own exit is skipped,
-    so after an interrupt at any line the pools are restored, this thread is
-    outside any call and the lock is free.
+    Interrupts (see the module docstring): entering and leaving are compiled;
+    their steps are done again when an exception cuts them short, and the
+    scope leaves when the ``with`` statement's own exit is skipped, so after
+    an interrupt at any line the pools are restored, this thread is outside
+    any call and the lock is free.
     """
     owner = _scope.__dict__.get("owner")
     if owner is not None and owner() is not None:       # inside a live scope of this thread
@@ -294,8 +302,7 @@ def call_scope(threads=None):
         threads = get_num_threads()                     # may raise (a bad environment variable)
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads: expected None or an int >= 1, got {threads!r}")
-    scope = _Scope(threads)
-    return (_shell or _find_shell())(scope.enter, scope.leave)
+    return (_new_scope or _find_scope())(threads)
 
 
 def inside_call():

@@ -30,6 +30,9 @@ After ``fork`` the child starts with no workers (they are not inherited).
 
 from libc.stdint cimport intptr_t
 
+from threading import get_ident
+from weakref import ref as weakref_ref
+
 cdef extern from *:
     """
     #include <pthread.h>
@@ -255,7 +258,7 @@ def _run_probe(Py_ssize_t parts):
     return list(threads), list(seen), fb_thread_id()
 
 
-# ------------------------------------------------------------- an uninterruptible shell for call scopes
+# ------------------------------------------------------------- a call scope, compiled
 
 cdef object _call_until_done(object fn, int attempts):
     """``fn()``, called again when an exception -- an interrupt -- cuts it short (``fn`` can be
@@ -274,28 +277,128 @@ cdef object _call_until_done(object fn, int attempts):
     raise first
 
 
-cdef class Guard:
-    """A context manager that runs ``enter()`` on entry and ``leave()`` on exit, with no Python
-    bytecode of its own: a ``KeyboardInterrupt`` (or a trace hook) cannot fall between the
-    ``with`` statement and ``enter``/``leave``, nor leave this shell half-way.
+cdef object _threads_module = None      # fastbptt._threads (bound by bind_scope_state)
 
-    ``leave`` must be repeatable (each step idempotent): it is called again when an exception
-    cuts it short, and when ``enter`` fails. If the ``with`` statement's exit is skipped (an
-    interrupt on its line, before ``__exit__`` runs), the guard leaves when it is freed.
-    Used by :class:`fastbptt._threads.call_scope`.
-    """
 
-    cdef object _enter
-    cdef object _leave
+def bind_scope_state(module):
+    """Give :class:`Scope` the module whose state it keeps: ``fastbptt._threads`` (its ``_scope``,
+    ``_lock``, ``_holders``, ``_saved`` and ``_blas_libs``, looked up at each use: ``_lock`` is
+    replaced after a fork)."""
+    global _threads_module
+    _threads_module = module
+
+
+ctypedef int (*_get_threads_fn)() noexcept nogil
+ctypedef void (*_set_threads_fn)(int) noexcept nogil
+
+cdef object _libs_seen = None           # the _blas_libs() list the pointers below are of
+cdef _get_threads_fn _c_get[8]           # per library: its C functions, when they are ctypes
+cdef _set_threads_fn _c_set[8]           # functions (OpenBLAS), else NULL (a Python call)
+
+
+cdef object _blas_libs():
+    """``_threads._blas_libs()``, with the C functions of its ctypes entries (OpenBLAS's
+    ``openblas_get/set_num_threads``) taken out: called directly, without ctypes' ~0.1-0.15 µs."""
+    global _libs_seen
+    libs = _threads_module._blas_libs()
+    if libs is not _libs_seen:
+        import ctypes
+        for i in range(min(len(libs), 8)):
+            get, set_ = libs[i]
+            fns = isinstance(get, ctypes._CFuncPtr) and isinstance(set_, ctypes._CFuncPtr)
+            _c_get[i] = <_get_threads_fn> <intptr_t> ctypes.cast(get, ctypes.c_void_p).value if fns else NULL
+            _c_set[i] = <_set_threads_fn> <intptr_t> ctypes.cast(set_, ctypes.c_void_p).value if fns else NULL
+        _libs_seen = libs
+    return libs
+
+
+cdef object _get_threads(object libs, Py_ssize_t i):
+    return _c_get[i]() if i < 8 and _c_get[i] != NULL else libs[i][0]()
+
+
+cdef _set_threads(object libs, Py_ssize_t i, int n):
+    if i < 8 and _c_set[i] != NULL:
+        _c_set[i](n)
+    else:
+        libs[i][1](n)
+
+
+cdef _pin(object ident, object token, bint inside):
+    """``_threads._locked(_threads._set_holder, ident, token, inside, libs)``, compiled: the same
+    steps (each repeatable) under the same lock, which no exception leaves held."""
+    libs = _blas_libs()
+    lock = _threads_module._lock
+    try:
+        lock.acquire()
+        holders = _threads_module._holders
+        saved = _threads_module._saved
+        if inside:
+            holders[ident] = token
+        elif holders.get(ident) is token:
+            del holders[ident]
+        if holders:
+            for i in range(len(libs)):
+                if i not in saved:
+                    old = _get_threads(libs, i)
+                    saved[i] = old if old != 1 else None
+                    if old != 1:
+                        _set_threads(libs, i, 1)
+        else:
+            for i in list(saved):
+                old = saved[i]
+                if old is not None:
+                    _set_threads(libs, i, old)
+                del saved[i]
+        lock.release()
+    except BaseException:
+        if lock._is_owned():
+            lock._release_save()
+        raise
+
+
+cdef class Scope:
+    """One top-level call of ``fastbptt._threads.call_scope``, a context manager with no Python
+    bytecode of its own: a ``KeyboardInterrupt`` (or a trace hook) cannot fall between the ``with``
+    statement and its steps, nor leave it half-way. The steps of ``_threads._Scope`` on the same
+    state: entering registers this thread, pins the BLAS pools and sets the team size; leaving
+    undoes each step (repeatable: done again when an exception cuts it short or entering fails, and
+    when this object is freed with the ``with`` statement's exit skipped). ~1 µs to enter and
+    leave, where the Python steps took ~7 µs after a kernel had taken the caches."""
+
+    cdef int _team
+    cdef object _token          # set while this scope holds the pin
+    cdef object _ident
     cdef bint _entered
+    cdef object __weakref__
 
-    def __cinit__(self, enter, leave):
-        self._enter = enter
-        self._leave = leave
+    def __cinit__(self, int threads):
+        self._team = threads
+        self._token = None
         self._entered = False
 
+    def _enter(self):
+        self._ident = get_ident()
+        self._token = token = object()
+        local = _threads_module._scope
+        local.owner = weakref_ref(self)
+        local.threads = self._team
+        _pin(self._ident, token, True)
+
+    def _leave(self):
+        token = self._token
+        if token is None:
+            return
+        local = _threads_module._scope
+        if get_ident() == self._ident:
+            owner = local.__dict__.get("owner")
+            if owner is not None and owner() is self:
+                local.threads = 0
+                local.owner = None
+        _pin(self._ident, token, False)
+        self._token = None          # last: until here, a repeat does whatever is left
+
     def __enter__(self):
-        self._entered = True            # from here on, leave() undoes whatever enter() did
+        self._entered = True            # from here on, _leave() undoes whatever _enter() did
         try:
             self._enter()
         except BaseException:
