@@ -112,13 +112,15 @@ class _Workspace:
         self.n, self.dtype, self.tmps, self.spare, self.taken = 0, None, [], [], []
         self.clip, self.flags = 0.0, None
         self._split_key = self._split = None
+        self._left = None           # the buffers the last step committed (recycle's argument)
 
     def prepare(self, n, dtype, committed):
         if n != self.n or dtype != self.dtype:
             self.n, self.dtype, self.tmps, self.spare = n, dtype, [], []
             self._split_key = self._split = None
-        held = {id(a) for a in committed.values()}
-        self.spare = [a for a in self.spare if id(a) not in held]
+        elif committed is not self._left:      # (else no spare array is one of them: recycle's)
+            held = {id(a) for a in committed.values()}
+            self.spare = [a for a in self.spare if id(a) not in held]
         self.taken = []
         self.flags = None       # a compiled rule's result (0: every value it read and wrote finite)
 
@@ -142,10 +144,11 @@ class _Workspace:
             self._split_key, self._split = key, layout.split(flat)
         return self._split
 
-    def recycle(self):
-        """After a commit: the replaced buffers are free for the next step."""
+    def recycle(self, committed):
+        """After a commit of the buffers ``committed``: the ones they replaced are free for the next step."""
         self.spare.extend(self.taken)
         self.taken = []
+        self._left = committed
 
 
 class _Layout(namedtuple("_Layout", "names shapes offsets dtype")):
@@ -373,7 +376,7 @@ class Optimizer:
         except ValueError:      # a parameter made read-only since the last step's checks: say which
             _check_pair(owner, params, grads)
             raise
-        ws.recycle()
+        ws.recycle(new_bufs)
         self._checked = _Checked(p_arrays, g_arrays, layout, flat_p, in_place, new_state)
 
     def _checks_gradients(self):

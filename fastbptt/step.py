@@ -14,7 +14,7 @@ from time import perf_counter
 import numpy as np
 
 from . import _validation as V
-from .backends import dispatch, resolve_backend
+from .backends import dispatch_at, resolve_backend
 from .engine.core import ACT_CODES
 from .engine.losses import LOSSES
 from .engine.plan import make_plan
@@ -154,7 +154,7 @@ class Step:
 
     def _dispatch(self, got):
         """The backend and team of a planned call (``"auto"`` shares what loss_and_grad learns)."""
-        return dispatch(self.backend, "loss_and_grad", **got[0].where)
+        return dispatch_at(self.backend, got[0].where)
 
     def _run(self, choice, seen, X3, Y_, h0s):
         params = self.params
@@ -247,6 +247,6 @@ class _Seen:
         self.y_lead = ((T, B) if seq else (B,)) + (() if self.ids else (O,))
         self.state_shape = V.state_shape(params, B, single)
         self.zeros = np.zeros((len(params.layers), B, params.hidden_size), params.dtype)
-        self.where = dict(T=T, B=B, D=shape[-1], H=params.hidden_size, layers=params.num_layers,
-                          dirs=params.num_directions, dtype=params.dtype)
+        self.where = ("loss_and_grad", T, B, shape[-1], params.hidden_size, params.num_layers,
+                      params.num_directions, params.dtype, False)      # (as dispatch_at takes it)
         self.plans = {}         # (backend module, team size) -> Plan

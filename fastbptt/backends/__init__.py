@@ -154,4 +154,4 @@ def resolve_backend(backend, *, T=1, B=1, H=1, dtype=None):
 
 
 # the dispatcher that measures (it reads the registry above)
-from ._wisdom import Choice, describe as dispatch_info, dispatch  # noqa: E402
+from ._wisdom import Choice, describe as dispatch_info, dispatch, dispatch_at  # noqa: E402

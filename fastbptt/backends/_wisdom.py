@@ -339,13 +339,20 @@ def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=F
         Run the call as ``with call_scope(threads=choice.threads): ...`` on
         ``choice.kernels``, then ``choice.record(seconds)``.
     """
+    return dispatch_at(backend, (op, T, B, D, H, layers, dirs, dtype, lengths), trial)
+
+
+def dispatch_at(backend, where, trial=True):
+    """:func:`dispatch` with the call given as one tuple ``(op, T, B, D, H, layers, dirs, dtype,
+    lengths)``, for a caller that makes the same call many times (:class:`fastbptt.Step`)."""
     if backend == "auto" and _threads.env_unset(ENV_VAR) and _threads.env_unset(LEARN_VAR) or (
             backend == "auto" and os.environ.get(ENV_VAR, "").strip() in ("", "auto") and learning()):
-        key = (op, T, B, D, H, layers, dirs, dtype, lengths, _threads.get_num_threads())
+        key = where + (_threads.get_num_threads(),)
         choice = _choices.get(key)
         return choice if choice is not None else _slow(key, trial)
     # a name, FASTBPTT_BACKEND or the table (learning off): resolve_backend, which checks the
     # name and keeps the table's choice per shape itself (~1 µs)
+    _, T, B, _, H, _, _, dtype, _ = where
     return Choice(resolve_backend(backend, T=T, B=B, H=H, dtype=dtype), None)
 
 
