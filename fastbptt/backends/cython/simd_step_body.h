@@ -164,13 +164,17 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
         }
         return;
     }
-    for (ptrdiff_t b0 = 0; b0 < n; b0 += 4) {
-        int nb = n - b0 < 4 ? (int)(n - b0) : 4;
-        const FB_T *x = X + b0 * ldx;
-        for (ptrdiff_t j0 = 0; j0 < nblocks;) {
-            ptrdiff_t left = nblocks - j0;
-            int nj = 8;
-            while (nj > 1 && (nj > left || nb * nj > FB_BUDGET)) nj >>= 1;
+    /* the tiles of one column block for every group of rows in turn: that block of W (ldw/nj of it)
+     * is read from L1 by all but the first group */
+    int nj_full = 8, nb_max = n < 4 ? (int)n : 4;
+    while (nj_full > 1 && nb_max * nj_full > FB_BUDGET) nj_full >>= 1;
+    for (ptrdiff_t j0 = 0; j0 < nblocks;) {
+        ptrdiff_t left = nblocks - j0;
+        int nj = nj_full;
+        while (nj > 1 && nj > left) nj >>= 1;
+        for (ptrdiff_t b0 = 0; b0 < n; b0 += 4) {
+            int nb = n - b0 < 4 ? (int)(n - b0) : 4;
+            const FB_T *x = X + b0 * ldx;
             const FB_T *w = W + j0 * FB_VL;
             FB_T *z = Z + b0 * ldz + j0 * FB_VL;
             const FB_T *a = A ? A + b0 * lda + j0 * FB_VL : NULL;
@@ -186,8 +190,8 @@ static void FB_N(fb_mv)(ptrdiff_t n, ptrdiff_t H, const FB_T *X, ptrdiff_t ldx, 
             FB_CASE(4, 1) FB_CASE(4, 2) FB_CASE(4, 4) FB_CASE(4, 8)
 #undef FB_CASE
             }
-            j0 += nj;
         }
+        j0 += nj;
     }
 }
 
