@@ -284,10 +284,11 @@ def call_scope(threads=None):
     ``with call_scope(): ...``. ``threads``: the team size of this call (an
     int >= 1, as the dispatcher chooses it per shape), or None for
     :func:`get_num_threads`; a nested scope keeps the outer one's. The first scope entered (on any thread) pins
-    the pools whose setting is not 1 and the last one left restores them (a
-    few ctypes calls, ~1-2 µs; ``threadpool_limits`` takes ~20 µs, which
-    matters at batch 1 where a whole step is ~0.3 ms). A nested scope (the
-    trainer calling the core) reuses the outer one.
+    the pools whose setting is not 1 and the last one left restores them
+    (OpenBLAS's own get/set functions: a compiled scope enters and leaves in
+    ~2 µs, where ``threadpool_limits`` takes ~20 µs, which matters at batch 1
+    where a whole step is ~0.1 ms). A nested scope (the trainer calling the
+    core) reuses the outer one.
 
     Interrupts (see the module docstring): entering and leaving are compiled;
     their steps are done again when an exception cuts them short, and the
