@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_levels.h"
+
 /* defined in kernels.pyx's own C block (static functions of the same translation unit) */
 static void fastbptt_tanhf(float *x, Py_ssize_t n);
 static void fastbptt_tanhd(double *x, Py_ssize_t n);
@@ -130,14 +132,8 @@ static int fb_simd_level = 0;
 static int fb_simd_hidden = 0;      /* tests: levels (bit i: level i) treated as missing from the CPU */
 
 static int fb_simd_supported(int level) {
-    if (level >= 0 && level <= 2 && (fb_simd_hidden >> level) & 1) return 0;
-    if (level == 0) return 1;
-#if FB_SIMD_X86
-    __builtin_cpu_init();
-    if (level == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (level == 2) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-#endif
-    return 0;
+    if (level < 0 || level > 2 || (fb_simd_hidden >> level) & 1) return 0;
+    return fb_cpu_has_level(level, 1);
 }
 
 static int fb_simd_best(void) {

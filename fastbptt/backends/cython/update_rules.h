@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cpu_levels.h"
+
 /* The parameters a rule reads: runs of memory one after the other (the arrays of the model, read
  * where they are), FBU_MAX_PARTS at most; the other arrays of a rule are single flat ones. */
 #define FBU_MAX_PARTS 512
@@ -72,17 +74,9 @@ typedef struct {
 #endif
 
 static int fbu_level = 0;
-static int fbu_hidden = 0;      /* tests: levels (bit i: level i) treated as missing from the CPU */
 
 static int fbu_supported(int level) {
-    if (level >= 0 && level <= 2 && (fbu_hidden >> level) & 1) return 0;
-    if (level == 0) return 1;
-#if FBU_X86
-    __builtin_cpu_init();
-    if (level == 1) return __builtin_cpu_supports("avx2");
-    if (level == 2) return __builtin_cpu_supports("avx512f");
-#endif
-    return 0;
+    return level >= 0 && level <= 2 && fb_cpu_has_level(level, 0);
 }
 
 /* AVX2 first: the loops are bound by sqrt and division, and AVX-512 measured 4-7 % slower than AVX2
