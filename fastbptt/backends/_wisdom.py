@@ -54,8 +54,9 @@ FORMAT = "fastbptt-wisdom 1"
 #: timed calls per candidate, at least and at most
 MIN_ROUNDS = 3
 MAX_ROUNDS = 30
-#: a candidate is timed until its timed calls add up to this much (short calls are noisy)
-MIN_TRIAL_S = 0.01
+#: a candidate is timed until its timed calls add up to this much (short calls are noisy; at 0.01,
+#: 40 ms calls had 3 samples each, and one run's noise took a backend 1.13x slower than the best)
+MIN_TRIAL_S = 0.2
 #: below this, a candidate's visit is SETTLE_CALLS untimed calls, then a timed one (_Trial.next_call)
 SETTLE_BELOW_S = 0.02
 SETTLE_CALLS = 2
