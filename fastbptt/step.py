@@ -9,6 +9,7 @@ and dtype. With an optimizer it also clips and updates the parameters in the
 same call, on the same thread settings, as :class:`fastbptt.RNN` does.
 """
 
+import math
 from time import perf_counter
 
 import numpy as np
@@ -20,7 +21,7 @@ from .engine.losses import LOSSES
 from .engine.plan import make_plan
 from .engine.training import apply_step
 from .functional import _check_params, loss_and_grad as _checked_loss_and_grad
-from .optim import Optimizer
+from .optim import Optimizer, _GradientNotFinite
 from .params import RNNParams
 from ._threads import call_scope, team_size
 
@@ -140,7 +141,18 @@ class Step:
 
     def _update(self, value, grads):
         self._calls += 1
-        apply_step(self.params, self.optimizer, value, grads, clip_norm=self.clip_norm,
+        opt = self.optimizer
+        if self.clip_norm is None and grads is self._grads and math.isfinite(value) and opt._checks_gradients():
+            # apply_step's own one-pass update (the compiled rule checks and clamps the gradients
+            # as it reads them) without its per-call arguments; when it refuses, nothing has
+            # changed, and apply_step below says why
+            try:
+                opt._step(self.params, grads, flat_g=self._flat,
+                          check=0.0 if self.clip_value is None else self.clip_value)
+                return
+            except (_GradientNotFinite, FloatingPointError):
+                pass
+        apply_step(self.params, opt, value, grads, clip_norm=self.clip_norm,
                    clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step",
                    flat=self._flat if grads is self._grads else None)
 

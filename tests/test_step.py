@@ -163,6 +163,27 @@ def test_a_diverged_update_changes_nothing():
     assert not np.array_equal(before.W_hh, params.W_hh)
 
 
+@pytest.mark.parametrize("clip_value", [None, 0.5])
+def test_a_refused_update_changes_nothing_and_says_where(clip_value):
+    """An update whose new values would not be finite is refused by the compiled rule (one pass
+    with the check and clamp of the gradients): the message names the step's call, nothing changes."""
+    params, X, Y = make_problem(4, 2, 3, 5, 2, seed=0)
+    X, Y = _typed(params, X, Y, "mse")
+    opt = SGD(10.0, momentum=0.9)
+    step = fastbptt.Step(params, optimizer=opt, clip_value=clip_value)
+    step(X, Y)
+    state = opt.state_dict()
+    for buf in state["buffers"]["momentum_buffer"].values():
+        buf[...] = 1e308                        # p - lr·(0.9·buf + g) overflows
+    opt.load_state_dict(state)
+    after_one = params.copy()
+    with pytest.raises(FloatingPointError, match=r"Step: at call 2: SGD.step: the update of \w+ gives non-finite"):
+        step(X, Y)
+    assert params == after_one and opt.step_count == 1
+    assert all(np.array_equal(a, b) for a, b in zip(opt.state_dict()["buffers"]["momentum_buffer"].values(),
+                                                    state["buffers"]["momentum_buffer"].values()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("truncation", [None, 5, (4, 9)])
 @pytest.mark.parametrize("T,B", [(12, 2), (40, 64), (1, 1)])     # (40, 64): full BPTT in blocks of 16 steps
