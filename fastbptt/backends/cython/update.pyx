@@ -42,7 +42,8 @@ cdef extern from "update_rules.h" nogil:
     int fbu_sgd_f32(const fbu_parts *p, const float *g, const float *buf, float *new_buf, float *new_p,
                     float lr, float mom, float wd, int has_wd, int has_mom, int nesterov, int first, float clip)
     int fbu_sgd_f64(const fbu_parts *p, const double *g, const double *buf, double *new_buf, double *new_p,
-                    double lr, double mom, double wd, int has_wd, int has_mom, int nesterov, int first, double clip)
+                    double lr, double mom, double wd, int has_wd, int has_mom, int nesterov, int first,
+                    double clip)
     int fbu_adam_f32(const fbu_parts *p, const float *g, const float *m, const float *v, float *new_m,
                      float *new_v, float *new_p, float w, float b2, float b2c, float step, float corr, float eps,
                      float wd, int has_wd, int low, float clip)

@@ -66,8 +66,9 @@ FBU_INLINE int FBU_FN(fbu_sgd_body)(const FBU_T *restrict p, const FBU_T *restri
 static int FBU_FN(fbu_sgd_run)(const FBU_T *p, const FBU_T *g, const FBU_T *buf, FBU_T *new_buf, FBU_T *new_p,
                            ptrdiff_t n, FBU_T lr, FBU_T mom, FBU_T wd, int has_wd, int has_mom, int nesterov,
                            int first, FBU_T clip) {
-#define FBU_SGD(w, m, s, f) (clip > 0 ? FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f, 1, clip) \
-                                      : FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f, 0, clip))
+#define FBU_SGD(w, m, s, f)                                                                           \
+    (clip > 0 ? FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f, 1, clip)      \
+              : FBU_FN(fbu_sgd_body)(p, g, buf, new_buf, new_p, n, lr, mom, wd, w, m, s, f, 0, clip))
     if (!has_mom) return has_wd ? FBU_SGD(1, 0, 0, 0) : FBU_SGD(0, 0, 0, 0);
     if (has_wd) {
         if (nesterov) return first ? FBU_SGD(1, 1, 1, 1) : FBU_SGD(1, 1, 1, 0);
@@ -103,10 +104,11 @@ FBU_INLINE int FBU_FN(fbu_adam_body)(const FBU_T *restrict p, const FBU_T *restr
 static int FBU_FN(fbu_adam_run)(const FBU_T *p, const FBU_T *g, const FBU_T *m, const FBU_T *v, FBU_T *new_m,
                             FBU_T *new_v, FBU_T *new_p, ptrdiff_t n, FBU_T w, FBU_T b2, FBU_T b2c, FBU_T step,
                             FBU_T corr, FBU_T eps, FBU_T wd, int has_wd, int low, FBU_T clip) {
-#define FBU_ADAM(d, l) (clip > 0 ? FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, \
-                                                         eps, wd, d, l, 1, clip)                                    \
-                                 : FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, \
-                                                         eps, wd, d, l, 0, clip))
+#define FBU_ADAM(d, l)                                                                                \
+    (clip > 0 ? FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, eps,    \
+                                      wd, d, l, 1, clip)                                                  \
+              : FBU_FN(fbu_adam_body)(p, g, m, v, new_m, new_v, new_p, n, w, b2, b2c, step, corr, eps,    \
+                                      wd, d, l, 0, clip))
     if (has_wd) return low ? FBU_ADAM(1, 1) : FBU_ADAM(1, 0);
     return low ? FBU_ADAM(0, 1) : FBU_ADAM(0, 0);
 #undef FBU_ADAM
@@ -141,7 +143,8 @@ FBU_INLINE int FBU_FN(fbu_rmsprop_body)(const FBU_T *restrict p, const FBU_T *re
 static int FBU_FN(fbu_rmsprop_run)(const FBU_T *p, const FBU_T *g, const FBU_T *v, const FBU_T *buf, FBU_T *new_v,
                                FBU_T *new_buf, FBU_T *new_p, ptrdiff_t n, FBU_T lr, FBU_T a, FBU_T ac, FBU_T eps,
                                FBU_T mom, int has_mom, FBU_T clip) {
-#define FBU_RMS(m, c) FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, m, c, clip)
+#define FBU_RMS(m, c) \
+    FBU_FN(fbu_rmsprop_body)(p, g, v, buf, new_v, new_buf, new_p, n, lr, a, ac, eps, mom, m, c, clip)
     if (clip > 0) return has_mom ? FBU_RMS(1, 1) : FBU_RMS(0, 1);
     return has_mom ? FBU_RMS(1, 0) : FBU_RMS(0, 0);
 #undef FBU_RMS
