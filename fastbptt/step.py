@@ -19,9 +19,9 @@ from .backends import dispatch_at, resolve_backend
 from .engine.core import ACT_CODES
 from .engine.losses import LOSSES
 from .engine.plan import make_plan
-from .engine.training import apply_step
+from .engine.training import apply_step, one_pass_step
 from .functional import _check_params, loss_and_grad as _checked_loss_and_grad
-from .optim import Optimizer, _GradientNotFinite
+from .optim import Optimizer
 from .params import RNNParams
 from ._threads import call_scope, team_size
 
@@ -142,16 +142,9 @@ class Step:
     def _update(self, value, grads):
         self._calls += 1
         opt = self.optimizer
-        if self.clip_norm is None and grads is self._grads and math.isfinite(value) and opt._checks_gradients():
-            # apply_step's own one-pass update (the compiled rule checks and clamps the gradients
-            # as it reads them) without its per-call arguments; when it refuses, nothing has
-            # changed, and apply_step below says why
-            try:
-                opt._step(self.params, grads, flat_g=self._flat,
-                          check=0.0 if self.clip_value is None else self.clip_value)
-                return
-            except (_GradientNotFinite, FloatingPointError):
-                pass
+        if (self.clip_norm is None and grads is self._grads and math.isfinite(value)
+                and one_pass_step(self.params, opt, grads, self._flat, self.clip_value)):
+            return              # (apply_step's own path, without its per-call arguments)
         apply_step(self.params, opt, value, grads, clip_norm=self.clip_norm,
                    clip_value=self.clip_value, lr_at=None, where=f"call {self._calls}", owner="Step",
                    flat=self._flat if grads is self._grads else None)

@@ -212,16 +212,9 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
     if not math.isfinite(value):
         raise FloatingPointError(f"{owner}: the loss is {value} at {where}; training diverged. The "
                                  "parameters are those of the last good step. Try a lower lr or clip_norm=...")
-    if flat is not None and clip_norm is None and lr_at is None and optimizer._checks_gradients():
-        # one compiled pass: the rule checks the gradients, and clamps them, as it reads them
-        try:
-            with call_scope():
-                optimizer._step(params, grads, flat_g=flat, check=0.0 if clip_value is None else clip_value)
-            return
-        except _GradientNotFinite:
-            pass                # (nothing changed) named below
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
+    if (flat is not None and clip_norm is None and lr_at is None
+            and one_pass_step(params, optimizer, grads, flat, clip_value)):
+        return              # (when it refuses, nothing changed: the steps below say why)
     fast = None if flat is None else _compiled()
     clamped = fast is not None and clip_norm is None and clip_value is not None     # (norm first, else)
     if fast is not None:
@@ -248,6 +241,22 @@ def apply_step(params, optimizer, value, grads, *, clip_norm, lr_at, where, clip
                 optimizer._step(params, grads, flat_g=flat)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{owner}: at {where}: {exc}") from None
+
+
+def one_pass_step(params, optimizer, grads, flat, clip_value):
+    """:func:`apply_step` without ``clip_norm`` or a schedule, for gradients that are views of
+    ``flat``, in one compiled pass (the optimizer's rule checks the gradients and clamps them into
+    ``[-clip_value, clip_value]`` as it reads them). Returns whether it stepped: False when the
+    optimizer's rule is not a compiled one, or when a gradient or the update is not finite
+    (nothing changed: ``apply_step`` then says which)."""
+    if not optimizer._checks_gradients():
+        return False
+    try:
+        with call_scope():
+            optimizer._step(params, grads, flat_g=flat, check=0.0 if clip_value is None else clip_value)
+    except (_GradientNotFinite, FloatingPointError):
+        return False
+    return True
 
 
 def step_where(epoch, step, point):

@@ -1413,8 +1413,7 @@ cdef extern from *:
             for (; j < c; j++)
                 for (int k = 0; k < 8; k++) d[j * r + i + k] = s[(i + k) * c + j];
         }
-        for (; i < i1; i++)
-            for (Py_ssize_t j = 0; j < c; j++) d[j * r + i] = s[i * c + j];
+        FB_TRANSPOSE_ROWS8(float)       /* (the rows left: fewer than eight) */
     }
     static int fastbptt_transpose_avx = -1;
     #endif
