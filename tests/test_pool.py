@@ -33,10 +33,12 @@ def test_the_caller_runs_the_parts_of_sleeping_workers():
     old_spin, old_steal = pool.set_spin_us(0), pool.set_steal(True)    # workers sleep after every job
     try:
         stolen = 0
-        for _ in range(200):
+        for _ in range(2000):       # (on a loaded machine the woken workers can win many times in a row)
             threads, _, caller = pool._run_probe(3)
             assert all(t != 0 for t in threads)
             stolen += sum(t == caller for t in threads[1:])
+            if stolen:
+                break
         assert stolen > 0
         pool.set_steal(False)
         for _ in range(50):
