@@ -157,14 +157,14 @@ def test_each_path_matches_reference(dtype, act, truncation, shape, path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_custom_windows_each_path_and_split(dtype):
+def test_custom_windows_each_path_and_split(dtype, fused_dz):
     """Windows the public truncations never make (see test_kernels.py), on every path and split."""
     A, W_hh, h0, G = kernel_problem(12, 2, 6, dtype, seed=3)
     for ends, bp_starts in (([5, 6, 12], [3, 0, 9]), ([4, 9], [2, 7])):
         ends, bp_starts = np.array(ends, dtype=np.int64), np.array(bp_starts, dtype=np.int64)
         Hs, ref = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
         for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()) + tuple(p.values[0] for p in SIMD_PATHS):
-            for threads, split in ((1, 0), (2, 0), (2, 1)):
+            for threads, split in ((1, 0), (2, 0), (2, 1), (1, 2), (2, 2)):
                 got = np.full_like(G, np.nan)
                 K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got,
                                       _path=_use_path(path), threads=threads, _split=split)
@@ -395,6 +395,14 @@ def wide_level(request):
     K._set_wide_level(_WIDE_START)
 
 
+@pytest.fixture(params=[0, 1], ids=["dz_pass", "dz_fused"])
+def fused_dz(request):
+    """The packed backward's dz in a pass of its own, or made by its product (FBW_DZ_*)."""
+    start = K._set_fused_dz(request.param)
+    yield request.param
+    K._set_fused_dz(start)
+
+
 # beside SHAPES: several panels with a 1-column last one (H=33 in f32 on AVX-512), more batch rows
 # than one register block of every loop (B=13, 25), and H above the "auto" threshold
 PACKED_SHAPES = dict(SHAPES, H33B13=(4, 13, 33), H40B25=(3, 25, 40), H520B3=(5, 3, 520))
@@ -403,7 +411,7 @@ PACKED_SHAPES = dict(SHAPES, H33B13=(4, 13, 33), H40B25=(3, 25, 40), H520B3=(5, 
 @pytest.mark.parametrize("shape", list(PACKED_SHAPES.values()), ids=list(PACKED_SHAPES))
 @pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=["full", "k1", "k3", "k1k2_2_5"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packed_split_each_loop_matches_reference(wide_level, dtype, truncation, shape):
+def test_packed_split_each_loop_matches_reference(wide_level, fused_dz, dtype, truncation, shape):
     """``_split=2`` on 1-3 threads, whole batch and parts of it (``rows``), both activations."""
     T, B, H = shape
     A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
@@ -428,7 +436,7 @@ def test_packed_split_each_loop_matches_reference(wide_level, dtype, truncation,
                 assert rel_err(dZ, dZ_ref) <= RTOL[dtype], where
 
 
-def test_packed_split_same_bits_on_any_thread_count(wide_level):
+def test_packed_split_same_bits_on_any_thread_count(wide_level, fused_dz):
     """Each column is summed in the same order whatever thread owns its panel."""
     A, W_hh, h0, G = kernel_problem(7, 9, 75, np.float32, seed=4)
     ends, bp_starts = windows(7, (2, 5))

@@ -333,10 +333,18 @@ cdef extern from "wide.h":
                       float *P) noexcept nogil
     void fbw_pack_f64(Py_ssize_t K, const double *W, Py_ssize_t ld, Py_ssize_t w, Py_ssize_t nr,
                       double *P) noexcept nogil
+    enum: FBW_SET, FBW_ADD, FBW_INIT, FBW_DZ_TANH, FBW_DZ_RELU
+    ctypedef struct fbw_epi:
+        int kind
+        const void *A
+        const void *Hh
+        void *dZ
+        Py_ssize_t ld
     void fbw_product_f32(Py_ssize_t B, Py_ssize_t K, const float *X, Py_ssize_t ldx, const float *P,
-                         Py_ssize_t w, int acc, float *C, Py_ssize_t ldc) noexcept nogil
+                         Py_ssize_t w, const fbw_epi *e, float *C, Py_ssize_t ldc) noexcept nogil
     void fbw_product_f64(Py_ssize_t B, Py_ssize_t K, const double *X, Py_ssize_t ldx,
-                         const double *P, Py_ssize_t w, int acc, double *C, Py_ssize_t ldc) noexcept nogil
+                         const double *P, Py_ssize_t w, const fbw_epi *e, double *C,
+                         Py_ssize_t ldc) noexcept nogil
 
 
 fbw_init()
@@ -364,6 +372,14 @@ MIN_H_FOR_COLUMN_SPLIT = 512
 #: on 1 thread, 4.2 / 4.5 on 2; T=100, B=128, H=1024: 1.4 / 1.4 and 1.5 / 1.6.
 MIN_H_FOR_PACKED = 512
 MIN_H_FOR_PACKED_ONE_THREAD = 128
+
+#: the packed backward makes dz_{t-1} as its product finishes each block (``FBW_DZ_*``) where a
+#: thread's slice of W_hh takes at most this many bytes; beyond, in a pass of its own as the BLAS
+#: split does. Measured (f32, backward, pass over fused, best of 7): 2 threads at H = 256-800
+#: (slices of 0.13-1.28 MB) 0.83-0.95; H = 896, 960, 1024 (1.6-2 MB) 1.02-1.09; 1 thread 0.99-1.02.
+cdef Py_ssize_t _max_fused_dz_slice = 1310720
+MAX_SLICE_FOR_FUSED_DZ = _max_fused_dz_slice
+cdef int _fused_dz_mode = -1        # tests: 1 always, 0 never, -1 by MAX_SLICE_FOR_FUSED_DZ
 
 #: ``threads=n`` splits the rows between n threads of fastbptt's C team (:mod:`fastbptt.backends.cython.pool`:
 #: a hand-off there costs ~1 µs, against ~20-100 µs on a pool of Python threads)
@@ -651,18 +667,23 @@ cdef extern from *:
 
 
 cdef inline void _cols_product(Py_ssize_t n, Py_ssize_t w, Py_ssize_t H, const floating *X,
-                              const floating *W, const floating *P, bint accumulate,
+                              const floating *W, const floating *P, fbw_epi *e,
                               floating *C) noexcept nogil:
-    """``C[:, :w] = [C +] X·W[:, :w]`` for n rows (row strides H): by BLAS, or with ``P`` (not
-    NULL) by the packed loop of wide.h on those columns of W packed once per call."""
+    """``C[:, :w] = e(X·W[:, :w])`` for n rows (row strides H; ``e`` as in wide.h): with ``P`` (not
+    NULL) by the packed loop of wide.h on those columns of W packed once per call, else by BLAS
+    (``e.kind`` FBW_SET, FBW_ADD or FBW_INIT only)."""
+    cdef Py_ssize_t b
     if P != NULL:
         if floating is float:
-            fbw_product_f32(n, H, X, H, P, w, accumulate, C, H)
+            fbw_product_f32(n, H, X, H, P, w, e, C, H)
         else:
-            fbw_product_f64(n, H, X, H, P, w, accumulate, C, H)
-    else:
-        _gemm(NoTrans, NoTrans, <int> n, <int> w, <int> H, <floating> 1.0, X, <int> H, W, <int> H,
-              <floating> (1.0 if accumulate else 0.0), C, <int> H)
+            fbw_product_f64(n, H, X, H, P, w, e, C, H)
+        return
+    if e.kind == FBW_INIT:
+        for b in range(n):
+            memcpy(C + b * H, <const floating *> e.A + b * e.ld, w * sizeof(floating))
+    _gemm(NoTrans, NoTrans, <int> n, <int> w, <int> H, <floating> 1.0, X, <int> H, W, <int> H,
+          <floating> (0.0 if e.kind == FBW_SET else 1.0), C, <int> H)
 
 
 cdef inline void _cols_pack(Py_ssize_t H, Py_ssize_t w, const floating *W, floating *P,
@@ -685,15 +706,19 @@ cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0,
     cdef Py_ssize_t t, b, n, w = j1 - j0
     cdef long sense = 0
     cdef floating *h
+    cdef fbw_epi e
+    e.kind = FBW_INIT           # h_t = A[t] + h_{t-1}·W_hhT, then activated
+    e.Hh = NULL
+    e.dZ = NULL
+    e.ld = H
     _cols_pack(H, w, W_hhT + j0, P, nr)
     for t in range(T):
         n = _active(bs, t, lo, B)               # the same for every thread: they all stop together
         if n == 0:
             break
         h = Hs + (t + 1) * sH
-        for b in range(n):
-            memcpy(h + b * H + j0, A + t * sA + b * H + j0, w * sizeof(floating))
-        _cols_product(n, w, H, Hs + t * sH, W_hhT + j0, P, True, h + j0)
+        e.A = A + t * sA + j0
+        _cols_product(n, w, H, Hs + t * sH, W_hhT + j0, P, &e, h + j0)
         for b in range(n):
             _activate(w, act, h + b * H + j0)
         fb_barrier_wait(barrier, &sense)        # h_t complete before anyone reads it
@@ -709,13 +734,23 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
     ``P`` as in :func:`_forward_cols`.
 
     Step t writes its columns of dz into buffer t % 2, waits for the others', and reads all
-    of it for its columns of δ_{t-1}; a thread writes a buffer again only two steps later,
-    after a barrier every thread passed once done reading it (the last step of a window
-    has no product, so a window ends with a barrier of its own).
+    of it for its columns of δ_{t-1}; a thread writes a buffer again only after a barrier every
+    thread passed once done reading it (the last step of a window has no product, so a window
+    ends with a barrier of its own). The packed loop makes dz_{t-1} from δ_{t-1} as it finishes
+    each block (into the other buffer, and dZ), where BLAS leaves δ_{t-1} in ``carried`` for the
+    next step's pass.
     """
-    cdef Py_ssize_t w_ = j1 - j0, win, t, b, n, n_carried, end, bp_start, loss_start = 0, k = 0
+    cdef Py_ssize_t w_ = j1 - j0, win, t, b, n, n_carried, n_done, end, bp_start, loss_start = 0, k = 0
     cdef long sense = 0
     cdef floating *dz
+    cdef bint fused = P != NULL and (_fused_dz_mode == 1 or (
+        _fused_dz_mode == -1 and H * w_ * <Py_ssize_t> sizeof(floating) <= _max_fused_dz_slice))
+    cdef fbw_epi e
+    e.kind = FBW_SET
+    e.A = NULL
+    e.Hh = NULL
+    e.dZ = NULL
+    e.ld = H
     _cols_pack(H, w_, W_hh + j0, P, nr)
     for win in range(n_win):
         end = ends[win]
@@ -724,20 +759,30 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
             for b in range(B):
                 memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
         n_carried = 0
+        n_done = 0                                  # rows whose dz_t the last product made
         t = end - 1
         while t >= bp_start:
             n = _active(bs, t, lo, B)
             dz = dz2 + (k % 2) * B * H
             k += 1
-            for b in range(n):
+            for b in range(n_done, n):
                 _dz_step(w_, act, carried + b * H + j0, b < n_carried, G + t * sG + b * H + j0,
                          t >= loss_start, Hs + (t + 1) * sH + b * H + j0, dz + b * H + j0,
                          dZ + t * sZ + b * H + j0)
             n_carried = 0
+            n_done = 0
             if t > bp_start and n > 0:
                 fb_barrier_wait(barrier, &sense)    # dz_t complete
-                _cols_product(n, w_, H, dz, W_hh + j0, P, False, carried + j0)
-                n_carried = n
+                if fused:                           # dz_{t-1} for these n rows, into the other buffer
+                    e.kind = FBW_DZ_TANH if act == 0 else FBW_DZ_RELU
+                    e.A = G + (t - 1) * sG + j0 if t - 1 >= loss_start else NULL
+                    e.Hh = Hs + t * sH + j0
+                    e.dZ = dZ + (t - 1) * sZ + j0
+                    _cols_product(n, w_, H, dz, W_hh + j0, P, &e, dz2 + (k % 2) * B * H + j0)
+                    n_done = n
+                else:
+                    _cols_product(n, w_, H, dz, W_hh + j0, P, &e, carried + j0)
+                    n_carried = n
             t -= 1
         loss_start = end
         fb_barrier_wait(barrier, &sense)    # the window's last products read before the next writes
@@ -1185,6 +1230,17 @@ def _set_tanh_level(int level):
     got = fastbptt_tanh_set_level(level)
     TANH_IMPL = fastbptt_tanh_impl().decode()
     return got
+
+
+def _set_fused_dz(int mode):
+    """Tests only: the packed backward makes dz in its product (1), in a pass (0), or by the size
+    of a thread's slice of W_hh (-1); returns the previous mode. Not thread-safe: call it only
+    when no kernel runs."""
+    global _fused_dz_mode
+    if mode not in (-1, 0, 1):
+        raise ValueError(f"mode: expected -1, 0 or 1, got {mode}")
+    prev, _fused_dz_mode = _fused_dz_mode, mode
+    return prev
 
 
 def _set_wide_level(int level):

@@ -10,6 +10,24 @@
  */
 #include <string.h>
 
+/* What the packed product does with each sum s of its block (C = the output, all arrays of the
+ * same shape; A, Hh, dZ with row stride ld): */
+enum {
+    FBW_SET,        /* C = s */
+    FBW_ADD,        /* C += s */
+    FBW_INIT,       /* C = A + s: a forward step on its input projection A (C then activated) */
+    FBW_DZ_TANH,    /* a backward step: d = s [+ A (the loss's gradient G, or NULL)] times tanh's */
+    FBW_DZ_RELU     /* or relu's derivative from Hh (the step's h); C = d, and dZ = d with A, else
+                       dZ += d */
+};
+typedef struct {
+    int kind;
+    const void *A;
+    const void *Hh;
+    void *dZ;
+    Py_ssize_t ld;
+} fbw_epi;
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define FBW_X86 1
 #else
@@ -129,21 +147,24 @@ FBW_PACK(fbw_pack_f32, float)
 FBW_PACK(fbw_pack_f64, double)
 #undef FBW_PACK
 
-/* C (B, w) = [C +] X (B, K) . W[:, cols], P = those columns packed by fbw_pack_* at this level */
+/* C (B, w) = e(X (B, K) . W[:, cols]) (see fbw_epi), P = those columns packed by fbw_pack_* at
+ * this level */
 static void fbw_product_f32(Py_ssize_t B, Py_ssize_t K, const float *X, Py_ssize_t ldx,
-                            const float *P, Py_ssize_t w, int acc, float *C, Py_ssize_t ldc) {
+                            const float *P, Py_ssize_t w, const fbw_epi *e, float *C,
+                            Py_ssize_t ldc) {
 #if FBW_X86
-    if (fbw_level == 2) { fbw_product__f32_avx512(B, K, X, ldx, P, w, acc, C, ldc); return; }
-    if (fbw_level == 1) { fbw_product__f32_avx2(B, K, X, ldx, P, w, acc, C, ldc); return; }
+    if (fbw_level == 2) { fbw_product__f32_avx512(B, K, X, ldx, P, w, e, C, ldc); return; }
+    if (fbw_level == 1) { fbw_product__f32_avx2(B, K, X, ldx, P, w, e, C, ldc); return; }
 #endif
-    fbw_product__f32_c(B, K, X, ldx, P, w, acc, C, ldc);
+    fbw_product__f32_c(B, K, X, ldx, P, w, e, C, ldc);
 }
 
 static void fbw_product_f64(Py_ssize_t B, Py_ssize_t K, const double *X, Py_ssize_t ldx,
-                            const double *P, Py_ssize_t w, int acc, double *C, Py_ssize_t ldc) {
+                            const double *P, Py_ssize_t w, const fbw_epi *e, double *C,
+                            Py_ssize_t ldc) {
 #if FBW_X86
-    if (fbw_level == 2) { fbw_product__f64_avx512(B, K, X, ldx, P, w, acc, C, ldc); return; }
-    if (fbw_level == 1) { fbw_product__f64_avx2(B, K, X, ldx, P, w, acc, C, ldc); return; }
+    if (fbw_level == 2) { fbw_product__f64_avx512(B, K, X, ldx, P, w, e, C, ldc); return; }
+    if (fbw_level == 1) { fbw_product__f64_avx2(B, K, X, ldx, P, w, e, C, ldc); return; }
 #endif
-    fbw_product__f64_c(B, K, X, ldx, P, w, acc, C, ldc);
+    fbw_product__f64_c(B, K, X, ldx, P, w, e, C, ldc);
 }
