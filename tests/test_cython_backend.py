@@ -164,7 +164,7 @@ def test_custom_windows_each_path_and_split(dtype, fused_dz):
         ends, bp_starts = np.array(ends, dtype=np.int64), np.array(bp_starts, dtype=np.int64)
         Hs, ref = reference_kernels(A, W_hh, h0, G, R.ACT_TANH, ends, bp_starts)
         for path in (0, (1, 0)) + (((1, 2),) if _MV_START == 2 else ()) + tuple(p.values[0] for p in SIMD_PATHS):
-            for threads, split in ((1, 0), (2, 0), (2, 1), (1, 2), (2, 2)):
+            for threads, split in ((1, 0), (2, 0), (2, 1), (1, 2), (2, 2), (2, 3)):
                 got = np.full_like(G, np.nan)
                 K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, got,
                                       _path=_use_path(path), threads=threads, _split=split)
@@ -411,8 +411,9 @@ PACKED_SHAPES = dict(SHAPES, H33B13=(4, 13, 33), H40B25=(3, 25, 40), H520B3=(5, 
 @pytest.mark.parametrize("shape", list(PACKED_SHAPES.values()), ids=list(PACKED_SHAPES))
 @pytest.mark.parametrize("truncation", [None, 1, 3, (2, 5)], ids=["full", "k1", "k3", "k1k2_2_5"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packed_split_each_loop_matches_reference(wide_level, fused_dz, dtype, truncation, shape):
-    """``_split=2`` on 1-3 threads, whole batch and parts of it (``rows``), both activations."""
+@pytest.mark.parametrize("split", [2, 3], ids=["columns", "rows"])
+def test_packed_split_each_loop_matches_reference(wide_level, fused_dz, split, dtype, truncation, shape):
+    """``_split=2`` (3) on 1-3 threads, whole batch and parts of it (``rows``), both activations."""
     T, B, H = shape
     A, W_hh, h0, G = kernel_problem(T, B, H, dtype, seed=T * 1000 + B * 100 + H)
     ends, bp_starts = windows(T, truncation)
@@ -428,25 +429,25 @@ def test_packed_split_each_loop_matches_reference(wide_level, fused_dz, dtype, t
                 Hs[0] = h0
                 dZ = np.full_like(G, np.nan)
                 for rows in parts:
-                    K.forward_recurrence(A, W_hhT, Hs, act, rows=rows, threads=threads, _split=2)
+                    K.forward_recurrence(A, W_hhT, Hs, act, rows=rows, threads=threads, _split=split)
                     K.backward_accumulate(G, Hs_ref, W_hh, ends, bp_starts, act, dZ, rows=rows,
-                                          threads=threads, _split=2)
+                                          threads=threads, _split=split)
                 where = f"act {act}, threads {threads}, rows {parts}"
                 assert rel_err(Hs, Hs_ref) <= RTOL[dtype], where
                 assert rel_err(dZ, dZ_ref) <= RTOL[dtype], where
 
 
 def test_packed_split_same_bits_on_any_thread_count(wide_level, fused_dz):
-    """Each column is summed in the same order whatever thread owns its panel."""
+    """Each column is summed in the same order whatever thread owns its panel or its row."""
     A, W_hh, h0, G = kernel_problem(7, 9, 75, np.float32, seed=4)
     ends, bp_starts = windows(7, (2, 5))
     out = []
-    for threads in (1, 2, 3):
+    for threads, split in ((1, 2), (2, 2), (3, 2), (2, 3), (3, 3)):
         Hs = np.empty((8, 9, 75), np.float32)
         Hs[0] = h0
-        K.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, R.ACT_TANH, threads=threads, _split=2)
+        K.forward_recurrence(A, np.ascontiguousarray(W_hh.T), Hs, R.ACT_TANH, threads=threads, _split=split)
         dZ = np.empty_like(G)
-        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ, threads=threads, _split=2)
+        K.backward_accumulate(G, Hs, W_hh, ends, bp_starts, R.ACT_TANH, dZ, threads=threads, _split=split)
         out.append((Hs, dZ))
     for Hs, dZ in out[1:]:
         assert np.array_equal(Hs, out[0][0]) and np.array_equal(dZ, out[0][1])

@@ -583,7 +583,8 @@ def _kernel_calls(name):
         calls += [("small loop", {"_path": 1}), ("BLAS", {"_path": 0}), ("SIMD kernels", {"_path": 2}),
                   ("2 threads, rows", {"threads": 2, "_split": 0}),
                   ("2 threads, columns", {"threads": 2, "_split": 1}),
-                  ("packed columns", {"_split": 2}), ("2 threads, packed columns", {"threads": 2, "_split": 2})]
+                  ("packed columns", {"_split": 2}), ("2 threads, packed columns", {"threads": 2, "_split": 2}),
+                  ("2 threads, packed rows", {"threads": 2, "_split": 3})]
     return calls
 
 

@@ -193,15 +193,22 @@ def test_cython_split_rule_and_bad_split():
             assert K._split_mode(2, 20, 800, -1) == 2 and K._split_mode(2, 3, 512, -1) == 2
             assert K._split_mode(1, 128, 1024, -1) == 2 and K._split_mode(1, 8, 128, -1) == 2
             assert K._split_mode(1, 7, 256, -1) == 0 and K._split_mode(2, 16, 256, -1) == 0
-            assert K._split_mode(2, 64, 256, -1) == 2 and K._split_mode(2, 64, 256, -1, True) == 0   # medium
+            assert K._split_mode(2, 64, 256, -1) == 3 and K._split_mode(2, 64, 256, -1, True) == 0   # medium
             assert K._split_mode(2, 128, 1024, -1, True) == 1 and K._split_mode(2, 16, 1024, -1, True) == 2
-            assert K._split_cols(2, 128, 1024, -1) and not K._split_cols(2, 16, 256, -1)
+            # packed by rows: 8 rows a thread with W_hh up to 1 MiB, 32 up to 4 MiB
+            assert K._split_mode(2, 20, 512, -1) == 3 and K._split_mode(2, 16, 512, -1) == 3
+            assert K._split_mode(2, 64, 800, -1) == 3 and K._split_mode(2, 62, 800, -1) == 2
+            assert K._split_mode(2, 128, 1024, -1) == 3 and K._split_mode(2, 32, 1024, -1) == 2
+            assert K._split_mode(3, 23, 512, -1) == 2 and K._split_mode(1, 64, 256, -1) == 2
+            assert K._split_cols(2, 20, 800, -1) and not K._split_cols(2, 64, 256, -1)
+            assert not K._split_cols(2, 16, 256, -1)
     finally:
         K._set_wide_level(start)
     assert K._split_mode(2, 128, 1024, 1) == 1 and K._split_mode(1, 1, 4, 2) == 2        # forced
+    assert K._split_mode(1, 1, 4, 3) == 3
     A, W, Hs = np.zeros((2, 3, 4)), np.zeros((4, 4)), np.zeros((3, 3, 4))
-    with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\), 1 \(columns\) or 2 "
-                                         r"\(packed columns\), got 7"):
+    with pytest.raises(ValueError, match=r"_split: expected -1 \(auto\), 0 \(rows\), 1 \(columns\), 2 "
+                                         r"\(packed columns\) or 3 \(packed rows\), got 7"):
         K.forward_recurrence(A, W, Hs, 0, threads=2, _split=7)
 
 

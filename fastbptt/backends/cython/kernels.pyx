@@ -373,6 +373,15 @@ MIN_H_FOR_COLUMN_SPLIT = 512
 MIN_H_FOR_PACKED = 512
 MIN_H_FOR_PACKED_ONE_THREAD = 128
 
+#: where "auto" packs on several threads, it splits the rows instead of the columns (each thread
+#: with a copy of all of W_hh, no barrier a step) with 8 rows a thread or more while W_hh takes at
+#: most ``MAX_W_FOR_PACKED_ROWS`` bytes, or 32 rows a thread up to 4 times that. Measured on 2
+#: threads, T=100-300, rows over columns, forward / backward: f32 B=64, H=256: 0.65 / 0.75;
+#: B=32, H=384: 0.77 / 0.80; B=64, H=512: 0.83 / 0.84; B=20, H=512: 0.82 / 0.89; B=64, H=800:
+#: 0.93 / 0.93; B=128, H=1024: 0.98 / 0.95; but B=20, H=800: 1.07 / 1.05 and B=32, H=1024:
+#: 1.08 / 1.11. f64 B=64, H=256: 0.78 / 0.72; B=128, H=512: 0.99 / 0.93; B=20, H=512: 1.02 / 1.10.
+MAX_W_FOR_PACKED_ROWS = 1 << 20
+
 #: the packed backward makes dz_{t-1} as its product finishes each block (``FBW_DZ_*``) where a
 #: thread's slice of W_hh takes at most this many bytes; beyond, in a pass of its own as the BLAS
 #: split does. Measured (f32, backward, pass over fused, best of 7): 2 threads at H = 256-800
@@ -702,7 +711,8 @@ cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0,
                         Py_ssize_t sH, int act, fb_barrier *barrier, const int64_t *bs,
                         Py_ssize_t lo, floating *P, Py_ssize_t nr) noexcept nogil:
     """Columns [j0, j1) of every step of :func:`_forward` (rows of A and Hs: H apart); with ``P``
-    (not NULL) the product is the packed loop's (see ``_cols_product``)."""
+    (not NULL) the product is the packed loop's (see ``_cols_product``). ``barrier`` NULL: the
+    only part on these rows (every column)."""
     cdef Py_ssize_t t, b, n, w = j1 - j0
     cdef long sense = 0
     cdef floating *h
@@ -721,7 +731,8 @@ cdef void _forward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0,
         _cols_product(n, w, H, Hs + t * sH, W_hhT + j0, P, &e, h + j0)
         for b in range(n):
             _activate(w, act, h + b * H + j0)
-        fb_barrier_wait(barrier, &sense)        # h_t complete before anyone reads it
+        if barrier != NULL:
+            fb_barrier_wait(barrier, &sense)    # h_t complete before anyone reads it
 
 
 cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1,
@@ -772,7 +783,8 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
             n_carried = 0
             n_done = 0
             if t > bp_start and n > 0:
-                fb_barrier_wait(barrier, &sense)    # dz_t complete
+                if barrier != NULL:
+                    fb_barrier_wait(barrier, &sense)    # dz_t complete
                 if fused:                           # dz_{t-1} for these n rows, into the other buffer
                     e.kind = FBW_DZ_TANH if act == 0 else FBW_DZ_RELU
                     e.A = G + (t - 1) * sG + j0 if t - 1 >= loss_start else NULL
@@ -785,7 +797,8 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
                     n_carried = n
             t -= 1
         loss_start = end
-        fb_barrier_wait(barrier, &sense)    # the window's last products read before the next writes
+        if barrier != NULL:                 # the window's last products read before the next writes
+            fb_barrier_wait(barrier, &sense)
     for t in range(loss_start, T):                  # after the last window (none by contract)
         for b in range(B):
             memset(dZ + t * sZ + b * H + j0, 0, w_ * sizeof(floating))
@@ -847,8 +860,9 @@ cdef struct _Job:
     const int64_t *bp_starts
     const int64_t *bs
     const int64_t *bounds       # the parts' first rows (n + 1, absolute), or NULL: equal row counts
-    void *P                     # cols only: W's columns packed in panels of nr (wide.h), or NULL: BLAS
-    Py_ssize_t nr
+    void *P                     # W's columns packed in panels of nr (wide.h), or NULL: BLAS
+    Py_ssize_t nr               # > 0: packed (by columns, or with cols False by rows: a copy a part)
+    Py_ssize_t n                # parts
 
 
 cdef inline Py_ssize_t _col_part(_Job *j, Py_ssize_t p, Py_ssize_t n, Py_ssize_t *j1) noexcept nogil:
@@ -869,6 +883,14 @@ cdef inline void *_col_panels(_Job *j, Py_ssize_t j0) noexcept nogil:
     if j.is_double:
         return <double *> j.P + j0 * j.H
     return <float *> j.P + j0 * j.H
+
+
+cdef inline void *_part_panels(_Job *j, Py_ssize_t p) noexcept nogil:
+    """Part p's own copy of the packed W (a packed row split)."""
+    cdef Py_ssize_t size = (j.H + j.nr - 1) // j.nr * j.nr * j.H
+    if j.is_double:
+        return <double *> j.P + p * size
+    return <float *> j.P + p * size
 
 
 cdef int _simd_forward_part(_Job *j, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
@@ -914,6 +936,16 @@ cdef void _forward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
     else:
         lo = j.b0 + part_start(p, n, j.rows)
         hi = j.b0 + part_start(p + 1, n, j.rows)
+    if j.nr:                    # packed by rows: every column of these rows, with its own copy of W
+        if j.is_double:
+            _forward_cols(j.T, hi - lo, j.H, 0, j.H, <const double *> j.A + lo * j.H, j.stride,
+                          <const double *> j.W, <double *> j.Hs + lo * j.H, j.stride, j.act, NULL,
+                          j.bs, lo, <double *> _part_panels(j, p), j.nr)
+        else:
+            _forward_cols(j.T, hi - lo, j.H, 0, j.H, <const float *> j.A + lo * j.H, j.stride,
+                          <const float *> j.W, <float *> j.Hs + lo * j.H, j.stride, j.act, NULL,
+                          j.bs, lo, <float *> _part_panels(j, p), j.nr)
+        return
     if j.simd and _simd_forward_part(j, lo, hi) == 0:
         return
     if j.is_double:
@@ -950,6 +982,20 @@ cdef void _backward_part(void *arg, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
         r0 = part_start(p, n, j.rows)
         r1 = part_start(p + 1, n, j.rows)
     lo = j.b0 + r0
+    if j.nr:                    # packed by rows; its two dz buffers: rows 2·r0 .. 2·r1 of dz
+        if j.is_double:
+            _backward_cols(j.T, r1 - r0, j.H, 0, j.H, <const double *> j.G + lo * j.H, j.stride,
+                           <const double *> j.Hs + lo * j.H, j.stride, <const double *> j.W,
+                           j.n_win, j.ends, j.bp_starts, j.act, <double *> j.dZ + lo * j.H,
+                           j.stride, <double *> j.carried + r0 * j.H, <double *> j.dz + 2 * r0 * j.H,
+                           NULL, j.bs, lo, <double *> _part_panels(j, p), j.nr)
+        else:
+            _backward_cols(j.T, r1 - r0, j.H, 0, j.H, <const float *> j.G + lo * j.H, j.stride,
+                           <const float *> j.Hs + lo * j.H, j.stride, <const float *> j.W,
+                           j.n_win, j.ends, j.bp_starts, j.act, <float *> j.dZ + lo * j.H,
+                           j.stride, <float *> j.carried + r0 * j.H, <float *> j.dz + 2 * r0 * j.H,
+                           NULL, j.bs, lo, <float *> _part_panels(j, p), j.nr)
+        return
     if j.simd and _simd_backward_part(j, lo, lo + r1 - r0) == 0:
         return
     if j.is_double:
@@ -972,13 +1018,14 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
     if threads < 1:
         raise ValueError(f"threads: expected an int >= 1, got {threads}")
     cdef int mode = _split_mode(threads, b1 - b0, H, split, is_double)
-    job.cols = mode != 0
-    job.nr = fbw_panel(is_double) if mode == 2 else 0
+    job.cols = mode == 1 or mode == 2
+    job.nr = fbw_panel(is_double) if mode >= 2 else 0
     job.P = NULL                # set by _attach_panels
     if mode == 2:
         n = min(threads, (H + job.nr - 1) // job.nr)
     else:
         n = min(threads, H) if job.cols else _n_parts(threads, b1 - b0)
+    job.n = n
     barrier.count = 0
     barrier.sense = 0
     barrier.n = n
@@ -992,20 +1039,22 @@ cdef Py_ssize_t _setup_job(_Job *job, fb_barrier *barrier, Py_ssize_t T, Py_ssiz
     job.small = _pick((b1 - b0 + n - 1) // n, H, path)
     if path == 2 and not _simd_on:
         raise ValueError("_path=2: the small-batch SIMD kernels are off (FASTBPTT_SIMD=off)")
-    job.simd = not job.cols and (path == 2 or (path == -1 and _simd_on
+    job.simd = mode == 0 and (path == 2 or (path == -1 and _simd_on
                                                and _use_simd((b1 - b0 + n - 1) // n, H, is_double)))
     job.is_double = is_double
     return n
 
 
 cdef object _attach_panels(_Job *job):
-    """For a packed job (``job.nr`` > 0): a buffer for W's columns in panels, 64-byte aligned, that
-    ``job.P`` points into (the caller keeps it alive); None otherwise. Each thread fills its own."""
+    """For a packed job (``job.nr`` > 0): a buffer for W's columns in panels (a copy for each part
+    of a row split), 64-byte aligned, that ``job.P`` points into (the caller keeps it alive); None
+    otherwise. Each thread fills its own."""
     if job.nr == 0:
         return None
     cdef Py_ssize_t itemsize = 8 if job.is_double else 4
     cdef Py_ssize_t panels = (job.H + job.nr - 1) // job.nr
-    buf = np.empty(panels * job.nr * job.H * itemsize + 64, dtype=np.uint8)
+    cdef Py_ssize_t copies = 1 if job.cols else job.n
+    buf = np.empty(copies * panels * job.nr * job.H * itemsize + 64, dtype=np.uint8)
     cdef unsigned char[::1] view = buf
     cdef intptr_t addr = <intptr_t> &view[0]
     job.P = <void *> (addr + ((-addr) & 63))
@@ -1014,13 +1063,18 @@ cdef object _attach_panels(_Job *job):
 
 def _split_mode(int threads, Py_ssize_t rows, Py_ssize_t H, int split, bint is_double=False):
     """How a call on ``threads`` threads splits each step: 0 by rows, 1 by columns (BLAS per step),
-    2 by columns packed once per call (wide.h; also on one thread: one part)."""
-    if split not in (-1, 0, 1, 2):
-        raise ValueError(f"_split: expected -1 (auto), 0 (rows), 1 (columns) or 2 (packed columns), "
-                         f"got {split}")
-    if split == 2:
-        return 2
+    2 by columns packed once per call (wide.h; also on one thread: one part), 3 by rows, each part
+    on the packed loop with a copy of all of W."""
+    if split not in (-1, 0, 1, 2, 3):
+        raise ValueError(f"_split: expected -1 (auto), 0 (rows), 1 (columns), 2 (packed columns) or "
+                         f"3 (packed rows), got {split}")
+    if split >= 2:
+        return split
     if split == -1 and _use_packed(threads, rows, H, is_double):
+        w_bytes = H * H * (8 if is_double else 4)
+        if threads > 1 and (rows >= 8 * threads and w_bytes <= MAX_W_FOR_PACKED_ROWS
+                            or rows >= 32 * threads and w_bytes <= 4 * MAX_W_FOR_PACKED_ROWS):
+            return 3
         return 2
     if threads < 2:
         return 0
@@ -1042,7 +1096,7 @@ def _use_packed(int threads, Py_ssize_t rows, Py_ssize_t H, bint is_double=False
 
 def _split_cols(int threads, Py_ssize_t rows, Py_ssize_t H, int split):
     """Whether a call on ``threads`` threads splits the columns of every step (else the rows)."""
-    return _split_mode(threads, rows, H, split) != 0
+    return _split_mode(threads, rows, H, split) in (1, 2)
 
 
 def _n_parts(int threads, Py_ssize_t rows):
@@ -1088,7 +1142,8 @@ def forward_recurrence(const floating[:, :, ::1] A, const floating[:, ::1] W_hhT
     _split : int, optional
         -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
         rows, 1 the columns of every step; 2 the columns, packed once per call
-        for the loop of wide.h, on any thread count (tests).
+        for the loop of wide.h, 3 the rows, each part on that loop with its own
+        copy of W, on any thread count (tests).
     """
     cdef Py_ssize_t T = A.shape[0], B = A.shape[1], H = A.shape[2]
     _check_act(act)
@@ -1150,7 +1205,8 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     _split : int, optional
         -1 chooses per shape (``_split_mode``); with ``threads`` > 1, 0 splits the
         rows, 1 the columns of every step; 2 the columns, packed once per call
-        for the loop of wide.h, on any thread count (tests).
+        for the loop of wide.h, 3 the rows, each part on that loop with its own
+        copy of W, on any thread count (tests).
     """
     cdef Py_ssize_t T = G.shape[0], B = G.shape[1], H = G.shape[2]
     cdef Py_ssize_t n_win = ends.shape[0]
@@ -1177,7 +1233,7 @@ def backward_accumulate(const floating[:, :, ::1] G, const floating[:, :, ::1] H
     job.bounds = &bounds[0] if bounds is not None else NULL
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] carried = np.empty((b1 - b0, H), dtype=dtype)   # row r: batch row b0 + r
-    cdef floating[:, ::1] dz = np.empty(((2 if job.cols else 1) * (b1 - b0), H), dtype=dtype)
+    cdef floating[:, ::1] dz = np.empty(((2 if job.cols or job.nr else 1) * (b1 - b0), H), dtype=dtype)
     panels = _attach_panels(&job)
     job.G = &G[0, 0, 0]
     job.Hs = <void *> &Hs[0, 0, 0]
