@@ -11,7 +11,9 @@ dominates, to a hand-written loop (``_small_matmul``); see ``_use_small``
 for the rule and the measurements behind it. At large H a call splits each step's
 columns between threads; from ``MIN_H_FOR_PACKED`` each thread packs its columns
 of W once per call and multiplies them with its own loop (wide.h), instead of a
-BLAS call that re-packs them every step. At B <= 4 (per thread) whole
+BLAS call that re-packs them every step; with enough rows a thread and a small
+enough W (``MAX_W_FOR_PACKED_ROWS``) each thread packs all of W and runs its own
+rows instead, with no barrier a step. At B <= 4 (per thread) whole
 calls go instead, where they measured faster (``_use_simd``), to the
 register-blocked SIMD loops of ``simd_step.h`` (AVX-512, AVX2 or portable,
 ``SIMD_IMPL``; ``FASTBPTT_SIMD`` forces a level or turns them off). tanh is glibc's: its vector
