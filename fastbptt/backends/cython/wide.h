@@ -1,7 +1,8 @@
 /* The packed column split of the Cython kernels (kernels.pyx, ``_split_mode``): each thread of
  * the team owns some output columns of the per-step product for the whole call, packs its
  * slice of W once into panels its register-blocked loop reads in order, and keeps it in its
- * own cache across steps -- where a BLAS call per step re-packs the operand every time.
+ * own cache across steps -- where a BLAS call per step re-packs the operand every time. (In the
+ * packed row split each thread packs all of W and owns some batch rows instead.)
  *
  * Three paths, chosen at run time by CPU features (fbw_level, set once; tests force one):
  * 2 = AVX-512 (panels of 32 f32 / 16 f64 columns, blocks of up to 12 batch rows),
