@@ -37,6 +37,17 @@ FBW_FN(fbw_put_)(const fbw_epi *e, FBW_T s, FBW_T *c, Py_ssize_t i)
     }
 }
 
+/* e with its arrays moved on by off elements */
+FBW_ATTR FBW_INLINE fbw_epi
+FBW_FN(fbw_epi_at_)(const fbw_epi *e, Py_ssize_t off)
+{
+    fbw_epi o = *e;
+    if (o.A) o.A = (const FBW_T *)o.A + off;
+    if (o.Hh) o.Hh = (const FBW_T *)o.Hh + off;
+    if (o.dZ) o.dZ = (FBW_T *)o.dZ + off;
+    return o;
+}
+
 FBW_ATTR FBW_INLINE void
 FBW_FN(fbw_fetch_)(const FBW_T *p, int n, int write)
 {
@@ -123,12 +134,9 @@ FBW_FN(fbw_block_)(const int MR, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) {
         FBW_T out[FBW_NR];
-        fbw_epi er = *e;
+        fbw_epi er = FBW_FN(fbw_epi_at_)(e, r * ld);
         memcpy(out, &a0[r], sizeof(FBW_V));
         memcpy(out + FBW_L, &a1[r], sizeof(FBW_V));
-        if (A) er.A = A + r * ld;
-        if (Hh) er.Hh = Hh + r * ld;
-        if (dZ) er.dZ = dZ + r * ld;
         for (int j = 0; j < nv; j++) FBW_FN(fbw_put_)(&er, out[j], C + r * ldc, j);
     }
 #else
@@ -142,15 +150,8 @@ FBW_FN(fbw_block_)(const int MR, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
             for (int j = 0; j < FBW_NR; j++) a[r][j] += x * w[j];
         }
     }
-    Py_ssize_t ld = e->ld;
-    const FBW_T *A = (const FBW_T *)e->A;
-    const FBW_T *Hh = (const FBW_T *)e->Hh;
-    FBW_T *dZ = (FBW_T *)e->dZ;
     for (int r = 0; r < MR; r++) {
-        fbw_epi er = *e;
-        if (A) er.A = A + r * ld;
-        if (Hh) er.Hh = Hh + r * ld;
-        if (dZ) er.dZ = dZ + r * ld;
+        fbw_epi er = FBW_FN(fbw_epi_at_)(e, r * e->ld);
         for (int j = 0; j < nv; j++) FBW_FN(fbw_put_)(&er, a[r][j], C + r * ldc, j);
     }
 #endif
@@ -163,13 +164,14 @@ FBW_FN(fbw_block_)(const int MR, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
     FBW_CAT(FBW_FN(fbw_block_), m)(Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx, const FBW_T *P,    \
                                    const fbw_epi *e, FBW_T *C, Py_ssize_t ldc, int nv)             \
     { FBW_FN(fbw_block_)(m, K, X, ldx, P, e, C, ldc, nv); }
-FBW_BLOCK(1) FBW_BLOCK(2) FBW_BLOCK(3) FBW_BLOCK(4)
-#if FBW_MRMAX > 4
-FBW_BLOCK(5) FBW_BLOCK(6)
+#if FBW_MRMAX > 6              /* the block heights of this loop */
+#define FBW_HEIGHTS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)
+#elif FBW_MRMAX > 4
+#define FBW_HEIGHTS(X) X(1) X(2) X(3) X(4) X(5) X(6)
+#else
+#define FBW_HEIGHTS(X) X(1) X(2) X(3) X(4)
 #endif
-#if FBW_MRMAX > 6
-FBW_BLOCK(7) FBW_BLOCK(8) FBW_BLOCK(9) FBW_BLOCK(10) FBW_BLOCK(11) FBW_BLOCK(12)
-#endif
+FBW_HEIGHTS(FBW_BLOCK)
 #undef FBW_BLOCK
 
 /* C (B, w) = e(X (B, K) . W[:, j0:j0+w]), W packed by fbw_pack_* into P (panels of NR); the
@@ -188,11 +190,7 @@ FBW_FN(fbw_product_)(Py_ssize_t B, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
             int mr = (int)(B / groups + (g < B % groups ? 1 : 0));
             const FBW_T *x = X + b * ldx;
             FBW_T *c = C + b * ldc + q * FBW_NR;
-            Py_ssize_t off = b * e->ld + q * FBW_NR;
-            fbw_epi eb = *e;
-            if (eb.A) eb.A = (const FBW_T *)eb.A + off;
-            if (eb.Hh) eb.Hh = (const FBW_T *)eb.Hh + off;
-            if (eb.dZ) eb.dZ = (FBW_T *)eb.dZ + off;
+            fbw_epi eb = FBW_FN(fbw_epi_at_)(e, b * e->ld + q * FBW_NR);
             for (int r = 0; r < mr; r++) {  /* the epilogue's rows: fetched while the block runs */
                 if (eb.A) FBW_FN(fbw_fetch_)((const FBW_T *)eb.A + r * eb.ld, nv, 0);
                 if (eb.Hh) FBW_FN(fbw_fetch_)((const FBW_T *)eb.Hh + r * eb.ld, nv, 0);
@@ -200,13 +198,7 @@ FBW_FN(fbw_product_)(Py_ssize_t B, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
             }
             switch (mr) {
 #define FBW_CASE(m) case m: FBW_CAT(FBW_FN(fbw_block_), m)(K, x, ldx, Pq, &eb, c, ldc, nv); break;
-            FBW_CASE(1) FBW_CASE(2) FBW_CASE(3) FBW_CASE(4)
-#if FBW_MRMAX > 4
-            FBW_CASE(5) FBW_CASE(6)
-#endif
-#if FBW_MRMAX > 6
-            FBW_CASE(7) FBW_CASE(8) FBW_CASE(9) FBW_CASE(10) FBW_CASE(11) FBW_CASE(12)
-#endif
+            FBW_HEIGHTS(FBW_CASE)
 #undef FBW_CASE
             default: break;
             }
@@ -215,6 +207,7 @@ FBW_FN(fbw_product_)(Py_ssize_t B, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
     }
 }
 
+#undef FBW_HEIGHTS
 #undef FBW_V
 #undef FBW_NR
 #undef FBW_FN
