@@ -335,7 +335,7 @@ cdef extern from "wide.h":
                       float *P) noexcept nogil
     void fbw_pack_f64(Py_ssize_t K, const double *W, Py_ssize_t ld, Py_ssize_t w, Py_ssize_t nr,
                       double *P) noexcept nogil
-    enum: FBW_SET, FBW_ADD, FBW_INIT, FBW_DZ_TANH, FBW_DZ_RELU
+    enum: FBW_SET, FBW_INIT, FBW_DZ_TANH, FBW_DZ_RELU
     ctypedef struct fbw_epi:
         int kind
         const void *A
@@ -682,7 +682,7 @@ cdef inline void _cols_product(Py_ssize_t n, Py_ssize_t w, Py_ssize_t H, const f
                               floating *C) noexcept nogil:
     """``C[:, :w] = e(X·W[:, :w])`` for n rows (row strides H; ``e`` as in wide.h): with ``P`` (not
     NULL) by the packed loop of wide.h on those columns of W packed once per call, else by BLAS
-    (``e.kind`` FBW_SET, FBW_ADD or FBW_INIT only)."""
+    (``e.kind`` FBW_SET or FBW_INIT only)."""
     cdef Py_ssize_t b
     if P != NULL:
         if floating is float:
@@ -759,7 +759,7 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
     cdef bint fused = P != NULL and (_fused_dz_mode == 1 or (
         _fused_dz_mode == -1 and H * w_ * <Py_ssize_t> sizeof(floating) <= _max_fused_dz_slice))
     cdef fbw_epi e
-    e.kind = FBW_SET
+    e.kind = (FBW_DZ_TANH if act == 0 else FBW_DZ_RELU) if fused else FBW_SET
     e.A = NULL
     e.Hh = NULL
     e.dZ = NULL
@@ -788,7 +788,6 @@ cdef void _backward_cols(Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t j0
                 if barrier != NULL:
                     fb_barrier_wait(barrier, &sense)    # dz_t complete
                 if fused:                           # dz_{t-1} for these n rows, into the other buffer
-                    e.kind = FBW_DZ_TANH if act == 0 else FBW_DZ_RELU
                     e.A = G + (t - 1) * sG + j0 if t - 1 >= loss_start else NULL
                     e.Hh = Hs + t * sH + j0
                     e.dZ = dZ + (t - 1) * sZ + j0

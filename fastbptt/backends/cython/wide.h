@@ -15,7 +15,6 @@
  * same shape; A, Hh, dZ with row stride ld): */
 enum {
     FBW_SET,        /* C = s */
-    FBW_ADD,        /* C += s */
     FBW_INIT,       /* C = A + s: a forward step on its input projection A (C then activated) */
     FBW_DZ_TANH,    /* a backward step: d = s [+ A (the loss's gradient G, or NULL)] times tanh's */
     FBW_DZ_RELU     /* or relu's derivative from Hh (the step's h); C = d, and dZ = d with A, else

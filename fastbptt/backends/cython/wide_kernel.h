@@ -24,7 +24,6 @@ FBW_FN(fbw_put_)(const fbw_epi *e, FBW_T s, FBW_T *c, Py_ssize_t i)
     const FBW_T *a = (const FBW_T *)e->A;
     switch (e->kind) {
     case FBW_SET: c[i] = s; break;
-    case FBW_ADD: c[i] += s; break;
     case FBW_INIT: c[i] = a[i] + s; break;
     default: {
         FBW_T hv = ((const FBW_T *)e->Hh)[i], d = a ? s + a[i] : s;
@@ -118,11 +117,10 @@ FBW_FN(fbw_block_)(const int MR, Py_ssize_t K, const FBW_T *X, Py_ssize_t ldx,
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
             FBW_T *c = C + r * ldc;
-            const FBW_T *src = kind == FBW_INIT ? A + r * ld : kind == FBW_ADD ? c : NULL;
-            if (src) {
+            if (kind == FBW_INIT) {
                 FBW_V s0, s1;
-                memcpy(&s0, src, sizeof(FBW_V));
-                memcpy(&s1, src + FBW_L, sizeof(FBW_V));
+                memcpy(&s0, A + r * ld, sizeof(FBW_V));
+                memcpy(&s1, A + r * ld + FBW_L, sizeof(FBW_V));
                 a0[r] += s0;
                 a1[r] += s1;
             }
