@@ -77,8 +77,10 @@ def test_adding_task_defaults_learn_and_print_the_mean_predictor_baseline(tmp_pa
 
 
 def test_epoch_lines_come_as_epochs_end_and_an_interrupt_saves_the_work(tmp_path):
+    # (epochs enough that it still trains when the interrupt comes: 500 took ~17 s, and once a
+    # starved reader saw epoch 2 only after the last, so the signal met a run that had ended)
     proc = subprocess.Popen([sys.executable, "-m", "fastbptt", "train", "--task", "sine", "--n", "4000",
-                             "--epochs", "500", "--hidden", "32", "--out", "m.npz", "--progress", "off"],
+                             "--epochs", "100000", "--hidden", "32", "--out", "m.npz", "--progress", "off"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = []
