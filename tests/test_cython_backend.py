@@ -230,6 +230,39 @@ def test_gemm_bad_shapes():
         CB.gemm(False, False, 1.0, A, np.ones((4, 2)), 0.0, np.zeros((2, 3)))
 
 
+# the weight gradients' own Aᵀ·B kernel (tn_kernel.h): each tile height (12, 8, 4, 2, 1 rows) and
+# column tail (none, one vector and a part, a part of one), both orientations ((M, N) = (300, 33)
+# runs as (33, 300)), K across the 128-step chunks
+TN_SHAPES = [(1, 1, 1), (5, 12, 32), (129, 13, 33), (300, 128, 33), (257, 33, 128), (130, 25, 47),
+             (128, 8, 16), (700, 3, 70), (40, 31, 9)]
+_TN_HERE = pytest.mark.skipif(not CB.tn_available(), reason="this CPU lacks AVX-512F")
+
+
+@_TN_HERE
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5])
+@pytest.mark.parametrize("K,M,N", TN_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tn_kernel_vs_numpy(dtype, K, M, N, beta):
+    rng = np.random.default_rng(K * 7 + M * 3 + N)
+    A, B = rng.normal(size=(K, M)).astype(dtype), rng.normal(size=(K, N)).astype(dtype)
+    C0 = rng.normal(size=(M, N)).astype(dtype)
+    C = np.full((M, N), np.nan, dtype) if beta == 0 else C0.copy()      # beta 0 never reads C
+    assert CB._tn_product(A, B, C, beta)
+    want = A.astype(np.float64).T @ B.astype(np.float64) + beta * C0.astype(np.float64) * (beta != 0)
+    assert rel_err(C, want) <= RTOL[dtype]
+
+
+def test_tn_mode_is_checked_and_restored():
+    start = CB._set_tn(1)
+    assert start == -1 or not CB.tn_available()         # by shape unless a test forgot to restore it
+    assert CB._set_tn(0) == (1 if CB.tn_available() else -1)
+    CB._set_tn(start)
+    with pytest.raises(ValueError, match="mode: expected -1, 0 or 1, got 2"):
+        CB._set_tn(2)
+    with pytest.raises(ValueError, match=r"A, B, C: expected \(K, M\), \(K, N\) and \(M, N\)"):
+        CB._tn_product(np.ones((3, 2)), np.ones((4, 2)), np.ones((2, 2)), 0.0)
+
+
 # --- tanh ---------------------------------------------------------------------------------------
 
 def _tanh_levels():

@@ -72,11 +72,20 @@ def test_numba_kernels_split_the_batch_on_the_python_pool(split_everything, monk
     assert resolve_backend("cython").TEAM and not resolve_backend("numba").TEAM and not resolve_backend("numpy").TEAM
 
 
+@pytest.fixture(params=[0, 1], ids=["blas", "tn_kernel"])
+def tn_mode(request):
+    """The C team's Aᵀ·B parts on BLAS, or on the kernel of tn_kernel.h wherever it runs."""
+    from fastbptt.backends.cython import blas as _cython_blas
+    start = _cython_blas._set_tn(request.param)
+    yield request.param
+    _cython_blas._set_tn(start)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("via", ["python-threads", "c-team"])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("m,k,n", [(7, 5, 3), (1, 9, 4), (6, 1, 2), (2, 2, 5)])
-def test_split_gemm(split_everything, trans_a, trans_b, m, k, n, via, dtype):
+def test_split_gemm(split_everything, tn_mode, trans_a, trans_b, m, k, n, via, dtype):
     kernels = resolve_backend("cython") if via == "c-team" else None
     assert via != "c-team" or (kernels.TEAM and fastbptt.engine.blas.pgemm is not None)
     rng = np.random.default_rng(m * 100 + k * 10 + n)

@@ -121,9 +121,57 @@ cdef void _any_gemm(bint ta, bint tb, int64_t m, int64_t n, int64_t k, const flo
     _cgemm(ta, tb, m, n, k, A, lda, B, ldb, 0, C, ldc)
 
 
+cdef extern from "tn_kernel.h":
+    int fb_tn_f32(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
+                  int64_t ldb, float beta, float *C, int64_t ldc) noexcept nogil
+    int fb_tn_f64(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda, const double *B,
+                  int64_t ldb, double beta, double *C, int64_t ldc) noexcept nogil
+    int fb_tn_set_mode(int mode) noexcept nogil
+    int fb_tn_available() noexcept nogil
+
+
+def _set_tn(int mode):
+    """Tests: the weight gradients' own ``Aᵀ·B`` kernel (``tn_kernel.h``) never (0), wherever it runs (1)
+    or by shape (-1, the default); returns the previous mode."""
+    if mode not in (-1, 0, 1):
+        raise ValueError(f"mode: expected -1, 0 or 1, got {mode}")
+    return fb_tn_set_mode(mode)
+
+
+def _tn_product(const floating[:, ::1] A, const floating[:, ::1] B, floating[:, ::1] C, double beta):
+    """Tests: ``C = beta·C + Aᵀ·B`` on the kernel of ``tn_kernel.h`` alone, whatever the mode; returns
+    whether it ran (False: no AVX-512 here, and ``C`` is left alone)."""
+    if A.shape[0] != B.shape[0] or C.shape[0] != A.shape[1] or C.shape[1] != B.shape[1]:
+        raise ValueError(f"A, B, C: expected (K, M), (K, N) and (M, N), got ({A.shape[0]}, {A.shape[1]}), "
+                         f"({B.shape[0]}, {B.shape[1]}) and ({C.shape[0]}, {C.shape[1]})")
+    cdef int old = fb_tn_set_mode(1), status
+    with nogil:
+        if floating is float:
+            status = fb_tn_f32(A.shape[1], B.shape[1], A.shape[0], &A[0, 0], A.shape[1], &B[0, 0], B.shape[1],
+                               <float> beta, &C[0, 0], C.shape[1])
+        else:
+            status = fb_tn_f64(A.shape[1], B.shape[1], A.shape[0], &A[0, 0], A.shape[1], &B[0, 0], B.shape[1],
+                               beta, &C[0, 0], C.shape[1])
+    fb_tn_set_mode(old)
+    return status == 0
+
+
+def tn_available():
+    """Whether the ``Aᵀ·B`` kernel runs on this CPU (x86-64 with AVX-512F, a GCC build)."""
+    return bool(fb_tn_available())
+
+
 cdef void _cgemm(bint ta, bint tb, int64_t m, int64_t n, int64_t k, const floating *A, int64_t lda,
                  const floating *B, int64_t ldb, floating beta, floating *C, int64_t ldc) noexcept nogil:
-    """Row-major ``C = op(A)·op(B) + beta·C`` on NumPy's cblas if set, else through ``_gemm``."""
+    """Row-major ``C = op(A)·op(B) + beta·C`` on NumPy's cblas if set, else through ``_gemm``;
+    ``Aᵀ·B`` on the kernel of ``tn_kernel.h`` where it runs."""
+    if ta and not tb:
+        if floating is float:
+            if fb_tn_f32(m, n, k, A, lda, B, ldb, beta, C, ldc) == 0:
+                return
+        else:
+            if fb_tn_f64(m, n, k, A, lda, B, ldb, beta, C, ldc) == 0:
+                return
     if floating is float:
         if _np_sgemm != NULL:
             _np_sgemm(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS,
