@@ -29,21 +29,15 @@
 
 #if FB_TN_X86
 
-#define FB_TN_DEFINE(SFX, T, V, MASK, L, LOADU, MLOAD, MSTORE, SET1, FMA, MUL, ZERO)                    \
-/* C tile (MR x up to 2L columns, masks m0 m1) over kc steps; start 0: from zero, 1: from C,        \
- * 2: from beta*C */                                                                                 \
+#define FB_TN_DEFINE(SFX, T, V, MASK, L, LOADU, MLOAD, MSTORE, SET1, FMA, MUL, ZERO, ADD)                      \
+/* C tile (MR x up to 2L columns, masks m0 m1) over kc steps; start 0: C = the sums, 1: C += them, \
+ * 2: C = beta*C + them */                                                                                 \
 __attribute__((target("avx512f"), always_inline)) static inline void                                \
 fb_tn_tile_##SFX(const int MR, int64_t kc, const T *A, int64_t lda, const T *B, int64_t ldb, T *C,  \
                  int64_t ldc, MASK m0, MASK m1, int start, T beta) {                                 \
     V c0[FB_TN_MR], c1[FB_TN_MR];                                                                    \
     _Pragma("GCC unroll 16")                                                                         \
-    for (int r = 0; r < MR; r++) {                                                                   \
-        if (start == 0) { c0[r] = ZERO(); c1[r] = ZERO(); }                                          \
-        else {                                                                                       \
-            c0[r] = MLOAD(m0, C + r * ldc); c1[r] = MLOAD(m1, C + r * ldc + L);                      \
-            if (start == 2) { c0[r] = MUL(c0[r], SET1(beta)); c1[r] = MUL(c1[r], SET1(beta)); }      \
-        }                                                                                            \
-    }                                                                                                \
+    for (int r = 0; r < MR; r++) { c0[r] = ZERO(); c1[r] = ZERO(); }                                 \
     for (int64_t k = 0; k < kc; k++) {                                                               \
         V b0 = MLOAD(m0, B + k * ldb), b1 = MLOAD(m1, B + k * ldb + L);                              \
         _Pragma("GCC unroll 16")                                                                     \
@@ -53,8 +47,19 @@ fb_tn_tile_##SFX(const int MR, int64_t kc, const T *A, int64_t lda, const T *B, 
             c1[r] = FMA(a, b1, c1[r]);                                                               \
         }                                                                                            \
     }                                                                                                \
+    /* the chunk's sums added to C's (not summed on from them: one chain of K rounding errors was   \
+     * 10x OpenBLAS's error in float32 at K = 8192) */                                               \
     _Pragma("GCC unroll 16")                                                                         \
-    for (int r = 0; r < MR; r++) { MSTORE(C + r * ldc, m0, c0[r]); MSTORE(C + r * ldc + L, m1, c1[r]); } \
+    for (int r = 0; r < MR; r++) {                                                                   \
+        if (start != 0) {                                                                            \
+            V o0 = MLOAD(m0, C + r * ldc), o1 = MLOAD(m1, C + r * ldc + L);                          \
+            if (start == 2) { o0 = MUL(o0, SET1(beta)); o1 = MUL(o1, SET1(beta)); }                  \
+            c0[r] = ADD(o0, c0[r]);                                                                  \
+            c1[r] = ADD(o1, c1[r]);                                                                  \
+        }                                                                                            \
+        MSTORE(C + r * ldc, m0, c0[r]);                                                              \
+        MSTORE(C + r * ldc + L, m1, c1[r]);                                                          \
+    }                                                                                                \
 }                                                                                                    \
 /* one function per tile height: inlined into one loop, the tiles' row offsets spilled */            \
 FB_TN_HEIGHT(SFX, T, MASK, 12) FB_TN_HEIGHT(SFX, T, MASK, 8) FB_TN_HEIGHT(SFX, T, MASK, 4)          \
@@ -99,9 +104,11 @@ fb_tn_h##MR##_##SFX(int64_t kc, const T *A, int64_t lda, const T *B, int64_t ldb
 }
 
 FB_TN_DEFINE(f32, float, __m512, __mmask16, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps,
-             _mm512_mask_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_setzero_ps)
+             _mm512_mask_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_setzero_ps,
+             _mm512_add_ps)
 FB_TN_DEFINE(f64, double, __m512d, __mmask8, 8, _mm512_loadu_pd, _mm512_maskz_loadu_pd,
-             _mm512_mask_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_mul_pd, _mm512_setzero_pd)
+             _mm512_mask_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_mul_pd, _mm512_setzero_pd,
+             _mm512_add_pd)
 
 static int fb_tn_avx512 = -1;       /* -1: not asked yet */
 static int fb_tn_mode = -1;         /* tests: 0 never, 1 always where it runs, -1 by shape */
