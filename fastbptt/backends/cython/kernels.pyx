@@ -1463,9 +1463,10 @@ cdef Py_ssize_t _loss_rows(int loss, Py_ssize_t n_out, Py_ssize_t O, floating *o
 
 #: the fused call's weight gradients are split over the rows of dZ (partial sums) rather than by
 #: their output rows when dZ has at least this many rows per column: team of 2, small (3200 rows,
-#: H = 64) 0.91x the time, medium (12800, 256) and large (12800, 1024) level, wide (6000, 800) 1.06x
+#: H = 64) 0.91x the time, medium (12800, 256) level, wide (6000, 800) 1.06x; large (12800, 1024)
+#: 0.99x the whole step (each part's OpenBLAS packs its half of Hs once, not all of it)
 cdef enum:
-    _KSPLIT_ROWS = 16
+    _KSPLIT_ROWS = 8
 KSPLIT_ROWS = _KSPLIT_ROWS
 
 #: the head runs its rows in chunks of this many, so that each chunk's states, logits and dOut
