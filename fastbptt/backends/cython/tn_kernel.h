@@ -1,18 +1,20 @@
 /* C = beta*C + A^T.B for row-major A (K x M), B (K x N), C (M x N): the weight gradients' GEMMs,
- * a sum over K = time x batch rows of outer products. OpenBLAS packs both operands first (its
- * copies were ~10 % of a long sequence's step) and reached ~70 % of the FMA peak on these shapes
- * (K in the thousands, M and N in the tens to hundreds); here each row of A and B is read in
+ * a sum over K = time x batch rows of outer products (K in the thousands, M and N in the tens to
+ * hundreds). There OpenBLAS packs both operands first (its copies were ~10 % of a long sequence's
+ * step) and ran at 45-72 % of its own square-GEMM speed. Here each row of A and B is read in
  * place: a tile of C (MR rows x two vectors) stays in registers over a chunk of K, taking one
  * vector of B's row and MR broadcasts of A's row per k.
  *
  * AVX-512F only (picked at run time); fb_tn returns -1 where it does not run (no AVX-512, not x86,
- * out of memory) and the caller then takes BLAS. beta 0 never reads C.
+ * out of memory, a shape left to BLAS) and the caller then takes BLAS. beta 0 never reads C.
  */
 #ifndef FASTBPTT_TN_KERNEL_H
 #define FASTBPTT_TN_KERNEL_H
 
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "cpu_levels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FB_TN_X86 1
@@ -130,7 +132,7 @@ static int fb_tn_##SFX(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda,
 
 #if FB_TN_X86
 #define FB_TN_BODY(SFX, T, L)                                                                        \
-    if (fb_tn_avx512 < 0) { __builtin_cpu_init(); fb_tn_avx512 = __builtin_cpu_supports("avx512f") != 0; } \
+    if (fb_tn_avx512 < 0) fb_tn_avx512 = fb_cpu_has_level(2, 0);                                    \
     if (!fb_tn_avx512 || fb_tn_mode == 0) return -1;                                                \
     if (fb_tn_mode < 0 && !fb_tn_wanted(M, N, K)) return -1;                                        \
     if (fb_tn_fill(M, L) > 1.1 * fb_tn_fill(N, L)) {                                                 \
@@ -172,7 +174,7 @@ static int fb_tn_set_mode(int mode) {
 
 static int fb_tn_available(void) {
 #if FB_TN_X86
-    if (fb_tn_avx512 < 0) { __builtin_cpu_init(); fb_tn_avx512 = __builtin_cpu_supports("avx512f") != 0; }
+    if (fb_tn_avx512 < 0) fb_tn_avx512 = fb_cpu_has_level(2, 0);
     return fb_tn_avx512;
 #else
     return 0;
