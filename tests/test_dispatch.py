@@ -366,3 +366,47 @@ def test_a_short_candidate_is_timed_after_settling_calls(learn, seconds):
         assert pattern[4:] == [(1, t) for t in visit] + [(2, t) for t in visit]
     else:
         assert pattern[4:8] == [(1, True), (2, True), (1, True), (2, True)]
+
+
+def test_a_clearly_slower_candidate_leaves_the_trial(learn):
+    """With MIN_ROUNDS timed calls each, a candidate DROP_RATIO times slower than the leader's median
+    is no longer called; the trial ends as soon as one candidate is left, and that one is learned."""
+    W._ensure_loaded()
+    key = ("loss_and_grad", 5, 1, 3, 8, 1, 1, np.float32, False, 2)
+    candidates = [("cython", 1), ("cython", 2), ("numba", 1)]
+    seconds = {("cython", 1): 0.03, ("cython", 2): 0.03 * 1.2, ("numba", 1): 0.03 * W.DROP_RATIO}
+    trial = W._Trial(key, candidates)
+    W._trials[key] = trial
+    called = []
+    try:
+        while key in W._trials:
+            call = trial.next_call()
+            called.append((call.name, call.threads))
+            call.record(seconds[called[-1]])
+    finally:
+        W._trials.pop(key, None)
+    first = len(candidates) * (1 + W.MIN_ROUNDS)         # each: a warm-up, then MIN_ROUNDS timed calls
+    assert called[:first] == candidates * (1 + W.MIN_ROUNDS)
+    assert ("numba", 1) not in called[first:]               # 1.3x: gone after its MIN_ROUNDS
+    assert trial.alive == [True, True, False]               # 1.2x: stays until the rounds are done
+    assert all(sum(s) >= W.MIN_TRIAL_S for s in trial.samples[:2]) and len(trial.samples[2]) == W.MIN_ROUNDS
+    assert W._choices[key].name == "cython" and W._choices[key].threads == 1
+
+
+def test_the_trial_ends_when_one_candidate_is_left(learn):
+    W._ensure_loaded()
+    key = ("loss_and_grad", 6, 1, 3, 8, 1, 1, np.float32, False, 2)
+    candidates = [("cython", 1), ("cython", 2), ("numba", 1), ("numba", 2)]
+    seconds = {("cython", 1): 0.05, ("cython", 2): 0.1, ("numba", 1): 0.2, ("numba", 2): 0.2}
+    trial = W._Trial(key, candidates)
+    W._trials[key] = trial
+    calls = 0
+    try:
+        while key in W._trials:
+            call = trial.next_call()
+            call.record(seconds[(call.name, call.threads)])
+            calls += 1
+    finally:
+        W._trials.pop(key, None)
+    assert calls == len(candidates) * (1 + W.MIN_ROUNDS)    # all but one left at the first chance
+    assert W._choices[key].name == "cython" and W._choices[key].threads == 1

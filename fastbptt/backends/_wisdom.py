@@ -8,7 +8,11 @@ of 2 threads (and of the whole budget, when it is more). Each candidate's
 first call is a warm-up (Numba's JIT, the C team starting) and is not
 counted; then the candidates are timed in rounds, interleaved, until each
 has at least :data:`MIN_ROUNDS` calls and :data:`MIN_TRIAL_S` seconds of
-them (at most :data:`MAX_ROUNDS`). A candidate whose calls are short
+them (at most :data:`MAX_ROUNDS`); once each has :data:`MIN_ROUNDS`, a
+candidate whose fastest call is :data:`DROP_RATIO` times the leader's median
+or more leaves the trial (at min-char-rnn's 40-100 µs calls the thirty
+rounds of four candidates took ~360 calls, more than a short script makes,
+so nothing was learned and every process tried again). A candidate whose calls are short
 (below :data:`SETTLE_BELOW_S`) is visited for :data:`SETTLE_CALLS` untimed
 calls and then a timed one: right after another candidate its team's
 threads are asleep and its data out of cache, which at 0.2 ms made the
@@ -60,6 +64,9 @@ MIN_TRIAL_S = 0.2
 #: below this, a candidate's visit is SETTLE_CALLS untimed calls, then a timed one (_Trial.next_call)
 SETTLE_BELOW_S = 0.02
 SETTLE_CALLS = 2
+#: with MIN_ROUNDS timed calls each, a candidate whose fastest is this many times the median of the
+#: fastest candidate's leaves the trial (clearly slower: "auto" must be within 10 % of the best)
+DROP_RATIO = 1.3
 
 _OFF = ("0", "false", "no", "off")
 
@@ -105,6 +112,7 @@ class _Trial:
         self.key = key
         self.candidates = candidates            # [(backend name, threads)], the table's guess first
         self.samples = [[] for _ in candidates]
+        self.alive = [True] * len(candidates)  # False: dropped as clearly slower (DROP_RATIO)
         self.warmed = [False] * len(candidates)
         self.calls = 0
         self._timed_next = None                 # the candidate whose visit's timed call comes next
@@ -117,6 +125,9 @@ class _Trial:
             return _TrialCall(_load(name), threads, self, i, left > 1)
         i = self.calls % len(self.candidates)
         self.calls += 1
+        while not self.alive[i]:               # (the leader never leaves: one is always alive)
+            i = self.calls % len(self.candidates)
+            self.calls += 1
         name, threads = self.candidates[i]
         warm = not self.warmed[i]
         self.warmed[i] = True
@@ -129,8 +140,15 @@ class _Trial:
 
     def add(self, index, seconds):
         self.samples[index].append(seconds)
-        if all(len(s) >= MAX_ROUNDS or (len(s) >= MIN_ROUNDS and sum(s) >= MIN_TRIAL_S)
-               for s in self.samples):
+        alive = [s for s, a in zip(self.samples, self.alive) if a]
+        if all(len(s) >= MIN_ROUNDS for s in alive):
+            lead = min(float(np.median(s)) for s in alive)
+            for j, s in enumerate(self.samples):
+                if self.alive[j] and min(s) >= DROP_RATIO * lead:
+                    self.alive[j] = False
+            alive = [s for s, a in zip(self.samples, self.alive) if a]
+        if len(alive) == 1 and len(alive[0]) >= MIN_ROUNDS or all(
+                len(s) >= MAX_ROUNDS or (len(s) >= MIN_ROUNDS and sum(s) >= MIN_TRIAL_S) for s in alive):
             _learned_from(self)
 
 
@@ -268,7 +286,7 @@ def _learned_from(trial):
     if _trials.pop(trial.key, None) is None:
         return                                  # settled already (another thread)
     medians = [float(np.median(s)) for s in trial.samples]
-    best = int(np.argmin(medians))
+    best = min((m, j) for j, m in enumerate(medians) if trial.alive[j])[1]
     name, threads = trial.candidates[best]
     _choices[trial.key] = Choice(_load(name), threads)
     entry = {"backend": name, "threads": threads,
