@@ -12,8 +12,8 @@ them (at most :data:`MAX_ROUNDS`); once each has :data:`MIN_ROUNDS`, a
 candidate whose fastest call is :data:`DROP_RATIO` times the leader's median
 or more leaves the trial (at min-char-rnn's 40-100 µs calls the thirty
 rounds of four candidates took ~360 calls, more than a short script makes,
-so nothing was learned and every process tried again). A candidate whose calls are short
-(below :data:`SETTLE_BELOW_S`) is visited for :data:`SETTLE_CALLS` untimed
+so nothing was learned and every process tried again). A candidate whose
+calls are short (below :data:`SETTLE_BELOW_S`) is visited for :data:`SETTLE_CALLS` untimed
 calls and then a timed one: right after another candidate its team's
 threads are asleep and its data out of cache, which at 0.2 ms made the
 faster team of 2 look slower. The one with the smallest median wins and
