@@ -259,7 +259,7 @@ def test_tn_mode_is_checked_and_restored():
     CB._set_tn(start)
     with pytest.raises(ValueError, match="mode: expected -1, 0 or 1, got 2"):
         CB._set_tn(2)
-    with pytest.raises(ValueError, match=r"A, B, C: expected \(K, M\), \(K, N\) and \(M, N\)"):
+    with pytest.raises(ValueError, match=r"_tn_product: op\(A\) is \(2, 3\) and op\(B\) is \(4, 2\)"):
         CB._tn_product(np.ones((3, 2)), np.ones((4, 2)), np.ones((2, 2)), 0.0)
 
 

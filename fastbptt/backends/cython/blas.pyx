@@ -141,17 +141,15 @@ def _set_tn(int mode):
 def _tn_product(const floating[:, ::1] A, const floating[:, ::1] B, floating[:, ::1] C, double beta):
     """Tests: ``C = beta·C + Aᵀ·B`` on the kernel of ``tn_kernel.h`` alone, whatever the mode; returns
     whether it ran (False: no AVX-512 here, and ``C`` is left alone)."""
-    if A.shape[0] != B.shape[0] or C.shape[0] != A.shape[1] or C.shape[1] != B.shape[1]:
-        raise ValueError(f"A, B, C: expected (K, M), (K, N) and (M, N), got ({A.shape[0]}, {A.shape[1]}), "
-                         f"({B.shape[0]}, {B.shape[1]}) and ({C.shape[0]}, {C.shape[1]})")
+    cdef int64_t m, k, n
+    m, k, n = _op_shapes("_tn_product", True, False, A.shape[0], A.shape[1], B.shape[0], B.shape[1],
+                         C.shape[0], C.shape[1])
     cdef int old = fb_tn_set_mode(1), status
     with nogil:
         if floating is float:
-            status = fb_tn_f32(A.shape[1], B.shape[1], A.shape[0], &A[0, 0], A.shape[1], &B[0, 0], B.shape[1],
-                               <float> beta, &C[0, 0], C.shape[1])
+            status = fb_tn_f32(m, n, k, &A[0, 0], A.shape[1], &B[0, 0], B.shape[1], <float> beta, &C[0, 0], n)
         else:
-            status = fb_tn_f64(A.shape[1], B.shape[1], A.shape[0], &A[0, 0], A.shape[1], &B[0, 0], B.shape[1],
-                               beta, &C[0, 0], C.shape[1])
+            status = fb_tn_f64(m, n, k, &A[0, 0], A.shape[1], &B[0, 0], B.shape[1], beta, &C[0, 0], n)
     fb_tn_set_mode(old)
     return status == 0
 

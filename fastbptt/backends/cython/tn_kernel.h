@@ -31,7 +31,7 @@
 
 #if FB_TN_X86
 
-#define FB_TN_DEFINE(SFX, T, V, MASK, L, LOADU, MLOAD, MSTORE, SET1, FMA, MUL, ZERO, ADD)                      \
+#define FB_TN_DEFINE(SFX, T, V, MASK, L, MLOAD, MSTORE, SET1, FMA, MUL, ZERO, ADD)                  \
 /* C tile (MR x up to 2L columns, masks m0 m1) over kc steps; start 0: C = the sums, 1: C += them, \
  * 2: C = beta*C + them */                                                                                 \
 __attribute__((target("avx512f"), always_inline)) static inline void                                \
@@ -105,10 +105,10 @@ fb_tn_h##MR##_##SFX(int64_t kc, const T *A, int64_t lda, const T *B, int64_t ldb
     fb_tn_tile_##SFX(MR, kc, A, lda, B, ldb, C, ldc, m0, m1, start, beta);                          \
 }
 
-FB_TN_DEFINE(f32, float, __m512, __mmask16, 16, _mm512_loadu_ps, _mm512_maskz_loadu_ps,
+FB_TN_DEFINE(f32, float, __m512, __mmask16, 16, _mm512_maskz_loadu_ps,
              _mm512_mask_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_mul_ps, _mm512_setzero_ps,
              _mm512_add_ps)
-FB_TN_DEFINE(f64, double, __m512d, __mmask8, 8, _mm512_loadu_pd, _mm512_maskz_loadu_pd,
+FB_TN_DEFINE(f64, double, __m512d, __mmask8, 8, _mm512_maskz_loadu_pd,
              _mm512_mask_storeu_pd, _mm512_set1_pd, _mm512_fmadd_pd, _mm512_mul_pd, _mm512_setzero_pd,
              _mm512_add_pd)
 
