@@ -55,8 +55,9 @@ LEARN_VAR = "FASTBPTT_LEARN"
 CACHE_VAR = "FASTBPTT_CACHE_DIR"
 FILE_NAME = "wisdom.json"
 FORMAT = "fastbptt-wisdom 1"
-#: timed calls per candidate, at least and at most
-MIN_ROUNDS = 3
+#: timed calls per candidate, at least and at most (at 3, one slow call among a candidate's three
+#: could make the median: at `large` a trial took a backend that ran its step 1.32x slower)
+MIN_ROUNDS = 5
 MAX_ROUNDS = 30
 #: a candidate is timed until its timed calls add up to this much (short calls are noisy; at 0.01,
 #: 40 ms calls had 3 samples each, and one run's noise took a backend 1.13x slower than the best)
