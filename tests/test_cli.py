@@ -33,7 +33,7 @@ def test_info_lists_versions_backends_and_threads(tmp_path):
     from fastbptt.backends import unavailable_backends
     for name in unavailable_backends():
         assert f"backend {name} missing:" in out
-    assert "thread pools" in out and "OMP_NUM_THREADS=" in out
+    assert "thread pools" in out and "OMP_NUM_THREADS=" in out and "OPENBLAS_CORETYPE=" in out
 
     proc = run(["info", "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -181,8 +181,9 @@ def cmd_info(args):
     print("thread settings:")
     print(f"  fastbptt threads per call: {get_num_threads()} (BLAS on 1 thread inside a call; a phase "
           f"is split from {MIN_SPLIT_FLOPS_C_TEAM:.2g} flops on the C team, {MIN_SPLIT_FLOPS:.2g} on the Python pool)")
-    for var in (THREADS_VAR, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-                "XLA_FLAGS", ENV_VAR):
+    # (OPENBLAS_CORETYPE: a kernel set forced below what the CPU has, e.g. Haswell's on an AVX-512 CPU)
+    for var in (THREADS_VAR, "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS", "XLA_FLAGS", ENV_VAR):
         print(f"  {var}={os.environ.get(var, '(unset)')}")
     if "numba" in available:
         try:
