@@ -5,8 +5,8 @@ A compiled backend that fails to load makes its tests fail (not skip): after
 
 The dispatcher's learning is off for the suite (``FASTBPTT_LEARN=0``: "auto" is
 the shipped table's choice, fixed, so two calls give the same bits) and its
-cache is a temporary directory, never the user's; test_dispatch.py turns
-learning on where it tests it. Set here, at import, so that the suite's
+cache is a temporary directory, never the user's; the ``learn`` fixture turns
+learning on where a test needs it. Set here, at import, so that the suite's
 subprocesses inherit them.
 """
 
@@ -30,3 +30,16 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 def backend(request):
     resolve_backend(request.param)                # raises (test fails) if it does not load
     return request.param
+
+
+@pytest.fixture
+def learn(monkeypatch, tmp_path):
+    """Learning on, the cache in ``tmp_path``, nothing learned before or after the test;
+    yields the cache file's path."""
+    from fastbptt.backends import _wisdom as W
+    monkeypatch.setenv("FASTBPTT_LEARN", "1")
+    monkeypatch.setenv("FASTBPTT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTBPTT_BACKEND", raising=False)
+    W.forget()
+    yield tmp_path / W.FILE_NAME
+    W.forget()

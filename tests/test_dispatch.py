@@ -25,17 +25,6 @@ from helpers import RTOL, make_problem, rel_err
 COMPILED = [n for n in _backends.BACKENDS if n != "numpy"]
 
 
-@pytest.fixture
-def learn(monkeypatch, tmp_path):
-    """Learning on, the cache in ``tmp_path``, nothing learned before or after the test."""
-    monkeypatch.setenv("FASTBPTT_LEARN", "1")
-    monkeypatch.setenv("FASTBPTT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTBPTT_BACKEND", raising=False)
-    W.forget()
-    yield tmp_path / W.FILE_NAME
-    W.forget()
-
-
 def key_args(X, params, lengths=False):
     T, B, D = X.shape
     return dict(T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,

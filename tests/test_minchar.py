@@ -37,16 +37,9 @@ def test_both_loops_learn_the_same_way():
     assert gist[-20:].mean() < gist[:5].mean() - 0.2
 
 
-def test_time_loops_times_the_loop_after_the_dispatchers_trial(monkeypatch, tmp_path):
+def test_time_loops_times_the_loop_after_the_dispatchers_trial(learn):
     from fastbptt.backends import _wisdom as W
-    monkeypatch.setenv("FASTBPTT_LEARN", "1")
-    monkeypatch.setenv("FASTBPTT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTBPTT_BACKEND", raising=False)
-    W.forget()
-    try:
-        out = minchar.time_loops(3, vocab=9, hidden=6, seq_length=5)
-        assert W.trials_running() == 0                     # learned before the timed chunks
-        assert out["warmup_s"] > 0 and out["numpy_s"] > 0
-        assert out["speedup"] == pytest.approx(out["numpy_s"] / out["fastbptt_s"])
-    finally:
-        W.forget()
+    out = minchar.time_loops(3, vocab=9, hidden=6, seq_length=5)
+    assert W.trials_running() == 0                     # learned before the timed chunks
+    assert out["warmup_s"] > 0 and out["numpy_s"] > 0
+    assert out["speedup"] == pytest.approx(out["numpy_s"] / out["fastbptt_s"])

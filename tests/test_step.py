@@ -207,24 +207,17 @@ def test_plans_equal_the_engine_the_trainer_runs(backend, truncation, T, B, loss
           (value, grads, h_n[0]))
 
 
-def test_a_step_learns_with_auto(monkeypatch, tmp_path):
+def test_a_step_learns_with_auto(learn):
     """With learning on, a Step's calls run the dispatcher's trial and take what it learned."""
     from fastbptt.backends import _wisdom as W
-    monkeypatch.setenv("FASTBPTT_LEARN", "1")
-    monkeypatch.setenv("FASTBPTT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTBPTT_BACKEND", raising=False)
-    W.forget()
-    try:
-        params, X, Y = make_problem(6, 3, 4, 9, 2, dtype=np.float32)
-        X, Y = _typed(params, X, Y, "mse")
-        step = fastbptt.Step(params)
-        for _ in range(400):
-            step.loss_and_grad(X, Y)
-            if not W._trials:
-                break
-        assert not W._trials
-        choice = W.dispatch("auto", "loss_and_grad", T=6, B=3, D=4, H=9, dtype=params.dtype)
-        assert type(choice) is W.Choice
-        _same(step.loss_and_grad(X, Y), fastbptt.loss_and_grad(params, X, Y))
-    finally:
-        W.forget()
+    params, X, Y = make_problem(6, 3, 4, 9, 2, dtype=np.float32)
+    X, Y = _typed(params, X, Y, "mse")
+    step = fastbptt.Step(params)
+    for _ in range(400):
+        step.loss_and_grad(X, Y)
+        if not W._trials:
+            break
+    assert not W._trials
+    choice = W.dispatch("auto", "loss_and_grad", T=6, B=3, D=4, H=9, dtype=params.dtype)
+    assert type(choice) is W.Choice
+    _same(step.loss_and_grad(X, Y), fastbptt.loss_and_grad(params, X, Y))
