@@ -291,6 +291,9 @@ def test_bench_auto_learns_in_a_cache_of_its_own(learn):
     got = r["auto"]
     assert got["backend"] in COMPILED and got["threads"] in (1, 2, get_num_threads())
     assert got["learning_calls"] >= 2 * (1 + W.MIN_ROUNDS)
+    # what the trial measured, for the JSON: each candidate's median and timed calls
+    assert f"{got['backend']}/{got['threads']}" in got["trial_median_s"]
+    assert min(got["trial_calls"]) >= W.MIN_ROUNDS and len(got["trial_calls"]) == len(got["trial_median_s"])
     assert os.environ["FASTBPTT_CACHE_DIR"] == str(learn.parent) and not learn.exists()   # the user's: untouched
     assert not W._choices                          # and nothing of it stays in this process
 

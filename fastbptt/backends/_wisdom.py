@@ -384,6 +384,13 @@ def learned():
     return dict(_state["entries"])
 
 
+def entry(op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=False):
+    """What was learned at the key of :func:`dispatch` with these arguments, on this thread's budget:
+    its entry (``backend``, ``threads``, each candidate's ``median_s`` and timed ``calls``), or None."""
+    key = (op, T, B, D, H, layers, dirs, dtype, lengths, _threads.get_num_threads())
+    return learned().get(_key_text(key))
+
+
 def describe():
     """The dispatcher's state as a dict: learning, cache path, fingerprint, learned choices."""
     return {"learning": learning(), "learn_variable": LEARN_VAR, "cache": str(cache_path()),

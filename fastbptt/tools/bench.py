@@ -50,7 +50,7 @@ import numpy as np
 from .. import __version__
 from .. import _threads
 from ..backends import available_backends, dispatch, unavailable_backends
-from ..backends._wisdom import CACHE_VAR, forget as forget_dispatch, trials_running
+from ..backends._wisdom import CACHE_VAR, entry as learned_entry, forget as forget_dispatch, trials_running
 from .._io import atomic_write
 from ..functional import loss_and_grad
 from ..params import RNNParams
@@ -372,15 +372,20 @@ def measure(impl, params, X, Y, *, repeats=7, budget_s=10.0, min_sample_s=0.05, 
 def settle_auto(step, params, X):
     """Call ``auto``'s ``step`` until the dispatcher has tried its candidates (at most
     :data:`AUTO_MAX_LEARNING_CALLS` calls); returns what it took: ``{"backend", "threads"
-    (None: the whole budget -- learning off, the shipped table's choice), "learning_calls"}``."""
+    (None: the whole budget -- learning off, the shipped table's choice), "learning_calls"}`` and
+    what the trial measured (``"trial_median_s"``: ``{"backend/threads": median}``, ``"trial_calls"``:
+    timed calls each; None with learning off)."""
     calls = 1                   # (the step's first call, made by the caller)
     while trials_running() and calls < AUTO_MAX_LEARNING_CALLS:
         step()
         calls += 1
     T, B, D = X.shape
-    choice = dispatch(AUTO, "loss_and_grad", T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,
-                      dirs=2 if params.bidirectional else 1, dtype=params.dtype, lengths=False)
-    return {"backend": choice.name, "threads": choice.threads, "learning_calls": calls}
+    key = dict(T=T, B=B, D=D, H=params.hidden_size, layers=params.num_layers,
+               dirs=2 if params.bidirectional else 1, dtype=params.dtype, lengths=False)
+    choice = dispatch(AUTO, "loss_and_grad", **key)
+    learned = learned_entry("loss_and_grad", **key) or {}
+    return {"backend": choice.name, "threads": choice.threads, "learning_calls": calls,
+            "trial_median_s": learned.get("median_s"), "trial_calls": learned.get("calls")}
 
 
 class fresh_dispatcher:
