@@ -232,11 +232,12 @@ def test_gemm_bad_shapes():
 
 # the weight gradients' own Aᵀ·B kernel (tn_kernel.h): each tile height (12, 8, 4, 2, 1 rows) and
 # column tail (none, one vector and a part, a part of one), both orientations ((K, M, N) =
-# (130, 25, 47) runs as (130, 47, 25)), a short tail run apart ((300, 128, 33): 32 columns in place,
-# the last as a row of 128; float32 (200, 40, 20): 4 apart; float64 (150, 20, 18): 2), K across the
-# 128-step chunks
+# (150, 32, 13) runs as (150, 13, 32); float32 (40, 31, 9) too), a short tail run apart ((300, 128,
+# 33): 32 columns in place, the last as a row of 128; float32 (200, 40, 20): 4 apart; float64
+# (150, 20, 18): 2), K across the 128-step chunks
 TN_SHAPES = [(1, 1, 1), (5, 12, 32), (129, 13, 33), (300, 128, 33), (257, 33, 128), (130, 25, 47),
-             (128, 8, 16), (700, 3, 70), (40, 31, 9), (200, 40, 20), (150, 20, 18), (260, 9, 34)]
+             (128, 8, 16), (700, 3, 70), (40, 31, 9), (200, 40, 20), (150, 20, 18), (260, 9, 34),
+             (150, 32, 13)]
 _TN_HERE = pytest.mark.skipif(not CB.tn_available(), reason="this CPU lacks AVX-512F")
 
 

@@ -123,7 +123,7 @@ static inline double fb_tn_fill(int64_t n, int64_t L) { return (double)n / (doub
 #define FB_TN_ENTRY(SFX, T, L)                                                                       \
 /* C = beta*C + A^T.B; 0, or -1 where this kernel does not run (the caller takes BLAS). A few      \
  * columns beyond whole vectors ((M, N) = (128, 33): [X | 1]'s ones) run apart, as (r, M) into a    \
- * work array; otherwise the orientation whose vectors are fuller is taken ((40, 47) as (47, 40)). */ \
+ * work array; otherwise the orientation whose vectors are fuller is taken ((31, 9) as (9, 31)). */   \
 static int fb_tn_##SFX(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda, const T *B,        \
                        int64_t ldb, T beta, T *C, int64_t ldc) {                                     \
     if (!FB_TN_X86 || M < 1 || N < 1 || K < 1) return -1;                                           \
@@ -135,7 +135,7 @@ static int fb_tn_##SFX(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda,
     if (fb_tn_avx512 < 0) fb_tn_avx512 = fb_cpu_has_level(2, 0);                                    \
     if (!fb_tn_avx512 || fb_tn_mode == 0) return -1;                                                \
     if (fb_tn_mode < 0 && !fb_tn_wanted(M, N, K)) return -1;                                        \
-    if (N > (L) && N % (L) <= (L) / 4) {                                                             \
+    if (N > (L) && N % (L) != 0 && N % (L) <= (L) / 4) {                                             \
         /* the whole vectors in place; the tail's r columns as r rows of M (a tile of 1-4 rows     \
          * over M's vectors): in a masked vector they cost a whole one per tile (128 x 33: 2.0 ms  \
          * as 33 x 128, 0.8 ms for 128 x 32 alone) */                                              \
