@@ -135,28 +135,20 @@ static int fb_tn_##SFX(int64_t M, int64_t N, int64_t K, const T *A, int64_t lda,
     if (fb_tn_avx512 < 0) fb_tn_avx512 = fb_cpu_has_level(2, 0);                                    \
     if (!fb_tn_avx512 || fb_tn_mode == 0) return -1;                                                \
     if (fb_tn_mode < 0 && !fb_tn_wanted(M, N, K)) return -1;                                        \
-    if (N > (L) && N % (L) != 0 && N % (L) <= (L) / 4) {                                             \
-        /* the whole vectors in place; the tail's r columns as r rows of M (a tile of 1-4 rows     \
-         * over M's vectors): in a masked vector they cost a whole one per tile (128 x 33: 2.0 ms  \
-         * as 33 x 128, 0.8 ms for 128 x 32 alone) */                                              \
-        int64_t r = N % (L), n = N - r;                                                              \
+    /* the last r columns run as r rows over M's vectors into a work array, then transposed into C:  \
+     * a short tail beyond whole vectors (in a masked vector it costs a whole one per tile; 128 x 33: \
+     * 2.0 ms as 33 x 128, 0.8 ms for 128 x 32 alone), or all N when M fills vectors better */       \
+    int64_t r = N > (L) && N % (L) != 0 && N % (L) <= (L) / 4 ? N % (L)                              \
+              : fb_tn_fill(M, L) > 1.1 * fb_tn_fill(N, L) ? N : 0;                                   \
+    if (r > 0) {                                                                                     \
+        int64_t n = N - r;                                                                           \
         T *W = (T *)malloc((size_t)(r * M) * sizeof(T));                                             \
-        if (W == NULL) return -1;                                                                    \
-        fb_tn_direct_##SFX(M, n, K, A, lda, B, ldb, beta, C, ldc);                                   \
+        if (W == NULL) return -1;           /* (before C is written: the caller's BLAS does it all) */ \
+        if (n > 0) fb_tn_direct_##SFX(M, n, K, A, lda, B, ldb, beta, C, ldc);                        \
         fb_tn_direct_##SFX(r, M, K, B + n, ldb, A, lda, (T)0, W, M);                                 \
         for (int64_t i = 0; i < M; i++)                                                              \
             for (int64_t j = 0; j < r; j++)                                                          \
                 C[i * ldc + n + j] = beta == 0 ? W[j * M + i] : beta * C[i * ldc + n + j] + W[j * M + i]; \
-        free(W);                                                                                     \
-        return 0;                                                                                    \
-    }                                                                                                \
-    if (fb_tn_fill(M, L) > 1.1 * fb_tn_fill(N, L)) {                                                 \
-        T *W = (T *)malloc((size_t)(M * N) * sizeof(T));                                             \
-        if (W == NULL) return -1;                                                                    \
-        fb_tn_direct_##SFX(N, M, K, B, ldb, A, lda, (T)0, W, M);                                     \
-        for (int64_t i = 0; i < M; i++)                                                              \
-            for (int64_t j = 0; j < N; j++)                                                          \
-                C[i * ldc + j] = beta == 0 ? W[j * M + i] : beta * C[i * ldc + j] + W[j * M + i];    \
         free(W);                                                                                     \
         return 0;                                                                                    \
     }                                                                                                \
