@@ -114,6 +114,9 @@ ALL_IMPLS = FASTBPTT_IMPLS + PEERS
 #: calls of ``auto`` before it is timed, at most, while the dispatcher tries its candidates
 AUTO_MAX_LEARNING_CALLS = 600
 
+#: rounds of ``auto`` against the best named backend in turns (:func:`auto_against_best`)
+AUTO_TURN_ROUNDS = 15
+
 
 # ----------------------------------------------------------------- shapes
 def format_shape(shape):
@@ -328,15 +331,18 @@ def peak_traced_bytes(fn):
 
 def time_interleaved(fns, rounds, min_sample_s=0.05):
     """``{key: [seconds per call, one sample per round]}``: the callables ``fns`` timed in turns,
-    so that the machine's drift hits them alike (each sample at least ``min_sample_s``)."""
+    so that the machine's drift hits them alike (each sample at least ``min_sample_s``). Every other
+    round runs them in reverse order, so that none is always the one timed after the others."""
     number = {}
     for key, fn in fns.items():
         t0 = time.perf_counter()
         fn()
         number[key] = max(1, int(np.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-7))))
     samples = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    order = list(fns)
+    for r in range(rounds):
+        for key in (order if r % 2 == 0 else order[::-1]):
+            fn = fns[key]
             t0 = time.perf_counter()
             for _ in range(number[key]):
                 fn()
@@ -419,9 +425,11 @@ class fresh_dispatcher:
 
 def auto_against_best(cells, params, X, Y, rounds, min_sample_s):
     """Time ``auto`` (as learned already, in the caller's :class:`fresh_dispatcher`) and the fastest
-    named backend of ``cells`` (one shape's cells, by median) in turns (:func:`time_interleaved`),
-    so that the machine's drift hits both alike; puts ``auto_vs_best`` into the auto cell:
-    ``{"best", "ratio"`` (auto's median over the best's), ``"auto_median_s", "best_median_s", "rounds"}``."""
+    named backend of ``cells`` (one shape's cells, by median) in turns (:func:`time_interleaved`, at
+    least :data:`AUTO_TURN_ROUNDS` rounds); puts ``auto_vs_best`` into the auto cell: ``{"best",
+    "ratio"`` (the median over the rounds of auto's sample over the best's of the same round: the
+    machine's speed changes over seconds, the two samples of a round see the same speed),
+    ``"round_ratios", "auto_median_s", "best_median_s", "rounds"}``."""
     named = [c for c in cells if c["kind"] == "fastbptt"]
     auto = next((c for c in cells if c["impl"] == AUTO), None)
     if auto is None or not named:
@@ -429,10 +437,12 @@ def auto_against_best(cells, params, X, Y, rounds, min_sample_s):
     best = min(named, key=lambda c: c["median_s"])
     steps = {AUTO: make_step(AUTO, params, X, Y)[0], best["impl"]: make_step(best["impl"], params, X, Y)[0]}
     settle_auto(steps[AUTO], params, X)
+    rounds = max(rounds, AUTO_TURN_ROUNDS)
     samples = time_interleaved(steps, rounds, min_sample_s)
-    a, b = float(np.median(samples[AUTO])), float(np.median(samples[best["impl"]]))
-    auto["auto_vs_best"] = {"best": best["impl"], "ratio": a / b, "auto_median_s": a, "best_median_s": b,
-                            "rounds": rounds}
+    ratios = [a / b for a, b in zip(samples[AUTO], samples[best["impl"]])]
+    auto["auto_vs_best"] = {"best": best["impl"], "ratio": float(np.median(ratios)),
+                            "round_ratios": ratios, "auto_median_s": float(np.median(samples[AUTO])),
+                            "best_median_s": float(np.median(samples[best["impl"]])), "rounds": rounds}
 
 
 def peer_thread_plan(impl, threads, peer_threads):
