@@ -362,12 +362,17 @@ def dispatch(backend, op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=F
     return dispatch_at(backend, (op, T, B, D, H, layers, dirs, dtype, lengths), trial)
 
 
+def _budget_key(where):
+    """The dispatcher's key of a call (:func:`dispatch_at`'s ``where``) on this thread's budget."""
+    return where + (_threads.get_num_threads(),)
+
+
 def dispatch_at(backend, where, trial=True):
     """:func:`dispatch` with the call given as one tuple ``(op, T, B, D, H, layers, dirs, dtype,
     lengths)``, for a caller that makes the same call many times (:class:`fastbptt.Step`)."""
     if backend == "auto" and _threads.env_unset(ENV_VAR) and _threads.env_unset(LEARN_VAR) or (
             backend == "auto" and os.environ.get(ENV_VAR, "").strip() in ("", "auto") and learning()):
-        key = where + (_threads.get_num_threads(),)
+        key = _budget_key(where)
         choice = _choices.get(key)
         return choice if choice is not None else _slow(key, trial)
     # a name, FASTBPTT_BACKEND or the table (learning off): resolve_backend, which checks the
@@ -387,8 +392,7 @@ def learned():
 def entry(op, *, T, B, D, H, layers=1, dirs=1, dtype=None, lengths=False):
     """What was learned at the key of :func:`dispatch` with these arguments, on this thread's budget:
     its entry (``backend``, ``threads``, each candidate's ``median_s`` and timed ``calls``), or None."""
-    key = (op, T, B, D, H, layers, dirs, dtype, lengths, _threads.get_num_threads())
-    return learned().get(_key_text(key))
+    return learned().get(_key_text(_budget_key((op, T, B, D, H, layers, dirs, dtype, lengths))))
 
 
 def describe():
